@@ -1,0 +1,94 @@
+"""Runtime workarounds for sam3 0.1.4 quirks, applied in our process only (site-packages untouched).
+
+Each patch names the sam3 file and line it works around. All are idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_APPLIED: set[str] = set()
+SECRET_MARKERS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "CREDENTIAL", "AUTH", "SESSION")
+
+
+def is_secret_name(name: str) -> bool:
+    """Environment variable names whose values must never be written anywhere."""
+    upper = name.upper()
+    return upper.startswith("AWS_") or any(marker in upper for marker in SECRET_MARKERS)
+
+
+def log_env_names_only() -> None:
+    """Replacement for sam3's log_env_variables (sam3/train/trainer.py:210), which writes every
+    environment variable, HF_TOKEN and AWS keys included, into logs/log.txt. We log names only."""
+    names = sorted(os.environ)
+    hidden = [n for n in names if is_secret_name(n)]
+    logging.info(
+        "Environment: %d variables (values not logged; %d secret-looking: %s)",
+        len(names),
+        len(hidden),
+        ", ".join(hidden) or "none",
+    )
+
+
+def _without_pin_memory(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `method` with Tensor.pin_memory as a no-op (pinning needs a CUDA driver)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.pin_memory
+        torch.Tensor.pin_memory = lambda self, *a, **k: self  # type: ignore[method-assign]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.pin_memory = original  # type: ignore[method-assign]
+
+    return wrapper
+
+
+def _focal_loss_plain_off_gpu(focal: Callable[..., Any]) -> Callable[..., Any]:
+    """sam3/train/loss/loss_fns.py:126 defaults to a Triton kernel; use the PyTorch branch off-GPU."""
+
+    @functools.wraps(focal)
+    def wrapper(inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not inputs.is_cuda:
+            kwargs["triton"] = False
+        return focal(inputs, *args, **kwargs)
+
+    return wrapper
+
+
+def _mem_meter_update_off_gpu(self: Any, n: int = 1, reset_peak_usage: bool = True) -> None:
+    """sam3/train/utils/train_utils.py:200-206 calls torch.cuda memory stats unguarded."""
+    self.val = 0
+    self.sum += self.val * n
+    self.count += n
+    self.avg = self.sum / self.count
+    self.peak = max(self.peak, self.val)
+
+
+def apply() -> None:
+    """Install every workaround that applies to this machine."""
+    import sam3.train.trainer as trainer_module
+
+    if "env" not in _APPLIED:
+        trainer_module.log_env_variables = log_env_names_only  # type: ignore[attr-defined]
+        _APPLIED.add("env")
+    if torch.cuda.is_available() or "cpu" in _APPLIED:
+        return
+    from sam3.model.geometry_encoders import SequenceGeometryEncoder
+    from sam3.train.loss import loss_fns
+    from sam3.train.utils import train_utils
+
+    # sam3/model/geometry_encoders.py:659: unconditional .pin_memory() in box encoding.
+    SequenceGeometryEncoder._encode_boxes = _without_pin_memory(  # type: ignore[method-assign]
+        SequenceGeometryEncoder._encode_boxes
+    )
+    loss_fns.sigmoid_focal_loss = _focal_loss_plain_off_gpu(loss_fns.sigmoid_focal_loss)
+    train_utils.MemMeter.update = _mem_meter_update_off_gpu  # type: ignore[method-assign]
+    _APPLIED.add("cpu")

@@ -1,0 +1,221 @@
+"""Read and validate a Roboflow COCO export: one folder per split, each with `_annotations.coco.json`.
+
+Everything is checked before any expensive work; each problem names the file, the record and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from sam3ft.errors import DatasetError
+from sam3ft.layout import ANNOTATIONS_FILE
+
+log = logging.getLogger(__name__)
+
+BOX_TOLERANCE_PX = 1.0  # boxes may overhang the image by this much (rounding in exports); clipped
+
+
+@dataclass
+class Category:
+    """One object class; `prompt` is the text SAM3 is asked to find."""
+
+    id: int
+    name: str
+    prompt: str
+
+
+@dataclass
+class Split:
+    """One validated split: COCO records plus where they came from."""
+
+    name: str
+    directory: Path
+    images: list[dict[str, Any]]
+    annotations: list[dict[str, Any]]
+    categories: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _fail(path: Path, record: str, problem: str, fix: str) -> DatasetError:
+    return DatasetError(f"{path}: {record}: {problem}", fix=fix)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise _fail(path, "file", "missing", f"export the split in COCO format so {path.name} exists")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _fail(path, "file", f"not valid JSON ({exc})", "re-export the dataset") from exc
+    if not isinstance(data, dict):
+        raise _fail(path, "file", "top level is not a JSON object", "use a COCO export")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise _fail(
+                path,
+                f"'{key}'",
+                "missing or not a list: this is not COCO",
+                "use a COCO export (Roboflow: 'COCO JSON' format)",
+            )
+    return data
+
+
+def _safe_image_path(directory: Path, file_name: Any, json_path: Path, image_id: Any) -> Path:
+    record = f"image id={image_id}"
+    if not isinstance(file_name, str) or not file_name:
+        raise _fail(json_path, record, "file_name missing or not a string", "set file_name")
+    candidate = (directory / file_name).resolve()
+    if Path(file_name).is_absolute() or not candidate.is_relative_to(directory.resolve()):
+        raise _fail(
+            json_path,
+            record,
+            f"file_name {file_name!r} points outside {directory}",
+            "use a file name relative to the split folder",
+        )
+    return candidate
+
+
+def _check_image_file(path: Path, record: dict[str, Any], json_path: Path) -> None:
+    label = f"image id={record['id']} ({record['file_name']})"
+    if not path.is_file():
+        raise _fail(json_path, label, "image file not found", f"add {path.name} or drop the record")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes fully: truncated files fail here, not mid-training
+            size = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise _fail(json_path, label, f"unreadable image ({exc})", "replace or drop it") from exc
+    declared = (record.get("width"), record.get("height"))
+    if declared != size:
+        raise _fail(
+            json_path,
+            label,
+            f"JSON says {declared[0]}x{declared[1]}, file is {size[0]}x{size[1]}",
+            "re-export so width/height match the files",
+        )
+
+
+def _check_box(ann: dict[str, Any], image: dict[str, Any], json_path: Path, warnings: list[str]) -> None:
+    label = f"annotation id={ann['id']}"
+    bbox = ann.get("bbox")
+    if not (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+    ):
+        raise _fail(json_path, label, f"bbox {bbox!r} is not 4 finite numbers", "fix or drop it")
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        raise _fail(json_path, label, f"bbox {bbox} has non-positive width/height", "fix or drop it")
+    width, height = image["width"], image["height"]
+    tol = BOX_TOLERANCE_PX
+    if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+        raise _fail(
+            json_path,
+            label,
+            f"bbox {bbox} lies outside the {width}x{height} image",
+            "fix the box or the image size",
+        )
+    if x < 0 or y < 0 or x + w > width or y + h > height:  # within tolerance: clip
+        clipped = [max(0.0, x), max(0.0, y)]
+        clipped += [min(width, x + w) - clipped[0], min(height, y + h) - clipped[1]]
+        warnings.append(f"{json_path}: {label}: bbox {bbox} clipped to the image: {clipped}")
+        ann["bbox"] = clipped
+
+
+def _unique_ids(records: list[dict[str, Any]], kind: str, json_path: Path) -> None:
+    seen: set[Any] = set()
+    for rec in records:
+        rid = rec.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            raise _fail(json_path, f"{kind} {rec!r:.80}", "id missing or not an integer", "set ids")
+        if rid in seen:
+            raise _fail(json_path, f"{kind} id={rid}", "duplicate id", f"make {kind} ids unique")
+        seen.add(rid)
+
+
+def load_split(directory: Path, name: str) -> Split:
+    """Parse and validate one split folder; raise DatasetError on the first real problem."""
+    json_path = directory / ANNOTATIONS_FILE
+    if not directory.is_dir():
+        raise _fail(directory, "split", "folder missing", f"export a '{name}' split")
+    data = _read_json(json_path)
+    images, anns, cats = data["images"], data["annotations"], data["categories"]
+    _unique_ids(images, "image", json_path)
+    _unique_ids(anns, "annotation", json_path)
+    _unique_ids(cats, "category", json_path)
+    by_id = {img["id"]: img for img in images}
+    for img in images:
+        _check_image_file(
+            _safe_image_path(directory, img.get("file_name"), json_path, img["id"]), img, json_path
+        )
+    cat_ids = {c["id"] for c in cats}
+    warnings: list[str] = []
+    for ann in anns:
+        label = f"annotation id={ann['id']}"
+        if ann.get("image_id") not in by_id:
+            raise _fail(
+                json_path,
+                label,
+                f"image_id {ann.get('image_id')!r} has no image record",
+                "drop the annotation or add the image",
+            )
+        if ann.get("category_id") not in cat_ids:
+            raise _fail(
+                json_path,
+                label,
+                f"category_id {ann.get('category_id')!r} unknown (known: {sorted(cat_ids)})",
+                "fix the id or add the category",
+            )
+        _check_box(ann, by_id[ann["image_id"]], json_path, warnings)
+    listed = {img["file_name"] for img in images}
+    unlisted = sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.suffix.lower() in {".jpg", ".jpeg", ".png"} and p.name not in listed
+    )
+    if unlisted:
+        warnings.append(
+            f"{directory}: {len(unlisted)} image file(s) not in {ANNOTATIONS_FILE}, "
+            f"ignored: {unlisted[:3]}{'...' if len(unlisted) > 3 else ''}"
+        )
+    if not images:
+        raise _fail(json_path, "images", "split is empty", f"add images to '{name}' or drop it")
+    return Split(name, directory, images, anns, cats, warnings)
+
+
+def resolve_categories(splits: list[Split], prompts: dict[str, str]) -> list[Category]:
+    """The real classes of the export, renumbered 1..N; Roboflow's unused parent category dropped.
+
+    Roboflow adds a parent category (supercategory "none") that no annotation uses and that the
+    real classes name as their supercategory; it is not a class and must not become a prompt.
+    """
+    first = splits[0]
+    for split in splits[1:]:
+        if split.categories != first.categories:
+            raise _fail(
+                split.directory / ANNOTATIONS_FILE,
+                "categories",
+                f"differ from split '{first.name}'",
+                "export all splits together",
+            )
+    used = {a["category_id"] for s in splits for a in s.annotations}
+    parents = {c["supercategory"] for c in first.categories if c.get("supercategory")}
+    kept = [c for c in first.categories if c["id"] in used or c["name"] not in parents]
+    unknown = sorted(set(prompts) - {c["name"] for c in kept})
+    if unknown:
+        raise DatasetError(
+            f"params prepare.prompts names unknown categories {unknown}",
+            fix=f"use category names from the export: {[c['name'] for c in kept]}",
+        )
+    return [
+        Category(i + 1, c["name"], prompts.get(c["name"], c["name"]))
+        for i, c in enumerate(sorted(kept, key=lambda c: c["id"]))
+    ]

@@ -1,0 +1,268 @@
+"""Compose a SAM3 image model from sam3's own classes, sized by a ModelSpec.
+
+Mirrors `sam3.model_builder.build_sam3_image_model` module for module (the `sam3` preset yields the
+same state_dict keys and shapes), but avoids its hard-coded CUDA allocations so it builds on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
+from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
+from sam3.model.geometry_encoders import SequenceGeometryEncoder
+from sam3.model.maskformer_segmentation import PixelDecoder, UniversalSegmentationHead
+from sam3.model.model_misc import MLP, DotProductScoring, TransformerWrapper
+from sam3.model.model_misc import MultiheadAttentionWrapper as MultiheadAttention
+from sam3.model.necks import Sam3DualViTDetNeck
+from sam3.model.position_encoding import PositionEmbeddingSine
+from sam3.model.sam3_image import Sam3Image
+from sam3.model.text_encoder_ve import VETextEncoder
+from sam3.model.tokenizer_ve import SimpleTokenizer
+from sam3.model.vitdet import ViT
+from sam3.model.vl_combiner import SAM3VLBackbone
+from torch import nn
+
+from sam3ft import compat
+from sam3ft.model.spec import PATCH_SIZE, ModelSpec
+
+
+def _attention(spec: ModelSpec, dropout: float = 0.1, batch_first: bool | None = None) -> nn.Module:
+    kwargs = {} if batch_first is None else {"batch_first": batch_first}
+    return MultiheadAttention(num_heads=spec.heads, dropout=dropout, embed_dim=spec.d_model, **kwargs)
+
+
+def _position_encoding(spec: ModelSpec) -> PositionEmbeddingSine:
+    # precompute_resolution=None: sam3/model/position_encoding.py:47 precomputes on "cuda".
+    return PositionEmbeddingSine(
+        num_pos_feats=spec.d_model,
+        normalize=True,
+        scale=None,
+        temperature=10000,
+        precompute_resolution=None,
+    )
+
+
+def _vision(spec: ModelSpec) -> Sam3DualViTDetNeck:
+    trunk = ViT(
+        img_size=spec.image_size,
+        pretrain_img_size=spec.vit_pretrain_size,
+        patch_size=PATCH_SIZE,
+        embed_dim=spec.vit_dim,
+        depth=spec.vit_depth,
+        num_heads=spec.vit_heads,
+        mlp_ratio=spec.vit_mlp_ratio,
+        norm_layer="LayerNorm",
+        drop_path_rate=spec.vit_drop_path,
+        qkv_bias=True,
+        use_abs_pos=True,
+        tile_abs_pos=True,
+        global_att_blocks=spec.vit_global_blocks,
+        rel_pos_blocks=(),
+        use_rope=True,
+        use_interp_rope=True,
+        window_size=spec.vit_window_size,
+        pretrain_use_cls_token=True,
+        retain_cls_token=False,
+        ln_pre=True,
+        ln_post=False,
+        return_interm_layers=False,
+        bias_patch_embed=False,
+        compile_mode=None,
+    )
+    return Sam3DualViTDetNeck(
+        position_encoding=_position_encoding(spec),
+        d_model=spec.d_model,
+        scale_factors=[4.0, 2.0, 1.0, 0.5],
+        trunk=trunk,
+        add_sam2_neck=False,
+    )
+
+
+def _text(spec: ModelSpec, bpe_path: str) -> VETextEncoder:
+    encoder = VETextEncoder(
+        tokenizer=SimpleTokenizer(bpe_path=bpe_path),
+        d_model=spec.d_model,
+        width=spec.text_width,
+        heads=spec.text_heads,
+        layers=spec.text_layers,
+    )
+    # sam3/model/text_encoder_ve.py:196,218 leave these as torch.empty: random init would give NaN.
+    # Same initialisation as open_clip's TextTransformer.init_parameters.
+    transformer = encoder.encoder
+    nn.init.normal_(transformer.positional_embedding, std=0.01)
+    nn.init.normal_(transformer.text_projection, std=transformer.width**-0.5)
+    return encoder
+
+
+def _encoder(spec: ModelSpec) -> TransformerEncoderFusion:
+    layer = TransformerEncoderLayer(
+        activation="relu",
+        d_model=spec.d_model,
+        dim_feedforward=spec.ffn_dim,
+        dropout=0.1,
+        pos_enc_at_attn=True,
+        pos_enc_at_cross_attn_keys=False,
+        pos_enc_at_cross_attn_queries=False,
+        pre_norm=True,
+        self_attention=_attention(spec, batch_first=True),
+        cross_attention=_attention(spec, batch_first=True),
+    )
+    # use_act_checkpoint=True: sam3/model/encoder.py:440 asserts it whenever the model trains.
+    return TransformerEncoderFusion(
+        layer=layer,
+        num_layers=spec.encoder_layers,
+        d_model=spec.d_model,
+        num_feature_levels=1,
+        frozen=False,
+        use_act_checkpoint=True,
+        add_pooled_text_to_img_feat=False,
+        pool_text_with_mask=True,
+    )
+
+
+def _decoder(spec: ModelSpec, coord_cache: bool) -> TransformerDecoder:
+    layer = TransformerDecoderLayer(
+        activation="relu",
+        d_model=spec.d_model,
+        dim_feedforward=spec.ffn_dim,
+        dropout=0.1,
+        cross_attention=_attention(spec),
+        n_heads=spec.heads,
+        use_text_cross_attention=True,
+    )
+    # resolution/stride only fill a coordinate cache, allocated on "cuda" (sam3/model/decoder.py:281);
+    # they create no parameters, so leaving them out off-GPU changes no weights.
+    return TransformerDecoder(
+        layer=layer,
+        num_layers=spec.decoder_layers,
+        num_queries=spec.num_queries,
+        return_intermediate=True,
+        box_refine=True,
+        num_o2m_queries=0,
+        dac=True,
+        boxRPB="log",
+        d_model=spec.d_model,
+        frozen=False,
+        interaction_layer=None,
+        dac_use_selfatt_ln=True,
+        resolution=spec.image_size if coord_cache else None,
+        stride=PATCH_SIZE if coord_cache else None,
+        use_act_checkpoint=True,
+        presence_token=True,
+    )
+
+
+def _scoring(spec: ModelSpec) -> DotProductScoring:
+    prompt_mlp = MLP(
+        input_dim=spec.d_model,
+        hidden_dim=spec.ffn_dim,
+        output_dim=spec.d_model,
+        num_layers=2,
+        dropout=0.1,
+        residual=True,
+        out_norm=nn.LayerNorm(spec.d_model),
+    )
+    return DotProductScoring(d_model=spec.d_model, d_proj=spec.d_model, prompt_mlp=prompt_mlp)
+
+
+def _segmentation_head(spec: ModelSpec) -> UniversalSegmentationHead:
+    pixel_decoder = PixelDecoder(
+        num_upsampling_stages=3,
+        interpolation_mode="nearest",
+        hidden_dim=spec.d_model,
+        compile_mode=None,
+    )
+    return UniversalSegmentationHead(
+        hidden_dim=spec.d_model,
+        upsampling_stages=3,
+        aux_masks=False,
+        presence_head=False,
+        dot_product_scorer=None,
+        act_ckpt=True,
+        cross_attend_prompt=_attention(spec, dropout=0),
+        pixel_decoder=pixel_decoder,
+    )
+
+
+def _geometry_encoder(spec: ModelSpec) -> SequenceGeometryEncoder:
+    layer = TransformerEncoderLayer(
+        activation="relu",
+        d_model=spec.d_model,
+        dim_feedforward=spec.ffn_dim,
+        dropout=0.1,
+        pos_enc_at_attn=False,
+        pre_norm=True,
+        self_attention=_attention(spec, batch_first=False),
+        pos_enc_at_cross_attn_queries=False,
+        pos_enc_at_cross_attn_keys=True,
+        cross_attention=_attention(spec, batch_first=False),
+    )
+    return SequenceGeometryEncoder(
+        pos_enc=_position_encoding(spec),
+        encode_boxes_as_points=False,
+        points_direct_project=True,
+        points_pool=True,
+        points_pos_enc=True,
+        boxes_direct_project=True,
+        boxes_pool=True,
+        boxes_pos_enc=True,
+        d_model=spec.d_model,
+        num_layers=spec.geometry_layers,
+        layer=layer,
+        use_act_ckpt=True,
+        add_cls=True,
+        add_post_encode_proj=True,
+    )
+
+
+def build_model(
+    spec: ModelSpec, bpe_path: str, training: bool = True, coord_cache: bool | None = None
+) -> Sam3Image:
+    """A randomly initialised SAM3 image model (seed torch first for a reproducible init).
+
+    `training` adds the Hungarian matcher the training forward needs (as upstream's eval_mode=False).
+    `coord_cache` defaults to "CUDA is available" (see `_decoder`).
+    """
+    compat.apply()
+    if coord_cache is None:
+        coord_cache = torch.cuda.is_available()
+    backbone = SAM3VLBackbone(visual=_vision(spec), text=_text(spec, bpe_path), scalp=1)
+    transformer = TransformerWrapper(
+        encoder=_encoder(spec), decoder=_decoder(spec, coord_cache), d_model=spec.d_model
+    )
+    matcher = None
+    if training:
+        from sam3.train.matcher import BinaryHungarianMatcherV2
+
+        matcher = BinaryHungarianMatcherV2(
+            focal=True,
+            cost_class=2.0,
+            cost_bbox=5.0,
+            cost_giou=2.0,
+            alpha=0.25,
+            gamma=2,
+            stable=False,
+        )
+    model = Sam3Image(
+        backbone=backbone,
+        transformer=transformer,
+        input_geometry_encoder=_geometry_encoder(spec),
+        segmentation_head=_segmentation_head(spec) if spec.segmentation else None,
+        num_feature_levels=1,
+        o2m_mask_predict=True,
+        dot_prod_scoring=_scoring(spec),
+        use_instance_query=False,
+        multimask_output=True,
+        inst_interactive_predictor=None,
+        matcher=matcher,
+    )
+    if not training:
+        model.eval()
+    return model
+
+
+def build_model_from_file(spec_path: str, bpe_path: str, training: bool = True) -> Sam3Image:
+    """Trainer entry point (`trainer.model._target_`): the spec comes as a YAML file."""
+    from sam3ft.model.spec import load_spec_file
+
+    return build_model(load_spec_file(spec_path), bpe_path, training=training)

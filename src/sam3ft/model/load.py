@@ -1,0 +1,25 @@
+"""Rebuild a trained model from pipeline artifacts: fetch's spec + vocab, train's checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from sam3.model.sam3_image import Sam3Image
+
+from sam3ft.layout import SPEC_FILE, VOCAB_NAME
+from sam3ft.model.build import build_model
+from sam3ft.model.spec import ModelSpec, load_spec_file
+from sam3ft.model.weights import load_trainer_checkpoint, verify_and_load
+
+
+def load_trained(base_dir: Path, checkpoint: Path) -> tuple[Sam3Image, ModelSpec]:
+    """An eval-mode model with the checkpoint's weights, every key verified."""
+    spec = load_spec_file(base_dir / SPEC_FILE)
+    model = build_model(spec, str(base_dir / VOCAB_NAME), training=False, coord_cache=False)
+    verify_and_load(model, load_trainer_checkpoint(checkpoint), str(checkpoint))
+    return model.eval(), spec
+
+
+def device_for(accelerator: str) -> str:
+    return "cuda" if accelerator == "cuda" and torch.cuda.is_available() else "cpu"

@@ -1,0 +1,80 @@
+"""Text-prompted detection with a SAM3 image model, mirroring sam3's Sam3Processor on any device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from sam3.model import box_ops
+from sam3.model.data_misc import FindStage
+from torch import nn
+from torchvision.transforms import v2
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detection in original-image pixels."""
+
+    box_xyxy: tuple[float, float, float, float]
+    score: float
+    category_id: int
+
+
+class Predictor:
+    """Runs backbone once per image and the text tower once per prompt (cached)."""
+
+    def __init__(self, model: nn.Module, resolution: int, device: str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.transform = v2.Compose(
+            [
+                v2.Resize(size=(resolution, resolution)),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+            ]
+        )
+        self.find_stage = FindStage(
+            img_ids=torch.tensor([0], device=device, dtype=torch.long),
+            text_ids=torch.tensor([0], device=device, dtype=torch.long),
+            input_boxes=None,
+            input_boxes_mask=None,
+            input_boxes_label=None,
+            input_points=None,
+            input_points_mask=None,
+        )
+        self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _text(self, prompt: str) -> dict[str, torch.Tensor]:
+        if prompt not in self._text_cache:
+            self._text_cache[prompt] = self.model.backbone.forward_text([prompt], device=self.device)
+        return self._text_cache[prompt]
+
+    @torch.inference_mode()
+    def raw_outputs(self, image: Image.Image, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, 4) cxcywh boxes in [0, 1] and (Q,) scores = sigmoid(logit) * sigmoid(presence)."""
+        pixels = v2.functional.to_image(image.convert("RGB")).to(self.device)
+        backbone_out = self.model.backbone.forward_image(self.transform(pixels).unsqueeze(0))
+        backbone_out.update(self._text(prompt))
+        out = self.model.forward_grounding(
+            backbone_out=backbone_out,
+            find_input=self.find_stage,
+            geometric_prompt=self.model._get_dummy_prompt(),
+            find_target=None,
+        )
+        presence = out["presence_logit_dec"].sigmoid().unsqueeze(1)  # (1, 1, 1)
+        scores = (out["pred_logits"].sigmoid() * presence).squeeze(-1)[0]  # (Q,)
+        return out["pred_boxes"][0].float(), scores.float()
+
+    def predict(self, image: Image.Image, prompts: dict[int, str], max_dets: int) -> list[Detection]:
+        """Best `max_dets` detections per prompt, boxes in original pixels, highest score first."""
+        width, height = image.size
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        detections = []
+        for category_id, prompt in prompts.items():
+            boxes, scores = self.raw_outputs(image, prompt)
+            order = torch.sort(scores, descending=True, stable=True).indices[:max_dets]
+            xyxy = box_ops.box_cxcywh_to_xyxy(boxes[order]).cpu() * scale
+            for box, score in zip(xyxy.tolist(), scores[order].tolist(), strict=True):
+                detections.append(Detection(tuple(box), float(score), category_id))
+        return detections

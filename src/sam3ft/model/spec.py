@@ -1,0 +1,125 @@
+"""The architecture of a SAM3 image model as data, loaded from `configs/model/<preset>.yaml`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sam3ft.errors import ConfigError
+
+PATCH_SIZE = 14  # SAM3's ViT patch size; every resolution must be a multiple of it
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Every architecture choice of a SAM3 image model; `sam3.yaml` reproduces upstream's builder exactly."""
+
+    name: str
+    """Preset name (`tiny`, `sam3`, ...), recorded in manifests and model cards."""
+    image_size: int
+    """Input side in pixels; the ViT's RoPE tables are built for exactly this size."""
+    vit_dim: int
+    """ViT trunk embedding width."""
+    vit_depth: int
+    """Number of ViT blocks."""
+    vit_heads: int
+    """Attention heads per ViT block."""
+    vit_mlp_ratio: float
+    """ViT MLP hidden width / embedding width."""
+    vit_window_size: int
+    """Window side (tokens) of windowed-attention blocks; also RoPE's pretraining size."""
+    vit_global_blocks: tuple[int, ...]
+    """Indices of ViT blocks with global attention."""
+    vit_pretrain_size: int
+    """Image size the absolute position embedding was trained at (tiled to `image_size`)."""
+    vit_drop_path: float
+    """Stochastic depth rate of the trunk."""
+    text_width: int
+    """Text transformer width."""
+    text_heads: int
+    """Text transformer attention heads."""
+    text_layers: int
+    """Text transformer depth."""
+    d_model: int
+    """Width of the neck, encoder, decoder and heads."""
+    heads: int
+    """Attention heads in encoder, decoder and geometry encoder."""
+    ffn_dim: int
+    """Feed-forward width in encoder, decoder and geometry encoder."""
+    encoder_layers: int
+    """Fusion encoder depth."""
+    decoder_layers: int
+    """DETR decoder depth."""
+    geometry_layers: int
+    """Geometry (box/point prompt) encoder depth."""
+    num_queries: int
+    """Object queries of the decoder: the most detections one prompt can give."""
+    segmentation: bool = False
+    """Build the mask head (needed for segmentation training and mask outputs)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes kept with the preset; never read by the builder."""
+
+    def __post_init__(self) -> None:
+        if self.image_size % PATCH_SIZE:
+            raise ConfigError(
+                f"model.image_size={self.image_size} is not a multiple of {PATCH_SIZE}",
+                fix=f"use e.g. {self.image_size // PATCH_SIZE * PATCH_SIZE}",
+            )
+        for index in self.vit_global_blocks:
+            if not 0 <= index < self.vit_depth:
+                raise ConfigError(
+                    f"model.vit_global_blocks has {index}, outside 0..{self.vit_depth - 1}",
+                    fix="list block indices smaller than vit_depth",
+                )
+        for name in ("vit_dim", "text_width", "d_model"):
+            if getattr(self, name) % 2:
+                raise ConfigError(f"model.{name} must be even", fix="use an even width")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["vit_global_blocks"] = list(self.vit_global_blocks)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> ModelSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown model key(s) {unknown}", fix=f"use only {sorted(known)}")
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
+        if missing:
+            raise ConfigError(f"{source}: missing model key(s) {missing}", fix="add them")
+        values = dict(data)
+        values["vit_global_blocks"] = tuple(values.get("vit_global_blocks", ()))
+        return cls(**values)
+
+
+def load_spec_file(path: str | Path) -> ModelSpec:
+    """Read a ModelSpec from a YAML (or JSON) file."""
+    path = Path(path)
+    return ModelSpec.from_dict(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def presets_dir() -> Path:
+    """`configs/model/` of the repository (the package lives in `src/sam3ft`)."""
+    return Path(__file__).resolve().parents[3] / "configs" / "model"
+
+
+def load_preset(name: str, directory: Path | None = None) -> ModelSpec:
+    """Read `configs/model/<name>.yaml` into a ModelSpec."""
+    directory = directory or presets_dir()
+    path = directory / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise ConfigError(f"model preset {name!r} not found ({path})", fix=f"use one of {choices}")
+    return load_spec_file(path)

@@ -1,0 +1,295 @@
+"""params.yaml, section by section, as typed dataclasses; every key and type is checked.
+
+A stage loads only the sections dvc.yaml declares for it, so unrelated edits never re-run it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from sam3ft.errors import ConfigError
+from sam3ft.model.spec import PATCH_SIZE
+
+DEFAULT_PARAMS = Path("params.yaml")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage reads and writes, relative to the repository root."""
+
+    data: str
+    """Roboflow COCO exports, one folder per dataset (tracked by data.dvc)."""
+    base: str
+    """fetch output: BPE vocabulary, base weights, manifest.json."""
+    prepared: str
+    """prepare output: the dataset in sam3's layout, stats.json, preview.png."""
+    train: str
+    """train output: trainer checkpoint, run record, dvclive logs."""
+    eval: str
+    """evaluate output: metrics.json and COCO predictions."""
+    export: str
+    """export output: safetensors weights and model.json."""
+    scratch: str
+    """Trainer working directory (logs with timestamps, tensorboard); never tracked."""
+
+
+@dataclass(frozen=True)
+class Base:
+    """Settings every stage shares."""
+
+    seed: int
+    """Seed for model init, data order and augmentation."""
+    threads: int
+    """torch CPU threads (1 is fastest and deterministic on 2-core machines)."""
+
+    def __post_init__(self) -> None:
+        _check(self.threads >= 1, "base.threads", self.threads, "an integer >= 1")
+        _check(self.seed >= 0, "base.seed", self.seed, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class Model:
+    """Which architecture to build."""
+
+    preset: str
+    """Name of a file in configs/model/ (tiny, sam3)."""
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Where the base weights come from."""
+
+    weights: str
+    """`none`: seeded random init (pretrained sources are not implemented yet)."""
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Which export to use and how its classes are prompted."""
+
+    dataset: str
+    """Folder under paths.data holding the Roboflow COCO export."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    """Category name -> text prompt, for exports whose class names read badly."""
+    preview_images: int = 4
+    """How many images preview.png shows."""
+
+    def __post_init__(self) -> None:
+        _check(self.preview_images >= 0, "prepare.preview_images", self.preview_images, ">= 0")
+        for name, prompt in self.prompts.items():
+            _check(bool(prompt.strip()), f"prepare.prompts.{name}", prompt, "a non-empty text")
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """Knobs of sam3's Trainer; each one is read by configs/train/sam3ft.yaml (checked)."""
+
+    accelerator: str
+    """cpu | cuda."""
+    max_epochs: int
+    """Epochs to train (the trainer runs exactly this many)."""
+    batch_size: int
+    """Images per batch."""
+    grad_accum: int
+    """Batches accumulated per optimizer step."""
+    num_workers: int
+    """Data-loader worker processes."""
+    resolution: int
+    """Training and evaluation image side in px; must equal the preset's image_size."""
+    resize_min: int
+    """Smallest side of random-resize augmentation, px."""
+    max_ann_per_img: int
+    """Queries with more objects than this are dropped."""
+    lr_scale: float
+    """Multiplies the three base learning rates."""
+    lr_transformer: float
+    """Base learning rate of encoder, decoder and heads."""
+    lr_vision: float
+    """Base learning rate of the vision backbone."""
+    lr_text: float
+    """Base learning rate of the text backbone."""
+    layer_decay: float
+    """Per-block learning-rate decay in the ViT trunk."""
+    weight_decay: float
+    """AdamW weight decay (not applied to biases and LayerNorms)."""
+    grad_clip: float
+    """Max gradient norm."""
+    warmup_steps: int
+    """Linear warm-up, optimizer steps."""
+    cooldown_steps: int
+    """Linear cool-down at the end, optimizer steps."""
+    timescale: int
+    """Inverse-square-root schedule timescale, steps."""
+    val_epoch_freq: int
+    """Validate every N epochs (and always after the last)."""
+    checkpoint_freq: int
+    """Keep checkpoint_<epoch>.pt every N epochs; 0 keeps only the latest."""
+    amp: bool
+    """Mixed precision autocast (CUDA only)."""
+    amp_dtype: str
+    """bfloat16 | float16."""
+
+    def __post_init__(self) -> None:
+        _check(self.accelerator in ("cpu", "cuda"), "trainer.accelerator", self.accelerator, "cpu or cuda")
+        for name in (
+            "max_epochs",
+            "batch_size",
+            "grad_accum",
+            "val_epoch_freq",
+            "resize_min",
+            "max_ann_per_img",
+            "timescale",
+        ):
+            _check(getattr(self, name) >= 1, f"trainer.{name}", getattr(self, name), ">= 1")
+        for name in ("num_workers", "warmup_steps", "cooldown_steps", "checkpoint_freq"):
+            _check(getattr(self, name) >= 0, f"trainer.{name}", getattr(self, name), ">= 0")
+        for name in ("lr_scale", "lr_transformer", "lr_vision", "lr_text", "grad_clip"):
+            _check(getattr(self, name) > 0, f"trainer.{name}", getattr(self, name), "> 0")
+        _check(0 < self.layer_decay <= 1, "trainer.layer_decay", self.layer_decay, "in (0, 1]")
+        _check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, ">= 0")
+        _check(
+            self.resolution % PATCH_SIZE == 0 and self.resolution > 0,
+            "trainer.resolution",
+            self.resolution,
+            f"a positive multiple of {PATCH_SIZE}",
+        )
+        _check(
+            self.resize_min <= self.resolution,
+            "trainer.resize_min",
+            self.resize_min,
+            f"<= trainer.resolution ({self.resolution})",
+        )
+        _check(
+            self.amp_dtype in ("bfloat16", "float16"),
+            "trainer.amp_dtype",
+            self.amp_dtype,
+            "bfloat16 or float16",
+        )
+        _check(
+            not (self.amp and self.accelerator == "cpu"),
+            "trainer.amp",
+            self.amp,
+            "false when trainer.accelerator is cpu (sam3 autocasts on CUDA only)",
+        )
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """What the evaluate stage measures."""
+
+    splits: list[str]
+    """Prepared splits to evaluate (each gets its own metrics block)."""
+    max_dets: int
+    """Detections kept per image and prompt, best first."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.splits) > 0, "evaluate.splits", self.splits, "at least one split")
+        _check(self.max_dets >= 1, "evaluate.max_dets", self.max_dets, ">= 1")
+
+
+@dataclass(frozen=True)
+class Export:
+    """How the model is shipped."""
+
+    dtype: str
+    """float32 | bfloat16 weights in the safetensors file."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("float32", "bfloat16"), "export.dtype", self.dtype, "float32 or bfloat16")
+
+
+SECTIONS: dict[str, type] = {
+    "paths": Paths,
+    "base": Base,
+    "model": Model,
+    "fetch": Fetch,
+    "prepare": Prepare,
+    "trainer": Trainer,
+    "evaluate": Evaluate,
+    "export": Export,
+}
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"params.yaml: {key}={value!r} is invalid", fix=f"use {allowed}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _matches(k, key_t) and _matches(v, val_t) for k, v in value.items()
+        )
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    return isinstance(value, hint)
+
+
+def section_from_dict(cls: type[T], data: Any, name: str) -> T:
+    """Build one section, naming the exact key on any unknown key, missing key or wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"params.yaml: section '{name}' is not a mapping", fix="see README")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"params.yaml: unknown key(s) {[f'{name}.{k}' for k in unknown]}",
+            fix=f"'{name}' accepts only {sorted(fields)}",
+        )
+    for key, f in fields.items():
+        if key not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"params.yaml: missing key '{name}.{key}'", fix="add it")
+            continue
+        if not _matches(data[key], hints[key]):
+            raise ConfigError(
+                f"params.yaml: {name}.{key}={data[key]!r} has the wrong type",
+                fix=f"use a value of type {getattr(hints[key], '__name__', hints[key])}",
+            )
+    values = {k: float(v) if hints[k] is float else v for k, v in data.items()}
+    return cls(**values)
+
+
+def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """The raw YAML mapping of params.yaml."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path} not found", fix="run from the repository root") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}", fix="fix the syntax") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a mapping", fix="see README")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}", fix=f"use {sorted(SECTIONS)}")
+    return data
+
+
+def load(names: list[str], path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Typed sections `names` of params.yaml, keyed by section name."""
+    data = read_params(path)
+    out = {}
+    for name in names:
+        if name not in data:
+            raise ConfigError(f"{path}: missing section '{name}'", fix="add it (see README)")
+        out[name] = section_from_dict(SECTIONS[name], data[name], name)
+    return out

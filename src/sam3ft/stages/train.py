@@ -1,0 +1,125 @@
+"""train: run sam3's Trainer on the prepared dataset; outputs the checkpoint, run record, dvclive.
+
+Outputs (paths.train): checkpoint.pt (sam3's trainer format), run/ (resolved trainer config, params,
+dataset hash, package versions, the trainer's per-epoch stats), dvclive/ (metrics and plots).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sam3ft.errors import ConfigError
+from sam3ft.io import atomic_dir, sha256_tree, write_json
+from sam3ft.layout import CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
+from sam3ft.model.spec import ModelSpec, load_spec_file
+from sam3ft.train.compose import compose_trainer_config, resolved_yaml
+from sam3ft.train.logging import log_to_dvclive
+from sam3ft.train.run import STATS_FILES, normalise_checkpoint, read_stats, run_trainer
+
+log = logging.getLogger(__name__)
+SECTIONS = ["paths", "base", "model", "trainer"]
+PACKAGES = ("sam3ft", "sam3", "torch", "torchvision", "hydra-core", "dvc", "dvclive", "pycocotools")
+
+
+def load_base(base_dir: Path, preset: str) -> tuple[dict[str, Any], ModelSpec]:
+    """fetch's manifest and model spec, checked against params (a stale fetch is an error)."""
+    manifest = json.loads((base_dir / MANIFEST).read_text())
+    if manifest["preset"] != preset:
+        raise ConfigError(
+            f"{base_dir / MANIFEST}: fetched preset {manifest['preset']!r} but model.preset is {preset!r}",
+            fix="run `dvc repro` (fetch re-runs)",
+        )
+    return manifest, load_spec_file(base_dir / manifest["spec_file"])
+
+
+def trainer_knobs(
+    p: dict[str, Any], spec: ModelSpec, base_dir: Path, data_dir: Path, out_dir: Path
+) -> dict[str, Any]:
+    """Everything configs/train/sam3ft.yaml declares under `knobs`, from params and the spec."""
+    trainer = p["trainer"]
+    if trainer.resolution != spec.image_size:
+        raise ConfigError(
+            f"params.yaml: trainer.resolution={trainer.resolution} but model preset "
+            f"{spec.name!r} is built for {spec.image_size} px (its RoPE tables are fixed at that size)",
+            fix=f"set trainer.resolution: {spec.image_size}",
+        )
+    if trainer.accelerator == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "params.yaml: trainer.accelerator=cuda but no CUDA device is visible",
+            fix="use trainer.accelerator: cpu, or run on a GPU machine",
+        )
+    on_gpu = trainer.accelerator == "cuda"
+    return {
+        **dataclasses.asdict(trainer),
+        "data_dir": str(data_dir.resolve()),
+        "out_dir": str(out_dir.resolve()),
+        "bpe_path": str((base_dir / VOCAB_NAME).resolve()),
+        "model_spec": str((base_dir / SPEC_FILE).resolve()),
+        "seed": p["base"].seed,
+        "num_queries": spec.num_queries,
+        "pin_memory": on_gpu,
+        "loss_device": trainer.accelerator,
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def run(p: dict[str, Any]) -> None:
+    paths, base = p["paths"], p["base"]
+    torch.set_num_threads(base.threads)
+    base_dir, data_dir = Path(paths.base), Path(paths.prepared)
+    manifest, spec = load_base(base_dir, p["model"].preset)
+    scratch = Path(paths.scratch) / "train"
+    cfg = compose_trainer_config(trainer_knobs(p, spec, base_dir, data_dir, scratch))
+    shutil.rmtree(scratch, ignore_errors=True)  # the trainer auto-resumes from what it finds here
+    scratch.mkdir(parents=True)
+    run_trainer(cfg)
+    logs = scratch / "logs"
+    train_stats, val_stats = (read_stats(logs, name) for name in STATS_FILES)
+    if len(train_stats) != p["trainer"].max_epochs:
+        raise RuntimeError(
+            f"trainer logged {len(train_stats)} epochs, expected "
+            f"{p['trainer'].max_epochs}; see {logs / 'log.txt'}"
+        )
+    with atomic_dir(Path(paths.train)) as out:
+        normalise_checkpoint(scratch / "checkpoints" / CHECKPOINT, out / CHECKPOINT)
+        record = out / "run"
+        record.mkdir()
+        (record / "trainer_config.yaml").write_text(resolved_yaml(cfg))
+        (record / "params.yaml").write_text(
+            yaml.safe_dump({k: dataclasses.asdict(v) for k, v in p.items()}, sort_keys=True)
+        )
+        write_json(record / "dataset.json", {"prepared_sha256": sha256_tree(data_dir), "path": str(data_dir)})
+        write_json(record / "versions.json", versions())
+        write_json(record / "base_manifest.json", manifest)
+        for name, stats in zip(STATS_FILES, (train_stats, val_stats), strict=True):
+            write_json(record / name, stats)
+        log_to_dvclive(out / "dvclive", train_stats, val_stats)
+    log.info("trained %d epochs -> %s", len(train_stats), paths.train)
+
+
+def main() -> None:
+    from sam3ft.stages import stage_main
+
+    stage_main("train", SECTIONS, run)
+
+
+if __name__ == "__main__":
+    main()

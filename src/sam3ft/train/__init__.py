@@ -1,0 +1,1 @@
+"""Driving sam3's Trainer: config composition, CPU workarounds, the run itself."""

@@ -1,0 +1,62 @@
+"""Run sam3's own Trainer in this process (single rank), as `sam3.train.train.single_proc_run` does."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sam3ft import compat
+
+STATS_FILES = ("train_stats.json", "val_stats.json")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_trainer(cfg: DictConfig) -> None:
+    """Instantiate `cfg.trainer` and run it as rank 0 of a one-process group on loopback."""
+    from sam3.train.utils.train_utils import register_omegaconf_resolvers
+
+    compat.apply()
+    if not OmegaConf.has_resolver("times"):
+        register_omegaconf_resolvers()
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
+    try:
+        trainer = instantiate(cfg.trainer, _recursive_=False)
+        trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def read_stats(log_dir: Path, name: str) -> list[dict[str, Any]]:
+    """The trainer's JSON-lines stats (one line per epoch), [] if it never wrote any."""
+    path = log_dir / name
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def normalise_checkpoint(src: Path, dst: Path) -> None:
+    """Copy the trainer checkpoint with its wall-clock field zeroed, so equal runs hash equal.
+
+    `time_elapsed` only feeds the trainer's ETA display; everything else is kept bit for bit.
+    """
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt["time_elapsed"] = 0.0
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, dst)
