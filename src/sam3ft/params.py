@@ -287,7 +287,7 @@ def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
 def load(names: list[str], path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Typed sections `names` of params.yaml, keyed by section name."""
     data = read_params(path)
-    out = {}
+    out: dict[str, Any] = {}
     for name in names:
         if name not in data:
             raise ConfigError(f"{path}: missing section '{name}'", fix="add it (see README)")

@@ -71,6 +71,8 @@ def _safe_image_path(directory: Path, file_name: Any, json_path: Path, image_id:
     record = f"image id={image_id}"
     if not isinstance(file_name, str) or not file_name:
         raise _fail(json_path, record, "file_name missing or not a string", "set file_name")
+    if "\0" in file_name:
+        raise _fail(json_path, record, "file_name contains a NUL byte", "rename the file")
     candidate = (directory / file_name).resolve()
     if Path(file_name).is_absolute() or not candidate.is_relative_to(directory.resolve()):
         raise _fail(
@@ -108,7 +110,7 @@ def _check_box(ann: dict[str, Any], image: dict[str, Any], json_path: Path, warn
     if not (
         isinstance(bbox, list)
         and len(bbox) == 4
-        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
     ):
         raise _fail(json_path, label, f"bbox {bbox!r} is not 4 finite numbers", "fix or drop it")
     x, y, w, h = bbox
@@ -130,9 +132,40 @@ def _check_box(ann: dict[str, Any], image: dict[str, Any], json_path: Path, warn
         ann["bbox"] = clipped
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_records(images: list[dict[str, Any]], cats: list[dict[str, Any]], json_path: Path) -> None:
+    """Field types the rest of the checks rely on: integer sizes, named categories."""
+    for img in images:
+        if not (_is_int(img.get("width")) and _is_int(img.get("height"))):
+            raise _fail(
+                json_path,
+                f"image id={img['id']}",
+                f"width/height {img.get('width')!r}/{img.get('height')!r} are not integers",
+                "set them to the pixel size",
+            )
+    names = [c.get("name") for c in cats]
+    for cat, cat_name in zip(cats, names, strict=True):
+        if not isinstance(cat_name, str) or not cat_name.strip():
+            raise _fail(json_path, f"category id={cat['id']}", "name missing or empty", "name it")
+        if names.count(cat_name) > 1:
+            raise _fail(
+                json_path,
+                f"category id={cat['id']}",
+                f"name {cat_name!r} is used twice",
+                "give each category its own name (or merge them)",
+            )
+        if not isinstance(cat.get("supercategory", ""), (str, type(None))):
+            raise _fail(json_path, f"category id={cat['id']}", "supercategory is not text", "fix it")
+
+
 def _unique_ids(records: list[dict[str, Any]], kind: str, json_path: Path) -> None:
     seen: set[Any] = set()
-    for rec in records:
+    for index, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise _fail(json_path, f"{kind} #{index}", f"is {type(rec).__name__}, not an object", "fix it")
         rid = rec.get("id")
         if not isinstance(rid, int) or isinstance(rid, bool):
             raise _fail(json_path, f"{kind} {rec!r:.80}", "id missing or not an integer", "set ids")
@@ -151,6 +184,7 @@ def load_split(directory: Path, name: str) -> Split:
     _unique_ids(images, "image", json_path)
     _unique_ids(anns, "annotation", json_path)
     _unique_ids(cats, "category", json_path)
+    _check_records(images, cats, json_path)
     by_id = {img["id"]: img for img in images}
     for img in images:
         _check_image_file(
@@ -160,14 +194,14 @@ def load_split(directory: Path, name: str) -> Split:
     warnings: list[str] = []
     for ann in anns:
         label = f"annotation id={ann['id']}"
-        if ann.get("image_id") not in by_id:
+        if not _is_int(ann.get("image_id")) or ann["image_id"] not in by_id:
             raise _fail(
                 json_path,
                 label,
                 f"image_id {ann.get('image_id')!r} has no image record",
                 "drop the annotation or add the image",
             )
-        if ann.get("category_id") not in cat_ids:
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in cat_ids:
             raise _fail(
                 json_path,
                 label,
@@ -175,11 +209,11 @@ def load_split(directory: Path, name: str) -> Split:
                 "fix the id or add the category",
             )
         _check_box(ann, by_id[ann["image_id"]], json_path, warnings)
-    listed = {img["file_name"] for img in images}
+    listed = {(directory / img["file_name"]).resolve() for img in images}
     unlisted = sorted(
         p.name
         for p in directory.iterdir()
-        if p.suffix.lower() in {".jpg", ".jpeg", ".png"} and p.name not in listed
+        if p.suffix.lower() in {".jpg", ".jpeg", ".png"} and p.resolve() not in listed
     )
     if unlisted:
         warnings.append(

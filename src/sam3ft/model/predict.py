@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 from sam3.model import box_ops
 from sam3.model.data_misc import FindStage
-from torch import nn
 from torchvision.transforms import v2
 
 
@@ -24,7 +24,8 @@ class Detection:
 class Predictor:
     """Runs backbone once per image and the text tower once per prompt (cached)."""
 
-    def __init__(self, model: nn.Module, resolution: int, device: str = "cpu") -> None:
+    def __init__(self, model: Any, resolution: int, device: str = "cpu") -> None:
+        # `model` is a sam3 Sam3Image (typed Any: sam3 ships no type information)
         self.model = model.to(device).eval()
         self.device = device
         self.transform = v2.Compose(
@@ -74,7 +75,7 @@ class Predictor:
         for category_id, prompt in prompts.items():
             boxes, scores = self.raw_outputs(image, prompt)
             order = torch.sort(scores, descending=True, stable=True).indices[:max_dets]
-            xyxy = box_ops.box_cxcywh_to_xyxy(boxes[order]).cpu() * scale
+            xyxy = box_ops.box_cxcywh_to_xyxy(boxes[order]).clamp(0, 1).cpu() * scale  # inside image
             for box, score in zip(xyxy.tolist(), scores[order].tolist(), strict=True):
                 detections.append(Detection(tuple(box), float(score), category_id))
         return detections

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,17 @@ from typing import Any
 
 from sam3ft import params as params_module
 from sam3ft.errors import Sam3ftError
+
+
+def pin_threads(threads: int) -> None:
+    """Fix torch's CPU thread counts before any work: on small machines more threads made sam3's
+    steps erratic and several times slower, and a fixed count keeps float results reproducible."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for any subprocess (data-loader workers)
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only settable once per process, before parallel work
+        torch.set_num_interop_threads(threads)
 
 
 def stage_main(name: str, sections: list[str], run: Callable[[dict[str, Any]], None]) -> None:

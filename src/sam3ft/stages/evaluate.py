@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from sam3ft.errors import ConfigError
@@ -20,6 +19,7 @@ from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT
 from sam3ft.metrics.coco import coco_box_metrics
 from sam3ft.model.load import device_for, load_trained
 from sam3ft.model.predict import Predictor
+from sam3ft.stages import pin_threads
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "trainer", "evaluate"]
@@ -48,7 +48,7 @@ def predict_split(predictor: Predictor, split_dir: Path, max_dets: int) -> list[
 
 def run(p: dict[str, Any]) -> None:
     paths, evaluate = p["paths"], p["evaluate"]
-    torch.set_num_threads(p["base"].threads)
+    pin_threads(p["base"].threads)
     prepared = Path(paths.prepared)
     missing = [s for s in evaluate.splits if not (prepared / s / ANNOTATIONS_FILE).is_file()]
     if missing:

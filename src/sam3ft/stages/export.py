@@ -24,6 +24,7 @@ from sam3ft.model.load import load_trained
 from sam3ft.model.predict import Predictor
 from sam3ft.model.spec import ModelSpec
 from sam3ft.model.weights import load_safetensors, save_safetensors, verify_and_load
+from sam3ft.stages import pin_threads
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "export"]
@@ -31,7 +32,7 @@ SECTIONS = ["paths", "base", "export"]
 TOLERANCE = {"float32": 0.0, "bfloat16": 0.05}
 
 
-def load_export(export_dir: Path) -> tuple[torch.nn.Module, ModelSpec]:
+def load_export(export_dir: Path) -> tuple[torch.nn.Module, ModelSpec, dict[str, Any]]:
     """A fresh eval-mode model from an export directory alone (float32 compute)."""
     info = json.loads((export_dir / MODEL_JSON).read_text())
     spec = ModelSpec.from_dict(info["spec"], source=str(export_dir / MODEL_JSON))
@@ -41,7 +42,7 @@ def load_export(export_dir: Path) -> tuple[torch.nn.Module, ModelSpec]:
         for k, v in load_safetensors(export_dir / info["weights"]).items()
     }
     verify_and_load(model, state, str(export_dir / info["weights"]))
-    return model.eval(), spec
+    return model.eval(), spec, info
 
 
 def first_image(prepared: Path, split: str = "valid") -> tuple[Image.Image, dict[int, str]]:
@@ -64,11 +65,21 @@ def parity(
 
 
 def write_model_dir(
-    out: Path, model: torch.nn.Module, spec: ModelSpec, dtype: torch.dtype, base_dir: Path, checkpoint: Path
+    out: Path,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    base_dir: Path,
+    checkpoint: Path,
+    prompts: dict[int, str],
 ) -> None:
     """Everything needed to rebuild the model: weights, vocab, and model.json describing both."""
     save_safetensors(
-        model.state_dict(), out / WEIGHTS_FILE, dtype, metadata={"format": "sam3ft", "preset": spec.name}
+        # a single metadata key: safetensors writes several in hash-map order (not reproducible)
+        model.state_dict(),
+        out / WEIGHTS_FILE,
+        dtype,
+        metadata={"sam3ft_preset": spec.name},
     )
     shutil.copyfile(base_dir / VOCAB_NAME, out / VOCAB_NAME)
     write_json(
@@ -83,22 +94,23 @@ def write_model_dir(
             "checkpoint_sha256": sha256_file(checkpoint),
             "resolution": spec.image_size,
             "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3},
+            "prompts": {str(k): v for k, v in prompts.items()},  # category id -> text prompt
         },
     )
 
 
 def run(p: dict[str, Any]) -> None:
     paths, export = p["paths"], p["export"]
-    torch.set_num_threads(p["base"].threads)
+    pin_threads(p["base"].threads)
     base_dir, checkpoint = Path(paths.base), Path(paths.train) / CHECKPOINT
     trained, spec = load_trained(base_dir, checkpoint)
     dtype = getattr(torch, export.dtype)
     with atomic_dir(Path(paths.export)) as out:
         model_dir = out / "model"
         model_dir.mkdir()
-        write_model_dir(model_dir, trained, spec, dtype, base_dir, checkpoint)
-        reloaded, _ = load_export(model_dir)
         image, prompts = first_image(Path(paths.prepared))
+        write_model_dir(model_dir, trained, spec, dtype, base_dir, checkpoint, prompts)
+        reloaded, _, _ = load_export(model_dir)
         errors = parity(trained, reloaded, spec.image_size, image, prompts)
         limit = TOLERANCE[export.dtype]
         if max(errors.values()) > limit:

@@ -17,6 +17,7 @@ from sam3ft.layout import MANIFEST, SPEC_FILE, VOCAB_NAME
 from sam3ft.model.spec import load_preset
 
 log = logging.getLogger(__name__)
+SECTIONS = ["paths", "base", "model", "fetch"]
 
 
 def bundled_vocab() -> Path:
@@ -63,7 +64,7 @@ def run(p: dict[str, Any]) -> None:
 def main() -> None:
     from sam3ft.stages import stage_main
 
-    stage_main("fetch", ["paths", "base", "model", "fetch"], run)
+    stage_main("fetch", SECTIONS, run)
 
 
 if __name__ == "__main__":

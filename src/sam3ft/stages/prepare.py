@@ -20,6 +20,7 @@ from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import ANNOTATIONS_FILE
 
 log = logging.getLogger(__name__)
+SECTIONS = ["paths", "prepare"]
 REQUIRED_SPLITS = ("train", "valid")
 OPTIONAL_SPLITS = ("test",)
 
@@ -107,7 +108,7 @@ def run(p: dict[str, Any]) -> None:
 def main() -> None:
     from sam3ft.stages import stage_main
 
-    stage_main("prepare", ["paths", "prepare"], run)
+    stage_main("prepare", SECTIONS, run)
 
 
 if __name__ == "__main__":

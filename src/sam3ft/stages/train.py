@@ -21,6 +21,7 @@ from sam3ft.errors import ConfigError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
 from sam3ft.model.spec import ModelSpec, load_spec_file
+from sam3ft.stages import pin_threads
 from sam3ft.train.compose import compose_trainer_config, resolved_yaml
 from sam3ft.train.logging import log_to_dvclive
 from sam3ft.train.run import STATS_FILES, normalise_checkpoint, read_stats, run_trainer
@@ -60,10 +61,12 @@ def trainer_knobs(
     on_gpu = trainer.accelerator == "cuda"
     return {
         **dataclasses.asdict(trainer),
-        "data_dir": str(data_dir.resolve()),
-        "out_dir": str(out_dir.resolve()),
-        "bpe_path": str((base_dir / VOCAB_NAME).resolve()),
-        "model_spec": str((base_dir / SPEC_FILE).resolve()),
+        # relative to the repository root (DVC runs stages there): the recorded config stays the
+        # same wherever the repo is cloned, so its hash in dvc.lock does too
+        "data_dir": data_dir.as_posix(),
+        "out_dir": out_dir.as_posix(),
+        "bpe_path": (base_dir / VOCAB_NAME).as_posix(),
+        "model_spec": (base_dir / SPEC_FILE).as_posix(),
         "seed": p["base"].seed,
         "num_queries": spec.num_queries,
         "pin_memory": on_gpu,
@@ -83,7 +86,7 @@ def versions() -> dict[str, str]:
 
 def run(p: dict[str, Any]) -> None:
     paths, base = p["paths"], p["base"]
-    torch.set_num_threads(base.threads)
+    pin_threads(base.threads)
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
     manifest, spec = load_base(base_dir, p["model"].preset)
     scratch = Path(paths.scratch) / "train"

@@ -1,0 +1,83 @@
+"""`sam3ft` command line: the same functions the DVC stages call.
+
+sam3ft stage NAME [--params params.yaml]     run one pipeline stage (what dvc.yaml calls)
+sam3ft predict IMAGE... [--model DIR]        detect with an exported model, JSON to stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from sam3ft.errors import Sam3ftError
+
+STAGES = ("fetch", "prepare", "train", "evaluate", "export")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from sam3ft.model.predict import Predictor
+    from sam3ft.stages import pin_threads
+    from sam3ft.stages.export import load_export
+
+    pin_threads(args.threads)
+    model, spec, info = load_export(args.model)
+    prompts = {1: args.prompt} if args.prompt else {int(k): v for k, v in info["prompts"].items()}
+    predictor = Predictor(model, spec.image_size)
+    failed, results = 0, []
+    for path in args.images:
+        try:
+            with Image.open(path) as image:
+                detections = predictor.predict(image, prompts, args.max_dets)
+        except OSError as exc:  # unreadable or not an image: report, go on, fail at the end
+            print(f"error: {path}: cannot read image ({exc})", file=sys.stderr)
+            failed += 1
+            continue
+        kept = [
+            {
+                "box_xyxy": [round(v, 2) for v in d.box_xyxy],
+                "score": round(d.score, 4),
+                "prompt": prompts[d.category_id],
+            }
+            for d in detections
+            if d.score >= args.threshold
+        ]
+        results.append({"image": str(path), "detections": kept})
+    json.dump(results, sys.stdout, indent=2)
+    print()
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sam3ft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    stage = sub.add_parser("stage", help="run one pipeline stage")
+    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("--params", default="params.yaml")
+    predict = sub.add_parser("predict", help="detect objects with an exported model")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("--model", type=Path, default=Path("artifacts/export/model"))
+    predict.add_argument("--prompt", help="text prompt (default: the classes the model was trained on)")
+    predict.add_argument("--threshold", type=float, default=0.5)
+    predict.add_argument("--max-dets", type=int, default=100)
+    predict.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.command == "stage":
+        sys.argv = [f"sam3ft.stages.{args.name}", "--params", args.params]
+        importlib.import_module(f"sam3ft.stages.{args.name}").main()
+        return 0
+    try:
+        return _predict(args)
+    except Sam3ftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

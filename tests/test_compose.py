@@ -1,0 +1,120 @@
+"""The trainer config: shipped files compose, and no params value can be silently ignored."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from sam3ft import params
+from sam3ft.errors import ConfigError
+from sam3ft.model.spec import load_preset, presets_dir
+from sam3ft.stages.train import trainer_knobs
+from sam3ft.train.compose import compose_trainer_config, config_dir, resolved_yaml
+
+
+def knobs_for(p: dict) -> dict:
+    spec = load_preset(p["model"].preset)
+    return trainer_knobs(p, spec, Path("artifacts/base"), Path("artifacts/prepared"), Path(".work/train"))
+
+
+@pytest.fixture
+def loaded():
+    return params.load(list(params.SECTIONS), REPO / "params.yaml")
+
+
+def test_every_model_preset_loads():
+    names = sorted(p.stem for p in presets_dir().glob("*.yaml"))
+    assert {"tiny", "sam3"} <= set(names)
+    for name in names:
+        spec = load_preset(name)
+        assert spec.name == name and spec.image_size % 14 == 0
+
+
+def test_shipped_config_composes_with_shipped_params(loaded):
+    cfg = compose_trainer_config(knobs_for(loaded))
+    text = resolved_yaml(cfg)
+    trainer = cfg.trainer
+    assert trainer.max_epochs == loaded["trainer"].max_epochs
+    assert trainer.data.train.batch_size == loaded["trainer"].batch_size
+    assert trainer.skip_saving_ckpts is False  # upstream's default would save nothing
+    assert "???" not in text
+
+
+def test_every_trainer_param_changes_the_composed_config(loaded):
+    """No knob is dead: perturbing any one trainer value changes the resolved trainer config."""
+    baseline = resolved_yaml(compose_trainer_config(knobs_for(loaded)).trainer)
+    changed = {"accelerator": None, "amp": None}  # validated combos, covered below
+    for field in dataclasses.fields(params.Trainer):
+        value = getattr(loaded["trainer"], field.name)
+        if field.name in changed:
+            continue
+        if field.name == "amp_dtype":
+            new = "float16"
+        elif field.name == "resolution":
+            continue  # tied to the preset; covered by test_resolution_must_match_preset
+        elif isinstance(value, bool):
+            new = not value
+        elif isinstance(value, int):
+            new = value + 1 if field.name != "resize_min" else value - 32
+        else:
+            new = value * 0.5
+        perturbed = dict(loaded, trainer=dataclasses.replace(loaded["trainer"], **{field.name: new}))
+        other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
+        assert other != baseline, f"trainer.{field.name} does not reach the trainer config"
+    seeded = dict(loaded, base=dataclasses.replace(loaded["base"], seed=loaded["base"].seed + 1))
+    assert resolved_yaml(compose_trainer_config(knobs_for(seeded)).trainer) != baseline
+
+
+def test_resolution_must_match_preset(loaded):
+    bad = dict(loaded, trainer=dataclasses.replace(loaded["trainer"], resolution=336))
+    with pytest.raises(ConfigError, match="built for 224 px"):
+        knobs_for(bad)
+
+
+def _config_copy(tmp_path: Path, edit) -> Path:
+    directory = tmp_path / "train"
+    shutil.copytree(config_dir(), directory)
+    path = directory / "sam3ft.yaml"
+    path.write_text(edit(path.read_text()))
+    return directory
+
+
+def test_unknown_knob_is_rejected(loaded):
+    with pytest.raises(ConfigError, match=r"no knob\(s\) \['batch_sizes'\]"):
+        compose_trainer_config({**knobs_for(loaded), "batch_sizes": 4})
+
+
+def test_unset_knob_is_rejected(loaded):
+    knobs = knobs_for(loaded)
+    del knobs["max_epochs"]
+    with pytest.raises(ConfigError, match=r"\['max_epochs'\] left unset"):
+        compose_trainer_config(knobs)
+
+
+def test_knob_nobody_reads_is_rejected(tmp_path, loaded):
+    directory = _config_copy(tmp_path, lambda t: t.replace("knobs:\n", "knobs:\n  unused: ???\n", 1))
+    with pytest.raises(ConfigError, match=r"\['unused'\] are never read"):
+        compose_trainer_config({**knobs_for(loaded), "unused": 1}, directory)
+
+
+def test_knob_read_only_outside_trainer_is_dead(tmp_path, loaded):
+    """A knob referenced by a node the trainer never reaches is as dead as an unreferenced one."""
+    directory = _config_copy(
+        tmp_path, lambda t: t.replace("  max_epochs: ${knobs.max_epochs}\n", "  max_epochs: 3\n")
+    )
+    text = (directory / "sam3ft.yaml").read_text()
+    (directory / "sam3ft.yaml").write_text(text + "\nnotes:\n  epochs: ${knobs.max_epochs}\n")
+    with pytest.raises(ConfigError, match=r"\['max_epochs'\] are never read"):
+        compose_trainer_config(knobs_for(loaded), directory)
+
+
+def test_paths_in_the_config_are_relative(loaded):
+    """The resolved config is a tracked output: absolute paths would change its hash per clone."""
+    text = resolved_yaml(compose_trainer_config(knobs_for(loaded)))
+    assert str(REPO) not in text
+    assert yaml.safe_load(text)["trainer"]["data"]["train"]["dataset"]["img_folder"].startswith("artifacts/")

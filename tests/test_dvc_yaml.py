@@ -1,0 +1,69 @@
+"""dvc.yaml declares exactly what each stage reads: its code's import closure and its params."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+SRC = REPO / "src"
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = DVC_YAML["stages"]
+
+
+def module_file(name: str) -> Path:
+    path = SRC / Path(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """sam3ft modules imported anywhere in a file (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sam3ft"):
+            found.add(node.module)
+            for alias in node.names:  # `from sam3ft import compat` imports a module
+                if module_file(f"{node.module}.{alias.name}").exists():
+                    found.add(f"{node.module}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("sam3ft")}
+    return found
+
+
+def closure(module: str) -> set[Path]:
+    files: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = module_file(name)
+        if path in files:
+            continue
+        files.add(path)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(2, len(parts))]  # parent packages run too
+        todo += sorted(imported_modules(path))
+    return {f for f in files if f != SRC / "sam3ft" / "__init__.py"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_deps_cover_its_imports(stage):
+    module = STAGES[stage]["cmd"].split("-m ", 1)[1].split()[0]
+    deps = [REPO / d for d in STAGES[stage]["deps"] if d.startswith("src/")]
+    uncovered = [
+        f.relative_to(REPO).as_posix()
+        for f in closure(module)
+        if not any(f == d or d in f.parents for d in deps)
+    ]
+    assert not uncovered, f"stage {stage} imports files dvc.yaml does not list: {uncovered}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_params_match_what_it_loads(stage):
+    module = importlib.import_module(STAGES[stage]["cmd"].split("-m ", 1)[1].split()[0])
+    declared = {p.split(".")[0] for p in STAGES[stage]["params"]}
+    assert declared == set(module.SECTIONS), f"{stage}: dvc.yaml params {declared} vs code {module.SECTIONS}"

@@ -1,0 +1,112 @@
+"""Tiny SAM3 from sam3's classes: builds, predicts, and its weights load only when every key fits."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+from sam3ft.errors import ConfigError, WeightsError
+from sam3ft.model.build import build_model
+from sam3ft.model.predict import Predictor
+from sam3ft.model.spec import ModelSpec, load_preset
+from sam3ft.model.weights import load_safetensors, load_trainer_checkpoint, save_safetensors, verify_and_load
+from sam3ft.stages.fetch import bundled_vocab
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model(load_preset("tiny"), str(bundled_vocab()), training=False)
+
+
+def test_tiny_model_size_and_finite_text_params(tiny):
+    n = sum(p.numel() for p in tiny.parameters())
+    assert 4_000_000 < n < 5_000_000  # ~3.2 M of it the 49408-token embedding
+    text = tiny.backbone.language_backbone.encoder
+    # sam3 leaves these as torch.empty; uninitialised memory would give NaN downstream
+    assert torch.isfinite(text.positional_embedding).all() and text.positional_embedding.std() > 0
+    assert torch.isfinite(text.text_projection).all()
+
+
+def test_same_seed_same_weights():
+    specs = load_preset("tiny"), str(bundled_vocab())
+    torch.manual_seed(3)
+    a = build_model(*specs).state_dict()
+    torch.manual_seed(3)
+    b = build_model(*specs).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_predict_returns_boxes_in_original_pixels(tiny):
+    image = Image.new("RGB", (320, 200), (120, 80, 40))
+    dets = Predictor(tiny, 224).predict(image, {1: "fuse neutrals", 2: "screw"}, max_dets=5)
+    assert len(dets) == 10
+    assert {d.category_id for d in dets} == {1, 2}
+    for d in dets:
+        x0, y0, x1, y1 = d.box_xyxy
+        assert -1 <= x0 <= x1 <= 321 and -1 <= y0 <= y1 <= 201
+        assert 0.0 <= d.score <= 1.0
+    scores = [d.score for d in dets if d.category_id == 1]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_spec_rejects_bad_values():
+    data = load_preset("tiny").to_dict()
+    with pytest.raises(ConfigError, match="not a multiple of 14"):
+        ModelSpec.from_dict({**data, "image_size": 225})
+    with pytest.raises(ConfigError, match="unknown model key"):
+        ModelSpec.from_dict({**data, "depth": 3})
+    with pytest.raises(ConfigError, match=r"outside 0\.\.1"):
+        ModelSpec.from_dict({**data, "vit_global_blocks": [5]})
+
+
+def test_verify_and_load_reports_prefix_mismatch(tiny):
+    state = {f"detector.{k}": v for k, v in tiny.state_dict().items()}
+    with pytest.raises(WeightsError, match=r"'detector\.' prefix of sam3\.pt") as err:
+        verify_and_load(tiny, state, "sam3.pt")
+    assert "missing" in str(err.value) and "backbone.vision_backbone" in str(err.value)
+
+
+def test_verify_and_load_reports_missing_and_shape(tiny):
+    state = dict(tiny.state_dict())
+    state.pop("dot_prod_scoring.hs_proj.weight")
+    with pytest.raises(WeightsError, match=r"1 missing \[dot_prod_scoring.hs_proj \(1\)\]"):
+        verify_and_load(tiny, state, "x.pt")
+    state = dict(tiny.state_dict())
+    other = dataclasses.replace(load_preset("tiny"), num_queries=7)
+    state["transformer.decoder.query_embed.weight"] = build_model(
+        other, str(bundled_vocab()), training=False
+    ).state_dict()["transformer.decoder.query_embed.weight"]
+    with pytest.raises(WeightsError, match="wrong shape"):
+        verify_and_load(tiny, state, "x.pt")
+
+
+def test_safetensors_roundtrip_is_exact(tmp_path, tiny):
+    path = tmp_path / "m.safetensors"
+    save_safetensors(tiny.state_dict(), path, torch.float32, {"k": "v"})
+    loaded = load_safetensors(path)
+    assert set(loaded) == set(tiny.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in tiny.state_dict().items())
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode()}, path, pickle_protocol=2)
+    with pytest.raises(WeightsError, match="weights-only"):
+        load_trainer_checkpoint(path)
+    assert "pwned" not in capsys.readouterr().out
+    truncated = tmp_path / "cut.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(WeightsError):
+        load_trainer_checkpoint(truncated)
+    assert pickle  # the payload class above pickles with the stdlib protocol

@@ -1,0 +1,66 @@
+"""params.yaml: the shipped file validates, and each kind of bad value is named precisely."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO, write_params
+from sam3ft import params
+from sam3ft.errors import ConfigError
+
+
+def test_shipped_params_load_every_section():
+    loaded = params.load(list(params.SECTIONS), REPO / "params.yaml")
+    assert set(loaded) == set(params.SECTIONS)
+    assert loaded["trainer"].resolution % 14 == 0
+    assert isinstance(loaded["trainer"].lr_scale, float)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("trainer", "max_epoch", 3, "unknown key(s) ['trainer.max_epoch']"),
+        ("trainer", "max_epochs", "3", "trainer.max_epochs='3' has the wrong type"),
+        ("trainer", "max_epochs", 0, "trainer.max_epochs=0 is invalid"),
+        ("trainer", "batch_size", 0, "trainer.batch_size=0 is invalid"),
+        ("trainer", "resolution", 225, "trainer.resolution=225 is invalid"),
+        ("trainer", "resize_min", 448, "trainer.resize_min=448 is invalid"),
+        ("trainer", "accelerator", "tpu", "trainer.accelerator='tpu' is invalid"),
+        ("trainer", "amp", True, "trainer.amp=True is invalid"),
+        ("trainer", "lr_scale", True, "trainer.lr_scale=True has the wrong type"),
+        ("base", "threads", 0, "base.threads=0 is invalid"),
+        ("evaluate", "splits", [], "evaluate.splits=[] is invalid"),
+        ("export", "dtype", "float16", "export.dtype='float16' is invalid"),
+        (
+            "prepare",
+            "prompts",
+            {"fuse neutrals": 3},
+            "prepare.prompts={'fuse neutrals': 3} has the wrong type",
+        ),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, shipped_params, section, key, value, message):
+    shipped_params[section][key] = value
+    path = write_params(tmp_path / "params.yaml", shipped_params)
+    with pytest.raises(ConfigError) as err:
+        params.load(list(params.SECTIONS), path)
+    assert message in str(err.value)
+    assert err.value.fix
+
+
+def test_missing_key_and_unknown_section(tmp_path, shipped_params):
+    del shipped_params["trainer"]["max_epochs"]
+    path = write_params(tmp_path / "params.yaml", shipped_params)
+    with pytest.raises(ConfigError, match=r"missing key 'trainer.max_epochs'"):
+        params.load(["trainer"], path)
+    shipped_params["trainer"]["max_epochs"] = 1
+    shipped_params["scratch"] = {"batch_size": 4}  # the pilot's silently ignored override
+    path = write_params(tmp_path / "params.yaml", shipped_params)
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['scratch'\]"):
+        params.load(["trainer"], path)
+
+
+def test_integer_accepted_where_float_expected(tmp_path, shipped_params):
+    shipped_params["trainer"]["lr_scale"] = 1
+    path = write_params(tmp_path / "params.yaml", shipped_params)
+    assert params.load(["trainer"], path)["trainer"].lr_scale == 1.0
