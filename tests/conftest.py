@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "find-fuse-neutrals-v5"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sample_dataset() -> Path:
+    """The bundled sample, restored from the in-repo DVC store if this checkout lacks it (offline)."""
+    if not SAMPLE.is_dir():
+        subprocess.run([sys.executable, "-m", "dvc", "pull", "data.dvc"], cwd=REPO, check=True)
+    assert SAMPLE.is_dir(), f"{SAMPLE} missing after dvc pull"
+    return SAMPLE
 
 
 @pytest.fixture

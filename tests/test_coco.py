@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from conftest import SAMPLE
 from sam3ft.data.coco import Category, Split, load_split, resolve_categories
 from sam3ft.errors import DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
 from sam3ft.stages.prepare import convert_split, load_export
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "find-fuse-neutrals-v5"
 SPLITS = ("train", "valid", "test")
 CLASS = "fuse neutrals"
 
@@ -24,8 +24,6 @@ CLASS = "fuse neutrals"
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     """A private copy of the sample export, free to mutate."""
-    if not SAMPLE.is_dir():
-        pytest.skip(f"sample dataset not found at {SAMPLE}")
     copy = tmp_path / "export"
     shutil.copytree(SAMPLE, copy)
     return copy
