@@ -464,3 +464,15 @@ def test_duplicate_category_names(root: Path) -> None:
 def test_dot_slash_file_name_is_not_reported_unlisted(root: Path) -> None:
     edit_coco(root, lambda d: d["images"][0].update(file_name="./" + d["images"][0]["file_name"]))
     assert load_train(root).warnings == []
+
+
+def test_negatives_folder_becomes_a_split_without_annotations(root: Path) -> None:
+    negatives = root / "negatives"
+    negatives.mkdir()
+    Image.new("RGB", (64, 48)).save(negatives / "empty box.jpg")
+    splits = {s.name: s for s in load_export(root)}
+    assert splits["negatives"].images == [{"id": 0, "file_name": "empty box.jpg", "width": 64, "height": 48}]
+    coco = convert_split(splits["negatives"], resolve_categories(list(splits.values()), {}))
+    assert coco["annotations"] == [] and coco["categories"][0]["id"] == 1
+    (negatives / "bad.jpg").write_bytes(b"nope")
+    expect_error(lambda: load_export(root), negatives / "bad.jpg", "image")

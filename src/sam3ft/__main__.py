@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -18,38 +17,27 @@ STAGES = ("fetch", "prepare", "train", "evaluate", "export")
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from PIL import Image
-
+    from sam3ft.inference import collect_images, predict_images
     from sam3ft.model.predict import Predictor
     from sam3ft.stages import pin_threads
     from sam3ft.stages.export import load_export
 
     pin_threads(args.threads)
+    images = collect_images(args.inputs)
+    if not images:
+        raise Sam3ftError(f"no images found in {args.inputs}", fix="give image files, folders or globs")
     model, spec, info = load_export(args.model)
     prompts = {1: args.prompt} if args.prompt else {int(k): v for k, v in info["prompts"].items()}
-    predictor = Predictor(model, spec.image_size)
-    failed, results = 0, []
-    for path in args.images:
-        try:
-            with Image.open(path) as image:
-                detections = predictor.predict(image, prompts, args.max_dets)
-        except OSError as exc:  # unreadable or not an image: report, go on, fail at the end
-            print(f"error: {path}: cannot read image ({exc})", file=sys.stderr)
-            failed += 1
-            continue
-        kept = [
-            {
-                "box_xyxy": [round(v, 2) for v in d.box_xyxy],
-                "score": round(d.score, 4),
-                "prompt": prompts[d.category_id],
-            }
-            for d in detections
-            if d.score >= args.threshold
-        ]
-        results.append({"image": str(path), "detections": kept})
-    json.dump(results, sys.stdout, indent=2)
-    print()
-    return 1 if failed else 0
+    report = predict_images(
+        Predictor(model, spec.image_size), images, prompts, args.threshold, args.max_dets, args.out
+    )
+    found = sum(len(r["detections"]) for r in report.records)
+    print(
+        f"{len(report.records)} image(s), {found} detection(s) >= {args.threshold} -> "
+        f"{args.out / 'detections.json'}; {len(report.failed)} failed",
+        file=sys.stderr,
+    )
+    return 1 if report.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,11 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("name", choices=STAGES)
     stage.add_argument("--params", default="params.yaml")
     predict = sub.add_parser("predict", help="detect objects with an exported model")
-    predict.add_argument("images", nargs="+", type=Path)
-    predict.add_argument("--model", type=Path, default=Path("artifacts/export/model"))
+    predict.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or globs")
+    predict.add_argument(
+        "--model",
+        "--weights",
+        type=Path,
+        default=Path("artifacts/export/model"),
+        help="an export folder (model.json + safetensors), default: this repo's export",
+    )
     predict.add_argument("--prompt", help="text prompt (default: the classes the model was trained on)")
     predict.add_argument("--threshold", type=float, default=0.5)
     predict.add_argument("--max-dets", type=int, default=100)
+    predict.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions"),
+        help="folder for detections.json and overlays/ (default: predictions)",
+    )
     predict.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.command == "stage":

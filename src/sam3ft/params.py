@@ -189,10 +189,17 @@ class Evaluate:
     """Prepared splits to evaluate (each gets its own metrics block)."""
     max_dets: int
     """Detections kept per image and prompt, best first."""
+    threshold: float
+    """Operating score threshold: image-level confusion matrix and overlays use it."""
+    overlays: int
+    """Images per split drawn with ground truth and predictions (dvclive images)."""
 
     def __post_init__(self) -> None:
         _check(len(self.splits) > 0, "evaluate.splits", self.splits, "at least one split")
+        _check(len(set(self.splits)) == len(self.splits), "evaluate.splits", self.splits, "no duplicates")
         _check(self.max_dets >= 1, "evaluate.max_dets", self.max_dets, ">= 1")
+        _check(0.0 <= self.threshold <= 1.0, "evaluate.threshold", self.threshold, "a score in [0, 1]")
+        _check(self.overlays >= 0, "evaluate.overlays", self.overlays, ">= 0")
 
 
 @dataclass(frozen=True)

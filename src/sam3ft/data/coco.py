@@ -253,3 +253,23 @@ def resolve_categories(splits: list[Split], prompts: dict[str, str]) -> list[Cat
         Category(i + 1, c["name"], prompts.get(c["name"], c["name"]))
         for i, c in enumerate(sorted(kept, key=lambda c: c["id"]))
     ]
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def load_image_folder(directory: Path, name: str, categories: list[dict[str, Any]]) -> Split:
+    """A split from a plain folder of images with no annotations (negatives: the object is absent)."""
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise _fail(directory, "split", "holds no .jpg/.png images", "add negative images or remove it")
+    images = []
+    for index, path in enumerate(files):
+        try:
+            with Image.open(path) as img:
+                img.load()
+                width, height = img.size
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise _fail(path, "image", f"unreadable image ({exc})", "replace or remove it") from exc
+        images.append({"id": index, "file_name": path.name, "width": width, "height": height})
+    return Split(name, directory, images, [], categories)

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -27,18 +28,45 @@ STAT_NAMES = (
 )
 
 
-def coco_box_metrics(gt_path: Path, results: list[dict[str, Any]]) -> dict[str, float]:
-    """Metrics of `results` (COCO results records, bbox xywh) against the annotations file.
-
-    No detections at all scores 0 everywhere (pycocotools refuses an empty result list).
-    -1 means the split has no ground truth of that size, as pycocotools reports it.
-    """
+def _evaluate(gt_path: Path, results: list[dict[str, Any]]) -> COCOeval | None:
+    """A finished COCOeval, or None when there is nothing to evaluate (no detections)."""
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         gt = COCO(str(gt_path))
-        if not results:
-            return {name: 0.0 for name in STAT_NAMES}
+        if not results:  # pycocotools refuses an empty result list
+            return None
         evaluator = COCOeval(gt, gt.loadRes(results), iouType="bbox")
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
+    return evaluator
+
+
+def coco_box_metrics(gt_path: Path, results: list[dict[str, Any]]) -> dict[str, float]:
+    """Metrics of `results` (COCO results records, bbox xywh) against the annotations file.
+
+    No detections at all scores 0 everywhere. -1 means the split has no ground truth of that size
+    (or none at all), as pycocotools reports it.
+    """
+    evaluator = _evaluate(gt_path, results)
+    if evaluator is None:
+        return {name: 0.0 for name in STAT_NAMES}
     return {name: round(float(v), 6) for name, v in zip(STAT_NAMES, evaluator.stats, strict=True)}
+
+
+def pr_curve(gt_path: Path, results: list[dict[str, Any]], iou: float = 0.5) -> list[dict[str, float]]:
+    """Precision at COCO's 101 recall points, at one IoU threshold, mean over categories.
+
+    Points where precision is undefined (recall never reached) are left out.
+    """
+    evaluator = _evaluate(gt_path, results)
+    if evaluator is None:
+        return []
+    t = int(np.argmin(np.abs(evaluator.params.iouThrs - iou)))
+    # precision: (T iou, R recall, K class, A area, M maxdets); area "all", the largest maxdets
+    precision = evaluator.eval["precision"][t, :, :, 0, -1]
+    rows = []
+    for r, recall in enumerate(evaluator.params.recThrs):
+        valid = precision[r][precision[r] > -1]
+        if valid.size:
+            rows.append({"recall": round(float(recall), 4), "precision": round(float(valid.mean()), 6)})
+    return rows

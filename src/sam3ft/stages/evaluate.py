@@ -1,7 +1,12 @@
-"""evaluate: predict every image of each split with the trained model; COCO box metrics.
+"""evaluate: predict every image of each split with the trained model; the numbers and pictures.
 
-Outputs (paths.eval): metrics.json keyed by split (a DVC metrics file), predictions/<split>.json
-(COCO results records). Predictions use the prepared categories' prompts.
+Outputs (paths.eval), per split:
+- metrics.json: COCO box metrics (pycocotools) and image-level detection at `evaluate.threshold`
+  (TP/FP/FN/TN counting images without annotations as negatives, precision, recall, F1, specificity);
+- predictions/<split>.json: COCO results records;
+- plots/<split>_threshold.json (precision/recall/F1 vs score threshold), plots/<split>_pr.json
+  (PR curve at IoU 0.5), plots/<split>_confusion.json (image-level confusion matrix rows);
+- live/: dvclive images, ground truth (green) vs predictions above the threshold (red).
 """
 
 from __future__ import annotations
@@ -11,23 +16,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dvclive import Live
 from PIL import Image
 
 from sam3ft.errors import ConfigError
 from sam3ft.io import atomic_dir, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT
-from sam3ft.metrics.coco import coco_box_metrics
+from sam3ft.metrics.coco import coco_box_metrics, pr_curve
+from sam3ft.metrics.image_level import best_scores, confusion, confusion_rows, threshold_sweep
 from sam3ft.model.load import device_for, load_trained
 from sam3ft.model.predict import Predictor
 from sam3ft.stages import pin_threads
+from sam3ft.viz import GROUND_TRUTH, PREDICTION, draw_boxes, xywh_to_xyxy
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "trainer", "evaluate"]
+SWEEP = [i / 20 for i in range(21)]  # score thresholds 0.00, 0.05, ..., 1.00
 
 
-def predict_split(predictor: Predictor, split_dir: Path, max_dets: int) -> list[dict[str, Any]]:
+def predict_split(
+    predictor: Predictor, split_dir: Path, coco: dict[str, Any], max_dets: int
+) -> list[dict[str, Any]]:
     """COCO results records (bbox xywh, original pixels) for every image of a prepared split."""
-    coco = json.loads((split_dir / ANNOTATIONS_FILE).read_text())
     prompts = {c["id"]: c["name"] for c in coco["categories"]}
     results = []
     for record in coco["images"]:
@@ -46,6 +56,46 @@ def predict_split(predictor: Predictor, split_dir: Path, max_dets: int) -> list[
     return results
 
 
+def overlay(
+    split_dir: Path,
+    record: dict[str, Any],
+    coco: dict[str, Any],
+    results: list[dict[str, Any]],
+    threshold: float,
+) -> Image.Image:
+    """One image with its ground truth (green) and detections scoring >= threshold (red)."""
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    gt = [a for a in coco["annotations"] if a["image_id"] == record["id"]]
+    dets = [r for r in results if r["image_id"] == record["id"] and r["score"] >= threshold]
+    with Image.open(split_dir / record["file_name"]) as image:
+        out = draw_boxes(
+            image, [xywh_to_xyxy(a["bbox"]) for a in gt], [names[a["category_id"]] for a in gt], GROUND_TRUTH
+        )
+    return draw_boxes(
+        out,
+        [xywh_to_xyxy(r["bbox"]) for r in dets],
+        [f"{names[r['category_id']]} {r['score']:.2f}" for r in dets],
+        PREDICTION,
+    )
+
+
+def split_report(
+    gt_path: Path, coco: dict[str, Any], results: list[dict[str, Any]], threshold: float
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """(metrics, plots) of one split."""
+    with_gt = {a["image_id"] for a in coco["annotations"]}
+    positive = {img["id"]: img["id"] in with_gt for img in coco["images"]}
+    best = best_scores(results)
+    metrics: dict[str, Any] = coco_box_metrics(gt_path, results) if with_gt else {}
+    metrics["image_level"] = {"threshold": threshold, **confusion(positive, best, threshold).summary()}
+    plots: dict[str, list[dict[str, Any]]] = {
+        "threshold": threshold_sweep(positive, best, SWEEP),
+        "pr": pr_curve(gt_path, results) if with_gt else [],
+        "confusion": confusion_rows(positive, best, threshold),
+    }
+    return metrics, plots
+
+
 def run(p: dict[str, Any]) -> None:
     paths, evaluate = p["paths"], p["evaluate"]
     pin_threads(p["base"].threads)
@@ -62,17 +112,22 @@ def run(p: dict[str, Any]) -> None:
     metrics = {}
     with atomic_dir(Path(paths.eval)) as out:
         (out / "predictions").mkdir()
-        for split in evaluate.splits:
-            results = predict_split(predictor, prepared / split, evaluate.max_dets)
-            write_json(out / "predictions" / f"{split}.json", results)
-            metrics[split] = coco_box_metrics(prepared / split / ANNOTATIONS_FILE, results)
-            log.info(
-                "%s: AP %.4f AP50 %.4f AR@100 %.4f",
-                split,
-                metrics[split]["AP"],
-                metrics[split]["AP50"],
-                metrics[split]["AR@100"],
-            )
+        (out / "plots").mkdir()
+        with Live(str(out / "live"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            for split in evaluate.splits:
+                split_dir = prepared / split
+                coco = json.loads((split_dir / ANNOTATIONS_FILE).read_text())
+                results = predict_split(predictor, split_dir, coco, evaluate.max_dets)
+                write_json(out / "predictions" / f"{split}.json", results)
+                metrics[split], plots = split_report(
+                    split_dir / ANNOTATIONS_FILE, coco, results, evaluate.threshold
+                )
+                for kind, rows in plots.items():
+                    write_json(out / "plots" / f"{split}_{kind}.json", rows)
+                for record in coco["images"][: evaluate.overlays]:
+                    name = f"{split}/{Path(record['file_name']).stem}.jpg"
+                    live.log_image(name, overlay(split_dir, record, coco, results, evaluate.threshold))
+                log.info("%s: %s", split, {k: v for k, v in metrics[split].items() if k in ("AP", "AP50")})
         write_json(out / "metrics.json", metrics)
 
 

@@ -1,6 +1,8 @@
 """prepare: validate a Roboflow COCO export and write it in the layout sam3's dataset reads.
 
 Output (paths.prepared): <split>/_annotations.coco.json + images, stats.json, preview.png.
+Splits: train and valid (required), test, and `negatives/` (a plain folder of images that do not
+show the object; it becomes a split with no annotations, for image-level false-positive rates).
 Category ids become 1..N and each category's `name` becomes its text prompt (sam3's
 COCO_FROM_JSON uses the name as the query text); the export's own name stays in `roboflow_name`.
 """
@@ -13,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sam3ft.data.coco import Category, Split, load_split, resolve_categories
+from sam3ft.data.coco import Category, Split, load_image_folder, load_split, resolve_categories
 from sam3ft.data.preview import draw_preview
 from sam3ft.errors import DatasetError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 SECTIONS = ["paths", "prepare"]
 REQUIRED_SPLITS = ("train", "valid")
 OPTIONAL_SPLITS = ("test",)
+NEGATIVES = "negatives"  # optional folder of images without the object (no JSON needed)
 
 
 def load_export(root: Path) -> list[Split]:
@@ -33,6 +36,8 @@ def load_export(root: Path) -> list[Split]:
         )
     splits = [load_split(root / name, name) for name in REQUIRED_SPLITS]
     splits += [load_split(root / name, name) for name in OPTIONAL_SPLITS if (root / name).is_dir()]
+    if (root / NEGATIVES).is_dir():
+        splits.append(load_image_folder(root / NEGATIVES, NEGATIVES, splits[0].categories))
     return splits
 
 
