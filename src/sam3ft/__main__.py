@@ -2,6 +2,7 @@
 
 sam3ft stage NAME [--params params.yaml]     run one pipeline stage (what dvc.yaml calls)
 sam3ft predict IMAGE... [--model DIR]        detect with an exported model, JSON to stdout
+sam3ft doctor [--params params.yaml]         check this machine for the configured run (exit 1 on FAIL)
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from sam3ft.doctor import run_checks
+
+    checks = run_checks(args.params, Path.cwd())
+    for c in checks:
+        print(f"{c.status:<4}  {c.name}: {c.detail}" + (f"  -> fix: {c.fix}" if c.status != "OK" else ""))
+    fails, warns = (sum(c.status == s for c in checks) for s in ("FAIL", "WARN"))
+    print(f"doctor: {fails} failure(s), {warns} warning(s)")
+    return 1 if fails else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sam3ft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for detections.json and overlays/ (default: predictions)",
     )
     predict.add_argument("--threads", type=int, default=1)
+    doctor = sub.add_parser("doctor", help="check this machine for the configured run")
+    doctor.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    if args.command == "doctor":
+        return _doctor(args)
     if args.command == "stage":
         sys.argv = [f"sam3ft.stages.{args.name}", "--params", args.params]
         importlib.import_module(f"sam3ft.stages.{args.name}").main()

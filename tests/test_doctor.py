@@ -1,0 +1,232 @@
+"""`sam3ft doctor`: each check on temporary copies of params.yaml and .dvc/config; loopback network only."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import REPO, write_params
+from sam3ft import doctor
+from sam3ft.__main__ import main as cli
+from sam3ft.doctor import Check
+
+FAKE_SECRETS = {  # planted values that must never reach doctor's output
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEENVKEYID0001",
+    "AWS_SECRET_ACCESS_KEY": "fake-env-secret-9f3c1e",
+    "AWS_SESSION_TOKEN": "fake-env-session-77aa",
+    "HF_TOKEN": "hf_fake_token_5d2b8a",
+}
+LOCAL_SECRET = "fake-config-local-secret-4e61"
+URL_PASSWORD = "fake-url-password-0c9d"
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch) -> Path:
+    """A throwaway repo root: the shipped params.yaml and .dvc/config, a bundled store, no credentials."""
+    (tmp_path / ".dvc").mkdir()
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(REPO / ".dvc" / "config", tmp_path / ".dvc" / "config")
+    (tmp_path / "bundled-store").mkdir()
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.aws/credentials of this machine
+    for name in (*FAKE_SECRETS, "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # same answers on a GPU machine
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def s3_remote(repo: Path, endpoint: str, local_extra: str = "") -> None:
+    """Point the default `storage` remote at a real-looking bucket; endpoint and keys in config.local."""
+    config = repo / ".dvc" / "config"
+    config.write_text(config.read_text().replace("s3://CHANGE-ME-bucket/sam3ft", "s3://team-bucket/sam3ft"))
+    (repo / ".dvc" / "config.local").write_text(
+        f"['remote \"storage\"']\n    endpointurl = {endpoint}\n{local_extra}"
+    )
+
+
+def by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = cli(["doctor", *args])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def test_shipped_params_all_ok_except_placeholder_remote(repo, capsys):
+    checks = doctor.run_checks(repo / "params.yaml", repo)
+    names = [c.name for c in checks]
+    for expected in ("python", "torch", "sam3", "dvc", "dvclive", "hydra-core", "params", "model"):
+        assert expected in names
+    for expected in ("accelerator", "vram", "disk", "secrets", "threads", "remote bundled"):
+        assert expected in names
+    problems = [c for c in checks if c.status != "OK"]
+    assert [(c.status, c.name) for c in problems] == [("WARN", "remote storage (default)")]
+    assert "not configured" in problems[0].detail and problems[0].fix
+    code, out = run_cli(capsys, "--params", "params.yaml")
+    assert code == 0
+    assert out.count("\n") == len(checks) + 1  # one line per check, then the summary
+    assert "WARN  remote storage (default): s3://CHANGE-ME-bucket/sam3ft: not configured" in out
+    assert "-> fix: dvc remote modify storage url" in out
+
+
+def test_cuda_without_cuda_fails_with_fix(repo, shipped_params, capsys):
+    shipped_params["trainer"]["accelerator"] = "cuda"
+    write_params(repo / "params.yaml", shipped_params)
+    code, out = run_cli(capsys, "--params", "params.yaml")
+    assert code == 1
+    line = next(x for x in out.splitlines() if x.startswith("FAIL  accelerator"))
+    assert "trainer.accelerator=cuda" in line and "sees no CUDA device" in line
+    assert "fix: set trainer.accelerator: cpu" in line
+
+
+def test_vram_estimate_against_a_faked_gpu(repo, shipped_params, monkeypatch):
+    shipped_params["model"]["preset"] = "sam3"
+    shipped_params["trainer"].update(accelerator="cuda", resolution=1008, amp=True, batch_size=8)
+    write_params(repo / "params.yaml", shipped_params)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (20e9, 80e9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: SimpleNamespace(free=1e12))
+    checks = by_name(doctor.run_checks(repo / "params.yaml", repo))
+    assert checks["accelerator"].status == "OK"
+    assert "Fake GPU, 20.0 of 80.0 GB free" in checks["accelerator"].detail
+    assert checks["vram"].status == "WARN"  # ~24.2 GB needed, 20 GB free, 80 GB total
+    assert "~24.21 GB" in checks["vram"].detail and "20.0 of 80.0 GB free" in checks["vram"].detail
+    assert doctor.check_vram(24.2, "x", 16.0, 16.0).status == "FAIL"
+    assert doctor.check_vram(24.2, "x", 30.0, 80.0).status == "OK"
+
+
+def test_vram_line_fits_the_measured_sam3_peaks():
+    facts = doctor.PRESETS["sam3"]
+    for batch, measured in facts.vram_points:
+        assert doctor.vram_estimate_gb(facts, batch, amp=True)[0] == pytest.approx(measured, abs=0.05)
+    a, b = doctor.fit_line(facts.vram_points)
+    assert doctor.vram_estimate_gb(facts, 4, amp=False)[0] == pytest.approx(a + 2 * b * 4)
+    tiny, how = doctor.vram_estimate_gb(doctor.PRESETS["tiny"], 64, amp=False)
+    assert tiny == pytest.approx(4.3e6 * 16 / 1e9) and "activations not measured" in how
+
+
+def test_disk_formula():
+    trainer, f32 = SimpleNamespace(max_epochs=12, checkpoint_freq=0), SimpleNamespace(dtype="float32")
+    # sam3: checkpoint 12 B x 840 M = 10.08 GB, in scratch + paths.train + cache, and 2 x 3.36 GB export
+    assert doctor.disk_needed_gb(840e6, trainer, f32) == pytest.approx(3 * 10.08 + 2 * 3.36)
+    bf16 = SimpleNamespace(dtype="bfloat16")
+    assert doctor.disk_needed_gb(840e6, trainer, bf16) == pytest.approx(3 * 10.08 + 2 * 1.68)
+    trainer.checkpoint_freq = 4  # checkpoint_4, _8, _12 kept besides checkpoint.pt
+    assert doctor.disk_needed_gb(840e6, trainer, f32) == pytest.approx(6 * 10.08 + 2 * 3.36)
+
+
+def test_too_little_disk_fails_with_the_numbers(repo, shipped_params, monkeypatch, capsys):
+    shipped_params["export"]["dtype"] = "float32"
+    write_params(repo / "params.yaml", shipped_params)
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: SimpleNamespace(free=0.05e9))
+    code, out = run_cli(capsys, "--params", "params.yaml")
+    assert code == 1
+    line = next(x for x in out.splitlines() if x.startswith("FAIL  disk"))
+    # tiny: 3 x 51.6 MB checkpoints + 2 x 17.2 MB exported weights = 0.19 GB
+    assert "0.1 GB free" in line and "writes ~0.19 GB" in line and "free at least 0.1 GB" in line
+
+
+def test_secrets_never_printed(repo, shipped_params, monkeypatch, capsys):
+    for name, value in FAKE_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    shipped_params["fetch"]["weights"] = "hf://facebook/sam3"
+    write_params(repo / "params.yaml", shipped_params)
+    s3_remote(
+        repo,
+        f"http://127.0.0.1:{closed_port()}",
+        f"    access_key_id = AKIAFAKELOCALKEY0002\n    secret_access_key = {LOCAL_SECRET}\n"
+        f"['remote \"mirror\"']\n    url = https://alice:{URL_PASSWORD}@127.0.0.1:9/store?sig={LOCAL_SECRET}\n",
+    )
+    code, out = run_cli(capsys, "--params", "params.yaml")
+    for secret in (*FAKE_SECRETS.values(), LOCAL_SECRET, URL_PASSWORD, "AKIAFAKELOCALKEY0002"):
+        assert secret not in out
+    checks = by_name(doctor.run_checks(repo / "params.yaml", repo))
+    assert "in .dvc/config.local" in checks["remote storage credentials"].detail
+    assert "AWS_ACCESS_KEY_ID/SECRET env" in checks["remote storage credentials"].detail
+    assert checks["remote mirror"].detail.startswith("https://alice:***@127.0.0.1:9/store ")
+    assert checks["secrets"].status == "OK" and "HF_TOKEN" in checks["secrets"].detail
+    assert code == 1  # the closed endpoint
+
+
+def test_hf_weights_without_token_warn(repo, shipped_params):
+    shipped_params["fetch"]["weights"] = "hf://facebook/sam3"
+    write_params(repo / "params.yaml", shipped_params)
+    check = by_name(doctor.run_checks(repo / "params.yaml", repo))["secrets"]
+    assert check.status == "WARN" and "HF_TOKEN is not set" in check.detail and "HF_TOKEN" in check.fix
+
+
+def test_keys_in_tracked_config_fail(repo):
+    config = repo / ".dvc" / "config"
+    config.write_text(config.read_text() + f"    secret_access_key = {LOCAL_SECRET}\n")
+    s3_remote(repo, f"http://127.0.0.1:{closed_port()}")
+    checks = by_name(doctor.run_checks(repo / "params.yaml", repo))
+    assert checks["remote storage credentials"].status == "FAIL"
+    assert "--local" in checks["remote storage credentials"].fix
+
+
+def test_closed_loopback_endpoint_unreachable(repo):
+    port = closed_port()
+    s3_remote(repo, f"http://127.0.0.1:{port}")
+    checks = by_name(doctor.run_checks(repo / "params.yaml", repo))
+    assert checks["remote storage (default)"].detail == "s3://team-bucket/sam3ft"
+    endpoint = checks["remote storage endpoint"]
+    assert endpoint.status == "FAIL" and f"127.0.0.1:{port} unreachable" in endpoint.detail
+    assert checks["remote storage credentials"].status == "WARN"  # none planted
+    assert "endpointurl" in endpoint.fix
+
+
+def test_listening_loopback_endpoint_reachable():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        check = doctor.check_reachable("storage", "127.0.0.1", server.getsockname()[1])
+    assert check.status == "OK" and "reachable" in check.detail
+
+
+def test_invalid_params_fail_and_remotes_still_checked(repo, shipped_params):
+    shipped_params["trainer"]["batch_size"] = 0
+    write_params(repo / "params.yaml", shipped_params)
+    checks = by_name(doctor.run_checks(repo / "params.yaml", repo))
+    assert checks["params"].status == "FAIL" and "trainer.batch_size=0 is invalid" in checks["params"].detail
+    assert checks["params"].fix == "use >= 1"
+    assert "disk" not in checks and "remote bundled" in checks
+
+
+def test_resolution_must_match_preset(repo, shipped_params):
+    shipped_params["model"]["preset"] = "sam3"
+    write_params(repo / "params.yaml", shipped_params)
+    check = by_name(doctor.run_checks(repo / "params.yaml", repo))["model"]
+    assert check.status == "FAIL" and check.fix == "set trainer.resolution: 1008"
+
+
+def test_package_checks():
+    assert doctor.check_package("torch", None, "==2.14.1").status == "FAIL"
+    assert doctor.check_package("dvclive", None, "").status == "WARN"
+    assert doctor.check_package("dvc", "3.40.0", "<4,>=3.50").status == "WARN"
+    assert doctor.check_package("dvc", "3.67.1", "<4,>=3.50").status == "OK"
+
+
+@pytest.mark.parametrize(
+    ("statuses", "code"),
+    [(["OK"], 0), (["OK", "WARN"], 0), (["WARN", "FAIL"], 1), (["FAIL", "OK"], 1)],
+)
+def test_exit_code_is_nonzero_exactly_on_fail(monkeypatch, capsys, statuses, code):
+    checks = [Check(s, f"check{i}", "detail", "fix") for i, s in enumerate(statuses)]
+    monkeypatch.setattr(doctor, "run_checks", lambda params, root: checks)
+    assert run_cli(capsys)[0] == code
