@@ -15,7 +15,7 @@ from conftest import SAMPLE
 from sam3ft.data.coco import Category, Split, load_split, resolve_categories
 from sam3ft.errors import DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
-from sam3ft.stages.prepare import convert_split, load_export
+from sam3ft.stages.prepare import convert_split, load_dataset
 
 SPLITS = ("train", "valid", "test")
 CLASS = "fuse neutrals"
@@ -73,7 +73,7 @@ def expect_train_error(root: Path, *fragments: str) -> DatasetError:
 
 
 def test_sample_loads(root: Path) -> None:
-    splits = load_export(root)
+    splits = load_dataset(root)
     assert [s.name for s in splits] == list(SPLITS)
     assert [len(s.images) for s in splits] == [24, 5, 6]
     for split in splits:
@@ -83,24 +83,24 @@ def test_sample_loads(root: Path) -> None:
 
 
 def test_resolve_categories_default_prompt_is_name(root: Path) -> None:
-    assert resolve_categories(load_export(root), {}) == [Category(id=1, name=CLASS, prompt=CLASS)]
+    assert resolve_categories(load_dataset(root), {}) == [Category(id=1, name=CLASS, prompt=CLASS)]
 
 
 def test_resolve_categories_prompt_override(root: Path) -> None:
-    categories = resolve_categories(load_export(root), {CLASS: "fuse cutout"})
+    categories = resolve_categories(load_dataset(root), {CLASS: "fuse cutout"})
     assert categories == [Category(id=1, name=CLASS, prompt="fuse cutout")]
 
 
 def test_resolve_categories_prompt_for_unknown_name(root: Path) -> None:
     with pytest.raises(DatasetError) as info:
-        resolve_categories(load_export(root), {"fuse neutral": "fuse cutout"})
+        resolve_categories(load_dataset(root), {"fuse neutral": "fuse cutout"})
     assert "unknown categories ['fuse neutral']" in info.value.message
     assert info.value.fix is not None and CLASS in info.value.fix
 
 
 def test_resolve_categories_differ_between_splits(root: Path) -> None:
     edit_coco(root, lambda d: d["categories"][0].update(name="fuse"), split="valid")
-    splits = load_export(root)
+    splits = load_dataset(root)
     expect_error(
         lambda: resolve_categories(splits, {}),
         json_path(root, "valid"),
@@ -290,17 +290,17 @@ def test_empty_split(root: Path) -> None:
 
 def test_required_split_folder_missing(root: Path) -> None:
     shutil.rmtree(root / "valid")
-    err = expect_error(lambda: load_export(root), root / "valid", "split: folder missing")
+    err = expect_error(lambda: load_dataset(root), root / "valid", "split: folder missing")
     assert err.fix is not None and "'valid'" in err.fix
 
 
 def test_optional_test_split_may_be_missing(root: Path) -> None:
     shutil.rmtree(root / "test")
-    assert [s.name for s in load_export(root)] == ["train", "valid"]
+    assert [s.name for s in load_dataset(root)] == ["train", "valid"]
 
 
 def test_dataset_folder_missing(tmp_path: Path) -> None:
-    expect_error(lambda: load_export(tmp_path / "nope"), tmp_path / "nope", "dataset folder not found")
+    expect_error(lambda: load_dataset(tmp_path / "nope"), tmp_path / "nope", "dataset folder not found")
 
 
 def test_annotations_file_missing(root: Path) -> None:
@@ -349,7 +349,7 @@ def add_category(root: Path, category: dict[str, Any], supercategory: str | None
 def test_roboflow_parent_category_is_dropped(root: Path) -> None:
     parent = {"id": 99, "name": "fuse-neutral-parent", "supercategory": "none"}
     add_category(root, parent, supercategory="fuse-neutral-parent")
-    splits = load_export(root)
+    splits = load_dataset(root)
     assert all(len(s.categories) == 2 for s in splits)
     categories = resolve_categories(splits, {})
     assert categories == [Category(id=1, name=CLASS, prompt=CLASS)]
@@ -362,7 +362,7 @@ def test_prompt_for_parent_category_is_unknown(root: Path) -> None:
     parent = {"id": 99, "name": "fuse-neutral-parent", "supercategory": "none"}
     add_category(root, parent, supercategory="fuse-neutral-parent")
     with pytest.raises(DatasetError, match="fuse-neutral-parent"):
-        resolve_categories(load_export(root), {"fuse-neutral-parent": "fuse"})
+        resolve_categories(load_dataset(root), {"fuse-neutral-parent": "fuse"})
 
 
 def test_convert_split_renumbers_and_fills_fields(root: Path) -> None:
@@ -376,7 +376,7 @@ def test_convert_split_renumbers_and_fills_fields(root: Path) -> None:
         del data["annotations"][1]["segmentation"]
 
     original = edit_coco(root, change)
-    splits = load_export(root)
+    splits = load_dataset(root)
     categories = resolve_categories(splits, {CLASS: "fuse cutout"})
     assert categories == [Category(1, CLASS, "fuse cutout"), Category(2, "fuse body", "fuse body")]
 
@@ -448,14 +448,14 @@ def test_malformed_record_raises_dataset_error(
 def test_category_without_name(root: Path) -> None:
     for split in SPLITS:
         edit_coco(root, lambda d: d["categories"][0].pop("name"), split)
-    expect_error(lambda: resolve_categories(load_export(root), {}), json_path(root), "category")
+    expect_error(lambda: resolve_categories(load_dataset(root), {}), json_path(root), "category")
 
 
 def test_duplicate_category_names(root: Path) -> None:
     add_category(root, {"id": 5, "name": CLASS, "supercategory": "none"})
 
     def prepare() -> None:
-        splits = load_export(root)
+        splits = load_dataset(root)
         convert_split(splits[0], resolve_categories(splits, {}))
 
     expect_error(prepare, json_path(root), CLASS)
@@ -470,9 +470,9 @@ def test_negatives_folder_becomes_a_split_without_annotations(root: Path) -> Non
     negatives = root / "negatives"
     negatives.mkdir()
     Image.new("RGB", (64, 48)).save(negatives / "empty box.jpg")
-    splits = {s.name: s for s in load_export(root)}
+    splits = {s.name: s for s in load_dataset(root)}
     assert splits["negatives"].images == [{"id": 0, "file_name": "empty box.jpg", "width": 64, "height": 48}]
     coco = convert_split(splits["negatives"], resolve_categories(list(splits.values()), {}))
     assert coco["annotations"] == [] and coco["categories"][0]["id"] == 1
     (negatives / "bad.jpg").write_bytes(b"nope")
-    expect_error(lambda: load_export(root), negatives / "bad.jpg", "image")
+    expect_error(lambda: load_dataset(root), negatives / "bad.jpg", "image")

@@ -19,7 +19,10 @@ from sam3ft.train.compose import compose_trainer_config, config_dir, resolved_ya
 
 def knobs_for(p: dict) -> dict:
     spec = load_preset(p["model"].preset)
-    return trainer_knobs(p, spec, Path("artifacts/base"), Path("artifacts/prepared"), Path(".work/train"))
+    manifest = {"weights": {"source": "none"}, "min_loaded": 0.95}
+    return trainer_knobs(
+        p, spec, manifest, Path("artifacts/base"), Path("artifacts/prepared"), Path(".work/train")
+    )
 
 
 @pytest.fixture

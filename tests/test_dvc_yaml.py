@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -50,14 +51,25 @@ def closure(module: str) -> set[Path]:
     return {f for f in files if f != SRC / "sam3ft" / "__init__.py"}
 
 
+def hydra_targets(config_dir: Path) -> set[str]:
+    """sam3ft modules that hydra instantiates from a config folder (`_target_: sam3ft.x.func`)."""
+    found = set()
+    for path in config_dir.rglob("*.yaml"):
+        for match in re.finditer(r"_target_:\s*(sam3ft[\w.]*)\.\w+", path.read_text()):
+            found.add(match.group(1))
+    return found
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_deps_cover_its_imports(stage):
     module = STAGES[stage]["cmd"].split("-m ", 1)[1].split()[0]
     deps = [REPO / d for d in STAGES[stage]["deps"] if d.startswith("src/")]
+    files = closure(module)
+    for config in (d for d in STAGES[stage]["deps"] if d.startswith("configs/")):
+        for target in hydra_targets(REPO / config):
+            files |= closure(target)
     uncovered = [
-        f.relative_to(REPO).as_posix()
-        for f in closure(module)
-        if not any(f == d or d in f.parents for d in deps)
+        f.relative_to(REPO).as_posix() for f in files if not any(f == d or d in f.parents for d in deps)
     ]
     assert not uncovered, f"stage {stage} imports files dvc.yaml does not list: {uncovered}"
 

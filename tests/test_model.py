@@ -87,7 +87,7 @@ def test_verify_and_load_reports_missing_and_shape(tiny):
 
 def test_safetensors_roundtrip_is_exact(tmp_path, tiny):
     path = tmp_path / "m.safetensors"
-    save_safetensors(tiny.state_dict(), path, torch.float32, {"k": "v"})
+    save_safetensors(tiny.state_dict(), path, {"k": "v"})
     loaded = load_safetensors(path)
     assert set(loaded) == set(tiny.state_dict())
     assert all(torch.equal(loaded[k], v) for k, v in tiny.state_dict().items())

@@ -101,10 +101,10 @@ def test_collect_images_folders_globs_and_missing(tmp_path):
 
 def test_cli_exits_nonzero_when_an_image_fails(tmp_path, monkeypatch):
     """The real CLI path with the export loader swapped for the fixed model."""
-    import sam3ft.stages.export as export
+    import sam3ft.model.export as export
 
     spec = SimpleNamespace(image_size=28)
-    monkeypatch.setattr(export, "load_export", lambda d: (FixedModel(), spec, {"prompts": {"1": "fuse"}}))
+    monkeypatch.setattr(export, "load_export", lambda d, b: (FixedModel(), spec, {"prompts": {"1": "fuse"}}))
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
     out = tmp_path / "out"
     assert cli(["predict", str(tmp_path / "ok.jpg"), "--out", str(out)]) == 0

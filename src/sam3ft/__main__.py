@@ -19,15 +19,15 @@ STAGES = ("fetch", "prepare", "train", "evaluate", "export")
 
 def _predict(args: argparse.Namespace) -> int:
     from sam3ft.inference import collect_images, predict_images
+    from sam3ft.model.export import load_export
     from sam3ft.model.predict import Predictor
     from sam3ft.stages import pin_threads
-    from sam3ft.stages.export import load_export
 
     pin_threads(args.threads)
     images = collect_images(args.inputs)
     if not images:
         raise Sam3ftError(f"no images found in {args.inputs}", fix="give image files, folders or globs")
-    model, spec, info = load_export(args.model)
+    model, spec, info = load_export(args.model, args.base)
     prompts = {1: args.prompt} if args.prompt else {int(k): v for k, v in info["prompts"].items()}
     report = predict_images(
         Predictor(model, spec.image_size), images, prompts, args.threshold, args.max_dets, args.out
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("artifacts/export/model"),
         help="an export folder (model.json + safetensors), default: this repo's export",
     )
+    predict.add_argument("--base", type=Path, help="base weights file, for a delta export only")
     predict.add_argument("--prompt", help="text prompt (default: the classes the model was trained on)")
     predict.add_argument("--threshold", type=float, default=0.5)
     predict.add_argument("--max-dets", type=int, default=100)

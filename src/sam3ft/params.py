@@ -68,7 +68,12 @@ class Fetch:
     """Where the base weights come from."""
 
     weights: str
-    """`none`: seeded random init (pretrained sources are not implemented yet)."""
+    """none (seeded random init) | hf://owner/repo[/file][@revision] | s3://bucket/key | local path."""
+    min_loaded: float = 0.95
+    """Fail unless the weights cover at least this share of the model's parameters."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.min_loaded <= 1.0, "fetch.min_loaded", self.min_loaded, "a share in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -207,10 +212,18 @@ class Export:
     """How the model is shipped."""
 
     dtype: str
-    """float32 | bfloat16 weights in the safetensors file."""
+    """bfloat16 (half the size) | float32 weights in the safetensors file."""
+    mode: str
+    """full | delta (only tensors that differ from the fetched base weights; loads on top of them)."""
+    torch_file: bool
+    """Also write model.pt, loadable by upstream's build_sam3_image_model(checkpoint_path=...)."""
+    tolerance: float
+    """Max |box or score difference| between export and trained model on valid; above it, fail."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("float32", "bfloat16"), "export.dtype", self.dtype, "float32 or bfloat16")
+        _check(self.mode in ("full", "delta"), "export.mode", self.mode, "full or delta")
+        _check(self.tolerance >= 0, "export.tolerance", self.tolerance, ">= 0")
 
 
 SECTIONS: dict[str, type] = {

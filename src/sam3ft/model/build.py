@@ -6,6 +6,9 @@ same state_dict keys and shapes), but avoids its hard-coded CUDA allocations so 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
 from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
@@ -266,3 +269,25 @@ def build_model_from_file(spec_path: str, bpe_path: str, training: bool = True) 
     from sam3ft.model.spec import load_spec_file
 
     return build_model(load_spec_file(spec_path), bpe_path, training=training)
+
+
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Build modules with parameters on the meta device: full-size key/shape layouts in no memory.
+
+    Module code still runs on the CPU (sam3's ViT calls `.item()` while building, which the meta
+    device cannot do); only each registered parameter is moved to meta as it is created.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]

@@ -1,8 +1,12 @@
-"""export: model-only safetensors + model.json (how to rebuild it), checked by reloading.
+"""export: the model to ship, in paths.export/model/, proven equal to what was trained.
 
-The reload check builds a fresh model from the export alone, predicts one validation image with
-it and with the trained checkpoint, and fails the stage unless the outputs agree (exactly, for
-float32; within bf16 rounding for bfloat16). The differences go to parity.json (a DVC metric).
+Writes `model.safetensors` (bf16 or fp32, sam3.pt's key layout; `delta` mode: only what changed
+against the fetched base weights), optionally `model.pt` for upstream's loader, `model.json` (how
+to rebuild it), the vocab and a model card (README.md). Two checks, on every validation image:
+- reload: a fresh model built from the export alone must reproduce the trained model with its
+  weights rounded to the export dtype *exactly* (else the stage fails: the files are wrong);
+- parity: the export vs the trained float32 model; the max box and score differences go to
+  parity.json (a DVC metric) and the stage fails above `export.tolerance`.
 """
 
 from __future__ import annotations
@@ -16,110 +20,150 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sam3ft.errors import WeightsError
-from sam3ft.io import atomic_dir, sha256_file, write_json
-from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MODEL_JSON, VOCAB_NAME, WEIGHTS_FILE
+from sam3ft.errors import ConfigError, WeightsError
+from sam3ft.io import atomic_dir, atomic_write_text, sha256_file, write_json
+from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, MODEL_JSON, VOCAB_NAME
 from sam3ft.model.build import build_model
+from sam3ft.model.export import FORMAT, cast, delta_state, load_export, write_weights
 from sam3ft.model.load import load_trained
 from sam3ft.model.predict import Predictor
-from sam3ft.model.spec import ModelSpec
-from sam3ft.model.weights import load_safetensors, save_safetensors, verify_and_load
+from sam3ft.model.weights import image_model_state, read_weights_file
 from sam3ft.stages import pin_threads
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "export"]
-# Max |difference| allowed between the trained model and its export, per export dtype.
-TOLERANCE = {"float32": 0.0, "bfloat16": 0.05}
 
 
-def load_export(export_dir: Path) -> tuple[torch.nn.Module, ModelSpec, dict[str, Any]]:
-    """A fresh eval-mode model from an export directory alone (float32 compute)."""
-    info = json.loads((export_dir / MODEL_JSON).read_text())
-    spec = ModelSpec.from_dict(info["spec"], source=str(export_dir / MODEL_JSON))
-    model = build_model(spec, str(export_dir / info["vocab"]), training=False, coord_cache=False)
-    state = {
-        k: v.float() if v.is_floating_point() else v
-        for k, v in load_safetensors(export_dir / info["weights"]).items()
-    }
-    verify_and_load(model, state, str(export_dir / info["weights"]))
-    return model.eval(), spec, info
-
-
-def first_image(prepared: Path, split: str = "valid") -> tuple[Image.Image, dict[int, str]]:
+def validation_images(prepared: Path, split: str = "valid") -> tuple[list[Image.Image], dict[int, str]]:
     coco = json.loads((prepared / split / ANNOTATIONS_FILE).read_text())
-    with Image.open(prepared / split / coco["images"][0]["file_name"]) as image:
-        return image.convert("RGB"), {c["id"]: c["name"] for c in coco["categories"]}
+    images = []
+    for record in coco["images"]:
+        with Image.open(prepared / split / record["file_name"]) as image:
+            images.append(image.convert("RGB"))
+    return images, {c["id"]: c["name"] for c in coco["categories"]}
 
 
-def parity(
-    a: torch.nn.Module, b: torch.nn.Module, resolution: int, image: Image.Image, prompts: dict[int, str]
-) -> dict[str, float]:
-    """Max absolute difference of raw boxes and scores of two models on one image."""
-    box_err = score_err = 0.0
-    for prompt in prompts.values():
-        boxes_a, scores_a = Predictor(a, resolution).raw_outputs(image, prompt)
-        boxes_b, scores_b = Predictor(b, resolution).raw_outputs(image, prompt)
-        box_err = max(box_err, (boxes_a - boxes_b).abs().max().item())
-        score_err = max(score_err, (scores_a - scores_b).abs().max().item())
-    return {"max_box_error": box_err, "max_score_error": score_err}
-
-
-def write_model_dir(
-    out: Path,
-    model: torch.nn.Module,
-    spec: ModelSpec,
-    dtype: torch.dtype,
-    base_dir: Path,
-    checkpoint: Path,
+def max_differences(
+    a: torch.nn.Module,
+    b: torch.nn.Module,
+    resolution: int,
+    images: list[Image.Image],
     prompts: dict[int, str],
-) -> None:
-    """Everything needed to rebuild the model: weights, vocab, and model.json describing both."""
-    save_safetensors(
-        # a single metadata key: safetensors writes several in hash-map order (not reproducible)
-        model.state_dict(),
-        out / WEIGHTS_FILE,
-        dtype,
-        metadata={"sam3ft_preset": spec.name},
+) -> dict[str, float]:
+    """Max |difference| of raw boxes (normalised cxcywh) and scores of two models over images."""
+    box_err = score_err = 0.0
+    pa, pb = Predictor(a, resolution), Predictor(b, resolution)
+    for image in images:
+        for prompt in prompts.values():
+            boxes_a, scores_a = pa.raw_outputs(image, prompt)
+            boxes_b, scores_b = pb.raw_outputs(image, prompt)
+            box_err = max(box_err, (boxes_a - boxes_b).abs().max().item())
+            score_err = max(score_err, (scores_a - scores_b).abs().max().item())
+    return {"max_box_error": round(box_err, 8), "max_score_error": round(score_err, 8)}
+
+
+def model_card(info: dict[str, Any], metrics: dict[str, Any], run: Path) -> str:
+    """README.md next to the weights: what it is, where it came from, how well it does, how to load it."""
+    dataset = json.loads((run / "dataset.json").read_text())
+    rows = "\n".join(
+        f"| {split} | {m.get('AP', '-')} | {m.get('AP50', '-')} | {m.get('AR@100', '-')} |"
+        for split, m in metrics.items()
     )
-    shutil.copyfile(base_dir / VOCAB_NAME, out / VOCAB_NAME)
-    write_json(
-        out / MODEL_JSON,
-        {
-            "format": "sam3ft-export/1",
-            "spec": spec.to_dict(),
-            "dtype": str(dtype).split(".")[1],
-            "weights": WEIGHTS_FILE,
-            "weights_sha256": sha256_file(out / WEIGHTS_FILE),
-            "vocab": VOCAB_NAME,
-            "checkpoint_sha256": sha256_file(checkpoint),
-            "resolution": spec.image_size,
-            "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3},
-            "prompts": {str(k): v for k, v in prompts.items()},  # category id -> text prompt
-        },
-    )
+    prompt = next(iter(info["prompts"].values()))
+    base = info["base"]
+    origin = " ".join(str(base[k]) for k in ("source", "location") if base.get(k))
+    base_hash = base.get("sha256", "none: seeded random init")
+    return f"""# SAM3 fine-tuned with sam3ft ({info["spec"]["name"]} preset)
+
+Finds: {", ".join(f"`{p}`" for p in info["prompts"].values())} (text prompts).
+Weights: `{info["weights"]}`, {info["dtype"]}, mode `{info["mode"]}`, keys in sam3.pt's layout (`detector.`).
+
+- Base weights: {origin}; sha256 `{base_hash}`
+- Trainer checkpoint sha256: `{info["checkpoint_sha256"]}`
+- Dataset (prepared) sha256: `{dataset["prepared_sha256"]}`
+- Params and resolved trainer config: `artifacts/train/run/` of the commit that made this export
+
+| split | AP | AP50 | AR@100 |
+|---|---|---|---|
+{rows}
+
+Load it (a delta export also needs `base_weights=` the file above):
+
+```python
+from sam3ft.model.export import load_export  # + Path (pathlib), Image (PIL)
+from sam3ft.model.predict import Predictor
+model, spec, info = load_export(Path("{info["dir"]}"))
+found = Predictor(model, spec.image_size).predict(Image.open("a.jpg"), {{1: {prompt!r}}}, max_dets=10)
+```
+"""
 
 
 def run(p: dict[str, Any]) -> None:
     paths, export = p["paths"], p["export"]
     pin_threads(p["base"].threads)
     base_dir, checkpoint = Path(paths.base), Path(paths.train) / CHECKPOINT
+    manifest = json.loads((base_dir / MANIFEST).read_text())
+    base_file = base_dir / manifest["weights"]["file"] if "file" in manifest["weights"] else None
+    if export.mode == "delta" and base_file is None:
+        raise ConfigError(
+            "params.yaml: export.mode=delta needs fetched base weights (fetch.weights is none)",
+            fix="use export.mode: full, or fine-tune from pretrained weights",
+        )
     trained, spec = load_trained(base_dir, checkpoint)
     dtype = getattr(torch, export.dtype)
+    state = cast(trained.state_dict(), dtype)
+    if base_file is not None and export.mode == "delta":
+        state = delta_state(state, image_model_state(read_weights_file(base_file))[0])
+    images, prompts = validation_images(Path(paths.prepared))
     with atomic_dir(Path(paths.export)) as out:
         model_dir = out / "model"
         model_dir.mkdir()
-        image, prompts = first_image(Path(paths.prepared))
-        write_model_dir(model_dir, trained, spec, dtype, base_dir, checkpoint, prompts)
-        reloaded, _, _ = load_export(model_dir)
-        errors = parity(trained, reloaded, spec.image_size, image, prompts)
-        limit = TOLERANCE[export.dtype]
-        if max(errors.values()) > limit:
+        info = {
+            "format": FORMAT,
+            "spec": spec.to_dict(),
+            "dtype": export.dtype,
+            "mode": export.mode,
+            "vocab": VOCAB_NAME,
+            "resolution": spec.image_size,
+            "dir": Path(paths.export, "model").as_posix(),
+            "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3},
+            "prompts": {str(k): v for k, v in prompts.items()},
+            "checkpoint_sha256": sha256_file(checkpoint),
+            "base": {k: v for k, v in manifest["weights"].items() if k in ("source", "location", "sha256")},
+            **write_weights(model_dir, state, "model", export.torch_file),
+        }
+        shutil.copyfile(base_dir / VOCAB_NAME, model_dir / VOCAB_NAME)
+        write_json(model_dir / MODEL_JSON, info)
+        reloaded, _, _ = load_export(model_dir, base_file)
+        rounded = build_model(spec, str(base_dir / VOCAB_NAME), training=False, coord_cache=False)
+        rounded.load_state_dict(cast(cast(trained.state_dict(), dtype), torch.float32))
+        reload_err = max_differences(rounded.eval(), reloaded, spec.image_size, images, prompts)
+        if max(reload_err.values()) != 0.0:
             raise WeightsError(
-                f"export does not reproduce the trained model: {errors} > {limit}",
-                fix="report this as a bug; the export was not written",
+                f"the export does not reload exactly: {reload_err}",
+                fix="report this as a bug; nothing was written",
             )
-        write_json(out / "parity.json", {**errors, "tolerance": limit})
-    log.info("exported %s (%s) -> %s; parity %s", spec.name, export.dtype, paths.export, errors)
+        parity = max_differences(trained, reloaded, spec.image_size, images, prompts)
+        if max(parity.values()) > export.tolerance:
+            raise WeightsError(
+                f"{export.dtype} export differs from the trained model by {parity}, above "
+                f"export.tolerance={export.tolerance}",
+                fix="export float32, or raise the tolerance",
+            )
+        metrics = json.loads((Path(paths.eval) / "metrics.json").read_text())
+        atomic_write_text(model_dir / "README.md", model_card(info, metrics, Path(paths.train) / "run"))
+        write_json(
+            out / "parity.json",
+            {
+                **parity,
+                "tolerance": export.tolerance,
+                "images": len(images),
+                "weights_bytes": (model_dir / info["weights"]).stat().st_size,
+            },
+        )
+    log.info(
+        "exported %s (%s, %s) -> %s; parity %s", spec.name, export.dtype, export.mode, paths.export, parity
+    )
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ OPTIONAL_SPLITS = ("test",)
 NEGATIVES = "negatives"  # optional folder of images without the object (no JSON needed)
 
 
-def load_export(root: Path) -> list[Split]:
+def load_dataset(root: Path) -> list[Split]:
     """Every split of the export, validated; train and valid must exist."""
     if not root.is_dir():
         raise DatasetError(
@@ -82,7 +82,7 @@ def split_stats(coco: dict[str, Any]) -> dict[str, Any]:
 def run(p: dict[str, Any]) -> None:
     paths, prepare = p["paths"], p["prepare"]
     root = Path(paths.data) / prepare.dataset
-    splits = load_export(root)
+    splits = load_dataset(root)
     categories = resolve_categories(splits, prepare.prompts)
     for split in splits:
         for warning in split.warnings:

@@ -43,7 +43,12 @@ def load_base(base_dir: Path, preset: str) -> tuple[dict[str, Any], ModelSpec]:
 
 
 def trainer_knobs(
-    p: dict[str, Any], spec: ModelSpec, base_dir: Path, data_dir: Path, out_dir: Path
+    p: dict[str, Any],
+    spec: ModelSpec,
+    manifest: dict[str, Any],
+    base_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
 ) -> dict[str, Any]:
     """Everything configs/train/sam3ft.yaml declares under `knobs`, from params and the spec."""
     trainer = p["trainer"]
@@ -59,6 +64,7 @@ def trainer_knobs(
             fix="use trainer.accelerator: cpu, or run on a GPU machine",
         )
     on_gpu = trainer.accelerator == "cuda"
+    weights = manifest["weights"]
     return {
         **dataclasses.asdict(trainer),
         # relative to the repository root (DVC runs stages there): the recorded config stays the
@@ -71,6 +77,8 @@ def trainer_knobs(
         "num_queries": spec.num_queries,
         "pin_memory": on_gpu,
         "loss_device": trainer.accelerator,
+        "init_weights": (base_dir / weights["file"]).as_posix() if "file" in weights else None,
+        "min_loaded": manifest["min_loaded"],
     }
 
 
@@ -90,7 +98,7 @@ def run(p: dict[str, Any]) -> None:
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
     manifest, spec = load_base(base_dir, p["model"].preset)
     scratch = Path(paths.scratch) / "train"
-    cfg = compose_trainer_config(trainer_knobs(p, spec, base_dir, data_dir, scratch))
+    cfg = compose_trainer_config(trainer_knobs(p, spec, manifest, base_dir, data_dir, scratch))
     shutil.rmtree(scratch, ignore_errors=True)  # the trainer auto-resumes from what it finds here
     scratch.mkdir(parents=True)
     run_trainer(cfg)
