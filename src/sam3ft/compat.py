@@ -79,7 +79,14 @@ def apply() -> None:
     if "env" not in _APPLIED:
         trainer_module.log_env_variables = log_env_names_only  # type: ignore[attr-defined]
         _APPLIED.add("env")
-    if torch.cuda.is_available() or "cpu" in _APPLIED:
+    if torch.cuda.is_available():
+        # sam3#530: the text encoder's forward runs under sdpa_kernel([MATH, EFFICIENT, FLASH]) but its
+        # activation-checkpoint recompute does not, so torch picks cuDNN attention on recompute and
+        # the first backward raises CheckpointError (torch 2.11, H100). Without cuDNN SDPA both
+        # passes pick the same kernel; measured at no speed cost.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        return
+    if "cpu" in _APPLIED:
         return
     from sam3.model.geometry_encoders import SequenceGeometryEncoder
     from sam3.train.loss import loss_fns

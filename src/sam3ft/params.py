@@ -141,6 +141,10 @@ class Trainer:
     """Mixed precision autocast (CUDA only)."""
     amp_dtype: str
     """bfloat16 | float16."""
+    trainable: list[str]
+    """Parameter groups that train: trunk, neck, text, encoder, decoder, geometry, heads; others frozen."""
+    segmentation: bool
+    """Train the mask head (mask losses). Not implemented yet: false freezes the mask head."""
 
     def __post_init__(self) -> None:
         _check(self.accelerator in ("cpu", "cuda"), "trainer.accelerator", self.accelerator, "cpu or cuda")
@@ -177,6 +181,19 @@ class Trainer:
             "trainer.amp_dtype",
             self.amp_dtype,
             "bfloat16 or float16",
+        )
+        groups = ("trunk", "neck", "text", "encoder", "decoder", "geometry", "heads")
+        _check(
+            bool(self.trainable) and set(self.trainable) <= set(groups),
+            "trainer.trainable",
+            self.trainable,
+            f"a non-empty list of {list(groups)}",
+        )
+        _check(
+            not self.segmentation,
+            "trainer.segmentation",
+            self.segmentation,
+            "false: mask training is not implemented yet (boxes train; the mask head stays frozen)",
         )
         _check(
             not (self.amp and self.accelerator == "cpu"),

@@ -17,14 +17,16 @@ from typing import Any
 import torch
 import yaml
 
+from sam3ft.doctor import GB, PRESETS, check_disk, check_vram, cuda_memory_gb, vram_estimate_gb
 from sam3ft.errors import ConfigError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
-from sam3ft.layout import CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
+from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
+from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec, load_spec_file
 from sam3ft.stages import pin_threads
 from sam3ft.train.compose import compose_trainer_config, resolved_yaml
-from sam3ft.train.logging import log_to_dvclive
-from sam3ft.train.run import STATS_FILES, normalise_checkpoint, read_stats, run_trainer
+from sam3ft.train.logging import STEPS_FILE, log_steps_to_dvclive, log_to_dvclive, read_steps
+from sam3ft.train.run import STATS_FILES, normalise_checkpoint, prepare_scratch, read_stats, run_trainer
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "model", "trainer"]
@@ -49,6 +51,7 @@ def trainer_knobs(
     base_dir: Path,
     data_dir: Path,
     out_dir: Path,
+    train_images: int,
 ) -> dict[str, Any]:
     """Everything configs/train/sam3ft.yaml declares under `knobs`, from params and the spec."""
     trainer = p["trainer"]
@@ -79,6 +82,12 @@ def trainer_knobs(
         "loss_device": trainer.accelerator,
         "init_weights": (base_dir / weights["file"]).as_posix() if "file" in weights else None,
         "min_loaded": manifest["min_loaded"],
+        "trainable": list(trainer.trainable),
+        "telemetry_dir": (out_dir / "telemetry").as_posix(),
+        # the trainer counts forward passes (micro-batches) as steps
+        "total_steps": trainer.max_epochs
+        * (train_images // (trainer.batch_size * trainer.grad_accum))
+        * trainer.grad_accum,
     }
 
 
@@ -92,37 +101,70 @@ def versions() -> dict[str, str]:
     return out
 
 
+def count_images(split_dir: Path) -> int:
+    return len(json.loads((split_dir / ANNOTATIONS_FILE).read_text())["images"])
+
+
+def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
+    """Refuse, with numbers, a run that cannot fit the disk (or, on CUDA, the GPU) before it starts."""
+    with empty_weights():
+        n_params = sum(
+            p.numel() for p in build_model(spec, str(vocab), training=False, coord_cache=False).parameters()
+        )
+    extras = trainer.max_epochs // trainer.checkpoint_freq if trainer.checkpoint_freq else 0
+    needed = 12 * n_params * (3 + extras) / GB  # scratch checkpoint(s) + tracked copy + DVC cache copy
+    check = check_disk(needed, shutil.disk_usage(root).free / GB, root)
+    if check.status == "FAIL":
+        raise ConfigError(f"not enough disk: {check.detail}", fix=check.fix)
+    if trainer.accelerator == "cuda" and spec.name in PRESETS:
+        estimate, how = vram_estimate_gb(PRESETS[spec.name], trainer.batch_size, trainer.amp)
+        memory = cuda_memory_gb()
+        vram = check_vram(estimate, how, *(memory or (None, None)))
+        if vram.status == "FAIL":
+            raise ConfigError(f"not enough GPU memory: {vram.detail}", fix=vram.fix)
+
+
 def run(p: dict[str, Any]) -> None:
-    paths, base = p["paths"], p["base"]
+    paths, base, trainer = p["paths"], p["base"], p["trainer"]
     pin_threads(base.threads)
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
     manifest, spec = load_base(base_dir, p["model"].preset)
     scratch = Path(paths.scratch) / "train"
-    cfg = compose_trainer_config(trainer_knobs(p, spec, manifest, base_dir, data_dir, scratch))
-    shutil.rmtree(scratch, ignore_errors=True)  # the trainer auto-resumes from what it finds here
-    scratch.mkdir(parents=True)
+    knobs = trainer_knobs(p, spec, manifest, base_dir, data_dir, scratch, count_images(data_dir / "train"))
+    cfg = compose_trainer_config(knobs)
+    preflight(spec, trainer, Path(paths.train).resolve().parent, base_dir / VOCAB_NAME)
+    fingerprint: dict[str, Any] = {
+        "trainer_config": resolved_yaml(cfg),
+        "base": sha256_tree(base_dir),
+        "data": sha256_tree(data_dir),
+        "versions": versions(),
+    }
+    if prepare_scratch(scratch, fingerprint):
+        log.info("resuming from %s (same params, data and code)", scratch / "checkpoints")
     run_trainer(cfg)
     logs = scratch / "logs"
     train_stats, val_stats = (read_stats(logs, name) for name in STATS_FILES)
-    if len(train_stats) != p["trainer"].max_epochs:
+    if len(train_stats) != trainer.max_epochs:
         raise RuntimeError(
-            f"trainer logged {len(train_stats)} epochs, expected "
-            f"{p['trainer'].max_epochs}; see {logs / 'log.txt'}"
+            f"trainer logged {len(train_stats)} epochs, expected {trainer.max_epochs}; see {logs / 'log.txt'}"
         )
     with atomic_dir(Path(paths.train)) as out:
         normalise_checkpoint(scratch / "checkpoints" / CHECKPOINT, out / CHECKPOINT)
         record = out / "run"
         record.mkdir()
-        (record / "trainer_config.yaml").write_text(resolved_yaml(cfg))
+        (record / "trainer_config.yaml").write_text(fingerprint["trainer_config"])
         (record / "params.yaml").write_text(
             yaml.safe_dump({k: dataclasses.asdict(v) for k, v in p.items()}, sort_keys=True)
         )
-        write_json(record / "dataset.json", {"prepared_sha256": sha256_tree(data_dir), "path": str(data_dir)})
-        write_json(record / "versions.json", versions())
+        write_json(record / "dataset.json", {"prepared_sha256": fingerprint["data"], "path": str(data_dir)})
+        write_json(record / "versions.json", fingerprint["versions"])
         write_json(record / "base_manifest.json", manifest)
         for name, stats in zip(STATS_FILES, (train_stats, val_stats), strict=True):
             write_json(record / name, stats)
         log_to_dvclive(out / "dvclive", train_stats, val_stats)
+        log_steps_to_dvclive(out / "dvclive-steps", read_steps(logs / STEPS_FILE))
+    # the tracked copy is complete: drop the scratch checkpoints (GBs for sam3), keep logs/telemetry
+    shutil.rmtree(scratch / "checkpoints", ignore_errors=True)
     log.info("trained %d epochs -> %s", len(train_stats), paths.train)
 
 

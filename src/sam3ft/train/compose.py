@@ -36,6 +36,8 @@ def _override_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
     raise ConfigError(
         f"knob value {value!r} has unsupported type {type(value).__name__}",
         fix="use a number, bool, string or null",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from dvclive import Live
+from tqdm import tqdm
 
 TRAIN_LOSS_PREFIX = "Losses/train_all_"
 
@@ -57,3 +60,97 @@ def log_to_dvclive(
                 live.log_metric(name, value)
             live.log_metric("epoch", epoch, plot=False)
             live.next_step()
+
+
+STEPS_FILE = "steps.jsonl"  # deterministic per-step scalars (losses, lr), one JSON object per line
+_LOSS = "Step_Losses/Losses/train_all_loss"
+
+
+class StepLogger:
+    """The trainer's per-step logger (`logging.tensorboard_writer`): TensorBoard as upstream, plus
+
+    - `steps.jsonl`: loss, each loss component and lr per param group, at every optimizer step;
+      deterministic, turned into tracked dvclive plots after training (last value per step wins, so
+      steps redone after a resume leave no duplicates);
+    - a live, untracked dvclive folder with the machine-dependent figures (images/s, peak memory,
+      step time), kept out of tracked outputs so that equal params give byte-equal outputs;
+    - a progress bar with ETA on stderr.
+    """
+
+    def __init__(
+        self,
+        log_dir: str,
+        steps_file: str,
+        telemetry_dir: str,
+        images_per_step: int,
+        total_steps: int,
+        **tensorboard: Any,
+    ) -> None:
+        from sam3.train.utils.logger import make_tensorboard_logger
+
+        self.tb = make_tensorboard_logger(log_dir=log_dir, **tensorboard)
+        Path(steps_file).parent.mkdir(parents=True, exist_ok=True)
+        self.steps = open(steps_file, "a")  # noqa: SIM115 - open for the whole run
+        self.telemetry = Live(telemetry_dir, resume=True, save_dvc_exp=False, dvcyaml=None, report=None)
+        self.images_per_step = images_per_step
+        self.bar = tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def log_dict(self, payload: dict[str, Any], step: int) -> None:
+        self.tb.log_dict(payload, step)
+
+    def log_hparams(self, hparams: dict[str, Any], meters: dict[str, Any]) -> None:
+        self.tb.log_hparams(hparams, meters)
+
+    def log(self, name: str, data: Any, step: int) -> None:
+        self.tb.log(name, data, step)
+        value = float(data)
+        if name.startswith(_LOSS) or (name.startswith("Optim/") and name.endswith("/lr")):
+            self.steps.write(json.dumps({"step": step, "name": _step_name(name), "value": value}) + "\n")
+            self.steps.flush()
+        if name == _LOSS:
+            self.bar.n = step + 1
+            self.bar.set_postfix(loss=f"{value:.3g}", refresh=False)
+            self.bar.refresh()
+        elif name == "Step_Stats/train/Batch Time" and value > 0:
+            self.telemetry.step = step
+            self.telemetry.log_metric("train/images_per_s", self.images_per_step / value)
+            self.telemetry.log_metric("train/step_s", value)
+        elif name == "Step_Stats/train/Mem (GB)":
+            self.telemetry.step = step
+            self.telemetry.log_metric("train/peak_mem_gb", value)
+            self.telemetry.next_step()
+
+
+def _step_name(name: str) -> str:
+    """`Step_Losses/Losses/train_all_loss/loss_bbox` -> `loss_bbox`; `Optim/1_/lr` -> `lr_group1`."""
+    if name == _LOSS:
+        return "loss"
+    if name.startswith(_LOSS + "/"):
+        return name[len(_LOSS) + 1 :]
+    _, group, option = name.split("/")
+    return f"{option}_group{group.rstrip('_') or 0}"
+
+
+def make_step_logger(**kwargs: Any) -> StepLogger:
+    """Hydra target for `trainer.logging.tensorboard_writer`."""
+    return StepLogger(**kwargs)
+
+
+def read_steps(path: Path) -> dict[int, dict[str, float]]:
+    """steps.jsonl as {step: {name: value}}, later lines overriding earlier (resumed runs)."""
+    steps: dict[int, dict[str, float]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                steps.setdefault(int(row["step"]), {})[row["name"]] = row["value"]
+    return dict(sorted(steps.items()))
+
+
+def log_steps_to_dvclive(directory: Path, steps: dict[int, dict[str, float]]) -> None:
+    """Per-step loss, loss components and learning rates as dvclive plots (x = optimizer step)."""
+    with Live(str(directory), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for step, values in steps.items():
+            live.step = step
+            for name, value in sorted(values.items()):
+                live.log_metric(f"step/{name}", value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,39 @@ def run_trainer(cfg: DictConfig) -> None:
 
 
 def read_stats(log_dir: Path, name: str) -> list[dict[str, Any]]:
-    """The trainer's JSON-lines stats (one line per epoch), [] if it never wrote any."""
+    """The trainer's JSON-lines stats, one per epoch ([] if none). An epoch logged twice (killed after
+    its stats line but before its checkpoint, then redone on resume) keeps its last line.
+    `Trainer/where` (progress fraction) is dropped: a resumed run re-validates its last epoch with
+    0.0 there, which would make equal runs record different files."""
     path = log_dir / name
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            # progress bookkeeping, not a result: a resumed run re-validates its last epoch with 0.0 here
+            row.pop("Trainer/where", None)
+            by_epoch[int(row["Trainer/epoch"])] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+FINGERPRINT = "fingerprint.json"
+
+
+def prepare_scratch(scratch: Path, fingerprint: dict[str, Any]) -> bool:
+    """Keep `scratch` to resume only if it was started by this exact run; else start it afresh.
+
+    The trainer resumes from whatever checkpoint.pt it finds, so a checkpoint left by another
+    config must never survive. Returns True when resuming.
+    """
+    stamp = scratch / FINGERPRINT
+    if stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
+        return (scratch / "checkpoints" / "checkpoint.pt").is_file()
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    stamp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+    return False
 
 
 def normalise_checkpoint(src: Path, dst: Path) -> None:

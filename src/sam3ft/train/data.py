@@ -1,0 +1,79 @@
+"""Pieces the trainer config instantiates: a reseeding data loader, a collate that chunks for
+gradient accumulation, and the model builder that freezes the groups a run does not train."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from sam3.train.data.collator import collate_fn_api, collate_fn_api_with_chunking
+from sam3.train.data.torch_dataset import TorchDataset
+from torch.utils.data import DistributedSampler
+
+from sam3ft.model.build import build_model_from_file
+
+# Parameter-name prefixes of the groups `trainer.trainable` can list. Every parameter of a SAM3
+# image model belongs to exactly one group (tests/test_train.py checks it on the full model).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "trunk": ("backbone.vision_backbone.trunk.",),
+    "neck": ("backbone.vision_backbone.convs.", "backbone.vision_backbone.sam2_convs."),
+    "text": ("backbone.language_backbone.",),
+    "encoder": ("transformer.encoder.",),
+    "decoder": ("transformer.decoder.",),
+    "geometry": ("geometry_encoder.",),
+    "heads": ("dot_prod_scoring.",),
+    "masks": ("segmentation_head.",),
+}
+
+
+def reseed(seed: int, epoch: int) -> None:
+    """Seed python, numpy and torch from (seed, epoch): a resumed run draws what an unbroken one does."""
+    value = seed * 100_003 + epoch
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+class SeededTorchDataset(TorchDataset):
+    """sam3's TorchDataset, reseeded at every epoch start and shuffled from our seed.
+
+    Upstream seeds once per process, so augmentation after a resume would differ from an unbroken
+    run; and its DistributedSampler shuffles with seed 0 whatever the run's seed.
+    """
+
+    def __init__(self, *, seed: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed = seed
+        if getattr(self, "sampler", None) is not None:  # upstream's, seeded with 0: replace it
+            sampler: Any = DistributedSampler(self.dataset, shuffle=self.shuffle, seed=seed)
+            self.sampler = sampler
+
+    def get_loader(self, epoch: int) -> Any:
+        reseed(self.seed, epoch)
+        return super().get_loader(epoch)
+
+
+def collate_fn(batch: list[Any], dict_key: str, num_chunks: int = 1, with_seg_masks: bool = False) -> Any:
+    """One batch, or `num_chunks` micro-batches for gradient accumulation (the trainer's contract).
+
+    Named `collate_fn`: sam3's trainer finds validation keys by matching targets against it
+    (sam3/train/utils/train_utils.py:29)."""
+    if num_chunks == 1:
+        return collate_fn_api(batch, dict_key, with_seg_masks=with_seg_masks)
+    return collate_fn_api_with_chunking(batch, num_chunks, dict_key, with_seg_masks=with_seg_masks)
+
+
+def frozen_prefixes(trainable: list[str]) -> tuple[str, ...]:
+    return tuple(p for group, prefixes in GROUPS.items() if group not in trainable for p in prefixes)
+
+
+def build_trainable_model(spec_path: str, bpe_path: str, trainable: list[str]) -> torch.nn.Module:
+    """The model for the trainer, with every parameter outside `trainable` groups frozen."""
+    model = build_model_from_file(spec_path, bpe_path)
+    frozen = frozen_prefixes(trainable)
+    for name, param in model.named_parameters():
+        if name.startswith(frozen):
+            param.requires_grad_(False)
+    return model

@@ -1,0 +1,107 @@
+"""The train stage on CPU: exact epochs, gradient accumulation, frozen groups, and a run killed with
+SIGKILL that resumes under `dvc repro` to the very same checkpoint as an unbroken run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, write_params
+from sam3ft import params
+from sam3ft.stages import fetch, prepare
+from sam3ft.train.run import prepare_scratch, read_stats
+
+pytestmark = pytest.mark.slow
+
+
+def workspace(tmp_path: Path, shipped: dict, **trainer) -> Path:
+    """params.yaml with every path under tmp_path, fetch and prepare done; returns the params file."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for key in ("base", "prepared", "train", "eval", "export", "scratch"):
+        shipped["paths"][key] = str(tmp_path / key)
+    shipped["paths"]["data"] = str(REPO / "data")
+    shipped["trainer"].update(trainer)
+    path = write_params(tmp_path / "params.yaml", shipped)
+    fetch.run(params.load(fetch.SECTIONS, path))
+    prepare.run(params.load(prepare.SECTIONS, path))
+    return path
+
+
+def train(path: Path, **kwargs) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sam3ft.stages.train", "--params", str(path)]
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+def finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_accumulation_and_frozen_groups(tmp_path, shipped_params):
+    path = workspace(
+        tmp_path, shipped_params, max_epochs=1, batch_size=1, grad_accum=2, trainable=["decoder", "heads"]
+    )
+    finish(train(path))
+    ckpt = torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=True)
+    # sam3's trainer counts forward passes: 24 images, 1 per micro-batch, 2 micro-batches per update
+    assert ckpt["steps"]["train"] == 24
+    trainable = [k for k in ckpt["model"] if k.startswith(("transformer.decoder.", "dot_prod_scoring."))]
+    # AdamW only keeps moments for parameters that received gradients: the two unfrozen groups
+    n_params_trained = len(ckpt["optimizer"]["state"])
+    assert 0 < n_params_trained <= len(trainable)
+    steps = (tmp_path / "train/dvclive-steps/plots/metrics/step/loss.tsv").read_text().splitlines()
+    assert len(steps) == 1 + 24
+    lr = (tmp_path / "train/dvclive-steps/plots/metrics/step/lr_group0.tsv").read_text().splitlines()
+    assert len(lr) == 1 + 12  # the learning rate moves once per optimizer step
+    assert not (tmp_path / "scratch/train/checkpoints").exists()  # tracked copy made, scratch freed
+
+
+def test_killed_run_resumes_to_the_same_checkpoint(tmp_path, shipped_params):
+    ref = workspace(tmp_path / "ref", json.loads(json.dumps(shipped_params)), max_epochs=3)
+    finish(train(ref))
+    path = workspace(tmp_path / "cut", shipped_params, max_epochs=3)
+    proc = train(path, start_new_session=True)
+    stats = tmp_path / "cut/scratch/train/logs/train_stats.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (stats.is_file() and len(stats.read_text().splitlines()) >= 2):
+        time.sleep(0.2)  # epoch 2 logged: its checkpoint is being written or written, epoch 3 running
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut/train").exists()  # nothing half-written in the tracked output
+    finish(train(path))
+    log = (tmp_path / "cut/scratch/train/logs/log.txt").read_text()
+    assert "Resuming training from" in log
+    assert sha(tmp_path / "cut/train/checkpoint.pt") == sha(tmp_path / "ref/train/checkpoint.pt")
+    for name in ("dvclive/metrics.json", "run/train_stats.json", "run/val_stats.json"):
+        assert (tmp_path / "cut/train" / name).read_text() == (tmp_path / "ref/train" / name).read_text()
+
+
+def test_scratch_from_another_config_is_never_resumed(tmp_path):
+    scratch = tmp_path / "s"
+    assert prepare_scratch(scratch, {"cfg": 1}) is False
+    (scratch / "checkpoints").mkdir()
+    (scratch / "checkpoints" / "checkpoint.pt").write_bytes(b"x")
+    assert prepare_scratch(scratch, {"cfg": 1}) is True
+    assert prepare_scratch(scratch, {"cfg": 2}) is False
+    assert not (scratch / "checkpoints").exists()
+
+
+def test_epoch_logged_twice_keeps_the_last_line(tmp_path):
+    lines = [{"Trainer/epoch": 0, "x": 1}, {"Trainer/epoch": 1, "x": 2}, {"Trainer/epoch": 1, "x": 3}]
+    (tmp_path / "train_stats.json").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [r["x"] for r in read_stats(tmp_path, "train_stats.json")] == [1, 3]
