@@ -105,3 +105,28 @@ def test_epoch_logged_twice_keeps_the_last_line(tmp_path):
     lines = [{"Trainer/epoch": 0, "x": 1}, {"Trainer/epoch": 1, "x": 2}, {"Trainer/epoch": 1, "x": 3}]
     (tmp_path / "train_stats.json").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert [r["x"] for r in read_stats(tmp_path, "train_stats.json")] == [1, 3]
+
+
+def test_every_parameter_has_a_group_and_masks_freeze_only_mask_inputs():
+    from sam3ft.model.build import build_model, empty_weights
+    from sam3ft.model.spec import load_preset
+    from sam3ft.train.data import GROUPS, frozen_prefixes
+
+    with empty_weights():
+        model = build_model(load_preset("sam3"), str(fetch.bundled_vocab()), training=True, coord_cache=False)
+    names = [k for k, _ in model.named_parameters()]
+    every = tuple(p for prefixes in GROUPS.values() for p in prefixes)
+    assert [k for k in names if not k.startswith(every)] == []
+    no_masks = frozen_prefixes(["trunk", "neck", "text", "encoder", "decoder", "geometry", "heads"])
+    frozen = {k.split(".")[0] + "." + k.split(".")[1] for k in names if k.startswith(no_masks)}
+    assert frozen == {
+        "segmentation_head.pixel_decoder",
+        "segmentation_head.mask_predictor",
+        "segmentation_head.cross_attend_prompt",
+        "segmentation_head.instance_seg_head",
+        "segmentation_head.cross_attn_norm",
+        "segmentation_head.semantic_seg_head",
+        "backbone.vision_backbone",
+    }
+    frozen_neck = sorted({k.split(".")[3] for k in names if k.startswith(no_masks) and ".convs." in k})
+    assert frozen_neck == ["0", "1"]

@@ -63,9 +63,13 @@ def _focal_loss_plain_off_gpu(focal: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _mem_meter_update_off_gpu(self: Any, n: int = 1, reset_peak_usage: bool = True) -> None:
-    """sam3/train/utils/train_utils.py:200-206 calls torch.cuda memory stats unguarded."""
-    self.val = 0
+def _mem_meter_update(self: Any, n: int = 1, reset_peak_usage: bool = True) -> None:
+    """sam3/train/utils/train_utils.py:200-206 calls torch.cuda memory stats unguarded (fails off-GPU)
+    and floors the peak to whole GB (`// 1e9`); this keeps it exact, in GB, and 0 without CUDA."""
+    on_gpu = torch.cuda.is_available()
+    self.val = torch.cuda.max_memory_allocated() / 1e9 if on_gpu else 0.0
+    if on_gpu and reset_peak_usage:
+        torch.cuda.reset_peak_memory_stats()
     self.sum += self.val * n
     self.count += n
     self.avg = self.sum / self.count
@@ -77,7 +81,10 @@ def apply() -> None:
     import sam3.train.trainer as trainer_module
 
     if "env" not in _APPLIED:
+        from sam3.train.utils import train_utils
+
         trainer_module.log_env_variables = log_env_names_only  # type: ignore[attr-defined]
+        train_utils.MemMeter.update = _mem_meter_update  # type: ignore[method-assign]
         _APPLIED.add("env")
     if torch.cuda.is_available():
         # sam3#530: the text encoder's forward runs under sdpa_kernel([MATH, EFFICIENT, FLASH]) but its
@@ -90,12 +97,10 @@ def apply() -> None:
         return
     from sam3.model.geometry_encoders import SequenceGeometryEncoder
     from sam3.train.loss import loss_fns
-    from sam3.train.utils import train_utils
 
     # sam3/model/geometry_encoders.py:659: unconditional .pin_memory() in box encoding.
     SequenceGeometryEncoder._encode_boxes = _without_pin_memory(  # type: ignore[method-assign]
         SequenceGeometryEncoder._encode_boxes
     )
     loss_fns.sigmoid_focal_loss = _focal_loss_plain_off_gpu(loss_fns.sigmoid_focal_loss)
-    train_utils.MemMeter.update = _mem_meter_update_off_gpu  # type: ignore[method-assign]
     _APPLIED.add("cpu")

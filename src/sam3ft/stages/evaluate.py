@@ -16,12 +16,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dvclive import Live
 from PIL import Image
 
 from sam3ft.errors import ConfigError
 from sam3ft.io import atomic_dir, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT
+from sam3ft.live import open_live
 from sam3ft.metrics.coco import coco_box_metrics, pr_curve
 from sam3ft.metrics.image_level import best_scores, confusion, confusion_rows, threshold_sweep
 from sam3ft.model.load import device_for, load_trained
@@ -113,7 +113,7 @@ def run(p: dict[str, Any]) -> None:
     with atomic_dir(Path(paths.eval)) as out:
         (out / "predictions").mkdir()
         (out / "plots").mkdir()
-        with Live(str(out / "live"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        with open_live(out / "live") as live:
             for split in evaluate.splits:
                 split_dir = prepared / split
                 coco = json.loads((split_dir / ANNOTATIONS_FILE).read_text())

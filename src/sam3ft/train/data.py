@@ -15,7 +15,10 @@ from torch.utils.data import DistributedSampler
 from sam3ft.model.build import build_model_from_file
 
 # Parameter-name prefixes of the groups `trainer.trainable` can list. Every parameter of a SAM3
-# image model belongs to exactly one group (tests/test_train.py checks it on the full model).
+# image model belongs to a group (tests/test_train.py checks it on the full model); a parameter is
+# frozen when any group it belongs to is. The neck's two finest levels (convs.0: 4x, convs.1: 2x)
+# feed only the mask head: without mask losses they get no gradient, which DDP refuses on the second
+# step ("Expected to have finished reduction"), so they belong to "masks" too.
 GROUPS: dict[str, tuple[str, ...]] = {
     "trunk": ("backbone.vision_backbone.trunk.",),
     "neck": ("backbone.vision_backbone.convs.", "backbone.vision_backbone.sam2_convs."),
@@ -24,7 +27,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "decoder": ("transformer.decoder.",),
     "geometry": ("geometry_encoder.",),
     "heads": ("dot_prod_scoring.",),
-    "masks": ("segmentation_head.",),
+    "masks": ("segmentation_head.", "backbone.vision_backbone.convs.0.", "backbone.vision_backbone.convs.1."),
 }
 
 

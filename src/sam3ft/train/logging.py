@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dvclive import Live
 from tqdm import tqdm
+
+from sam3ft.live import open_live
 
 TRAIN_LOSS_PREFIX = "Losses/train_all_"
 
@@ -49,7 +50,7 @@ def log_to_dvclive(
 ) -> None:
     """One dvclive step per epoch; no timestamps, so equal runs write equal files."""
     val_by_epoch = {int(s["Trainer/epoch"]): s for s in val_stats}
-    with Live(str(directory), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    with open_live(directory) as live:
         for stats in train_stats:
             epoch = int(stats["Trainer/epoch"])
             live.step = epoch
@@ -91,7 +92,7 @@ class StepLogger:
         self.tb = make_tensorboard_logger(log_dir=log_dir, **tensorboard)
         Path(steps_file).parent.mkdir(parents=True, exist_ok=True)
         self.steps = open(steps_file, "a")  # noqa: SIM115 - open for the whole run
-        self.telemetry = Live(telemetry_dir, resume=True, save_dvc_exp=False, dvcyaml=None, report=None)
+        self.telemetry = open_live(telemetry_dir, resume=True)
         self.images_per_step = images_per_step
         self.bar = tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
@@ -103,7 +104,7 @@ class StepLogger:
 
     def log(self, name: str, data: Any, step: int) -> None:
         self.tb.log(name, data, step)
-        value = float(data)
+        value = float(data.detach()) if hasattr(data, "detach") else float(data)
         if name.startswith(_LOSS) or (name.startswith("Optim/") and name.endswith("/lr")):
             self.steps.write(json.dumps({"step": step, "name": _step_name(name), "value": value}) + "\n")
             self.steps.flush()
@@ -149,7 +150,7 @@ def read_steps(path: Path) -> dict[int, dict[str, float]]:
 
 def log_steps_to_dvclive(directory: Path, steps: dict[int, dict[str, float]]) -> None:
     """Per-step loss, loss components and learning rates as dvclive plots (x = optimizer step)."""
-    with Live(str(directory), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    with open_live(directory) as live:
         for step, values in steps.items():
             live.step = step
             for name, value in sorted(values.items()):
