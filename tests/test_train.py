@@ -23,12 +23,12 @@ from sam3ft.train.run import prepare_scratch, read_stats
 pytestmark = pytest.mark.slow
 
 
-def workspace(tmp_path: Path, shipped: dict, **trainer) -> Path:
+def workspace(tmp_path: Path, shipped: dict, data: Path = REPO / "data", **trainer) -> Path:
     """params.yaml with every path under tmp_path, fetch and prepare done; returns the params file."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     for key in ("base", "prepared", "train", "eval", "export", "scratch"):
         shipped["paths"][key] = str(tmp_path / key)
-    shipped["paths"]["data"] = str(REPO / "data")
+    shipped["paths"]["data"] = str(data)
     shipped["trainer"].update(trainer)
     path = write_params(tmp_path / "params.yaml", shipped)
     fetch.run(params.load(fetch.SECTIONS, path))
@@ -130,3 +130,42 @@ def test_every_parameter_has_a_group_and_masks_freeze_only_mask_inputs():
     }
     frozen_neck = sorted({k.split(".")[3] for k in names if k.startswith(no_masks) and ".convs." in k})
     assert frozen_neck == ["0", "1"]
+
+
+def test_several_classes_and_negative_images_train_and_evaluate(tmp_path, shipped_params):
+    """Two categories, each its own text prompt (one renamed by prepare.prompts), and a training
+    image without annotations (kept: it teaches the presence head that the object can be absent)."""
+    import shutil
+
+    from sam3ft.stages import evaluate
+
+    data = tmp_path / "data" / "two-class"
+    shutil.copytree(REPO / "data" / "find-fuse-neutrals-v5", data)
+    for split in ("train", "valid", "test"):
+        path = data / split / "_annotations.coco.json"
+        coco = json.loads(path.read_text())
+        coco["categories"].append({"id": 1, "name": "fuse holder", "supercategory": "none"})
+        for ann in coco["annotations"][::2]:
+            ann["category_id"] = 1
+        if split == "train":
+            first = coco["images"][0]
+            shutil.copyfile(data / split / first["file_name"], data / split / "empty.jpg")
+            coco["images"].append({**first, "id": 999, "file_name": "empty.jpg"})
+        path.write_text(json.dumps(coco))
+    shipped_params["prepare"].update(dataset="two-class", prompts={"fuse holder": "fuse carrier"})
+    shipped_params["evaluate"]["splits"] = ["valid"]
+    path = workspace(tmp_path, shipped_params, data=tmp_path / "data", max_epochs=1)
+    stats = json.loads((tmp_path / "prepared" / "stats.json").read_text())["splits"]["train"]
+    assert stats["images"] == 25 and stats["negative_images"] == 1
+    assert stats["annotations_per_class"] == {"fuse neutrals": 12, "fuse holder": 12}
+    finish(train(path))
+    steps = torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=True)["steps"]["train"]
+    assert steps == 25 // 2  # the negative image is trained on, not dropped
+    evaluate.run(params.load(evaluate.SECTIONS, path))
+    predictions = json.loads((tmp_path / "eval" / "predictions" / "valid.json").read_text())
+    assert {p["category_id"] for p in predictions} == {1, 2}
+    prompts = {
+        c["id"]: c["name"]
+        for c in json.loads((tmp_path / "prepared/valid/_annotations.coco.json").read_text())["categories"]
+    }
+    assert prompts == {1: "fuse neutrals", 2: "fuse carrier"}
