@@ -15,7 +15,7 @@ from conftest import SAMPLE
 from sam3ft.data.coco import Category, Split, load_split, resolve_categories
 from sam3ft.errors import DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
-from sam3ft.stages.prepare import convert_split, load_dataset
+from sam3ft.stages.prepare import convert_split, copy_image, load_dataset
 
 SPLITS = ("train", "valid", "test")
 CLASS = "fuse neutrals"
@@ -476,3 +476,64 @@ def test_negatives_folder_becomes_a_split_without_annotations(root: Path) -> Non
     assert coco["annotations"] == [] and coco["categories"][0]["id"] == 1
     (negatives / "bad.jpg").write_bytes(b"nope")
     expect_error(lambda: load_dataset(root), negatives / "bad.jpg", "image")
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "fragment"),
+    [
+        ([[10, 10, 20, 20]], "at least 3 (x, y) points"),
+        ([[10, 10, 20, 20, 30]], "at least 3 (x, y) points"),
+        ({"size": [100, 100], "counts": "abc"}, "RLE size [100, 100] does not match"),
+        ("poly", "segmentation is str"),
+    ],
+)
+def test_bad_masks_are_rejected(root: Path, segmentation: Any, fragment: str) -> None:
+    edit_coco(root, lambda d: d["annotations"][0].update(segmentation=segmentation))
+    expect_train_error(root, "annotation id=", fragment)
+
+
+def _replace_first_image(
+    root: Path, image: Image.Image, name: str, size: tuple[int, int], **save: Any
+) -> None:
+    image.save(root / "train" / name, **save)
+
+    def change(d: dict[str, Any]) -> None:
+        d["images"][0].update(file_name=name, width=size[0], height=size[1])
+        d["annotations"][0].update(bbox=[1, 1, 10, 10])
+
+    edit_coco(root, change)
+
+
+def test_16_bit_png_is_scaled_to_8_bit(root: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    wide = Image.fromarray(
+        (np.arange(512 * 512, dtype=np.uint32).reshape(512, 512) % 65536).astype(np.uint16)
+    )
+    assert wide.mode.startswith("I;16")
+    _replace_first_image(root, wide, "deep.png", (512, 512))
+    split = load_train(root)
+    assert any("I;16-to-8-bit" in w or "to-8-bit" in w for w in split.warnings)
+    out = tmp_path / "deep.png"
+    copy_image(root / "train" / "deep.png", out, split.images[0]["_fixes"])
+    with Image.open(out) as img:
+        assert img.mode == "L" and img.getextrema() == (0, 255)
+
+
+def test_exif_rotated_photo_is_turned_upright(root: Path, tmp_path: Path) -> None:
+    stored = Image.new("RGB", (60, 40), (200, 0, 0))
+    stored.paste((0, 0, 255), (0, 0, 10, 10))  # blue marker top-left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the annotator saw a 40x60 portrait photo
+    _replace_first_image(root, stored, "phone.jpg", (40, 60), exif=exif, quality=95)
+    split = load_train(root)
+    assert split.images[0]["_fixes"] == ["exif-orientation-6"]
+    out = tmp_path / "phone.jpg"
+    copy_image(root / "train" / "phone.jpg", out, split.images[0]["_fixes"])
+    with Image.open(out) as img:
+        assert img.size == (40, 60)
+        assert img.getexif().get(0x0112, 1) == 1
+        r, _, b = img.getpixel((35, 3))  # the marker moved to the top-right
+        assert b > 150 and r < 100
+    edit_coco(root, lambda d: d["images"][0].update(width=60, height=40))
+    expect_train_error(root, "after applying its EXIF orientation")

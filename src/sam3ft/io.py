@@ -58,10 +58,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a fresh temp dir; on success it replaces `path`, on error it is removed."""
+    """Yield a fresh temp dir; on success it replaces `path`, on error it is removed.
+
+    A process killed mid-way (SIGKILL, power loss) cannot clean up: its temp dir is removed by the
+    next run for the same `path`. `path` itself is only ever swapped whole, never half-written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sam3ft.errors import DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
@@ -84,24 +85,55 @@ def _safe_image_path(directory: Path, file_name: Any, json_path: Path, image_id:
     return candidate
 
 
-def _check_image_file(path: Path, record: dict[str, Any], json_path: Path) -> None:
+EXIF_ORIENTATION = 0x0112  # EXIF tag: how a viewer must rotate/flip the stored pixels
+WIDE_MODES = {"I;16", "I;16B", "I;16L", "I", "F"}  # 16/32-bit: PIL's RGB conversion clips these
+
+
+def image_fixes(img: Image.Image) -> list[str]:
+    """What prepare must do to an image so sam3 sees what the annotator saw, as 8-bit pixels."""
+    fixes = []
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation not in (1, None):
+        fixes.append(f"exif-orientation-{orientation}")
+    if img.mode in WIDE_MODES:
+        fixes.append(f"{img.mode}-to-8-bit")
+    return fixes
+
+
+def normalized_image(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied to the pixels; 16/32-bit scaled to 8-bit (full range kept)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in WIDE_MODES:
+        array = np.asarray(img, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    return img
+
+
+def _check_image_file(path: Path, record: dict[str, Any], json_path: Path, warnings: list[str]) -> None:
     label = f"image id={record['id']} ({record['file_name']})"
     if not path.is_file():
         raise _fail(json_path, label, "image file not found", f"add {path.name} or drop the record")
     try:
         with Image.open(path) as img:
             img.load()  # decodes fully: truncated files fail here, not mid-training
-            size = img.size
+            fixes = image_fixes(img)
+            size = normalized_image(img).size if fixes else img.size
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise _fail(json_path, label, f"unreadable image ({exc})", "replace or drop it") from exc
     declared = (record.get("width"), record.get("height"))
     if declared != size:
+        hint = " (after applying its EXIF orientation)" if any("exif" in f for f in fixes) else ""
         raise _fail(
             json_path,
             label,
-            f"JSON says {declared[0]}x{declared[1]}, file is {size[0]}x{size[1]}",
+            f"JSON says {declared[0]}x{declared[1]}, file is {size[0]}x{size[1]}{hint}",
             "re-export so width/height match the files",
         )
+    if fixes:
+        record["_fixes"] = fixes
+        warnings.append(f"{json_path}: {label}: rewritten by prepare: {', '.join(fixes)}")
 
 
 def _check_box(ann: dict[str, Any], image: dict[str, Any], json_path: Path, warnings: list[str]) -> None:
@@ -130,6 +162,41 @@ def _check_box(ann: dict[str, Any], image: dict[str, Any], json_path: Path, warn
         clipped += [min(width, x + w) - clipped[0], min(height, y + h) - clipped[1]]
         warnings.append(f"{json_path}: {label}: bbox {bbox} clipped to the image: {clipped}")
         ann["bbox"] = clipped
+
+
+def _check_segmentation(ann: dict[str, Any], image: dict[str, Any], json_path: Path) -> None:
+    """Polygons need >= 3 points (6 numbers) each; RLE must be sized like its image."""
+    label = f"annotation id={ann['id']}"
+    segm = ann.get("segmentation")
+    if segm in (None, [], {}):
+        return
+    if isinstance(segm, list):
+        for polygon in segm:
+            if not (
+                isinstance(polygon, list)
+                and len(polygon) >= 6
+                and len(polygon) % 2 == 0
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in polygon)
+            ):
+                raise _fail(
+                    json_path,
+                    label,
+                    "polygon needs at least 3 (x, y) points of finite numbers",
+                    "fix or remove the polygon (boxes still train without it)",
+                )
+        return
+    if isinstance(segm, dict):
+        size = segm.get("size")
+        if size != [image["height"], image["width"]] or "counts" not in segm:
+            raise _fail(
+                json_path,
+                label,
+                f"RLE size {size} does not match the image "
+                f"[{image['height']}, {image['width']}] (or counts missing)",
+                "re-export the masks",
+            )
+        return
+    raise _fail(json_path, label, f"segmentation is {type(segm).__name__}", "use polygons or RLE")
 
 
 def _is_int(value: Any) -> bool:
@@ -186,12 +253,11 @@ def load_split(directory: Path, name: str) -> Split:
     _unique_ids(cats, "category", json_path)
     _check_records(images, cats, json_path)
     by_id = {img["id"]: img for img in images}
-    for img in images:
-        _check_image_file(
-            _safe_image_path(directory, img.get("file_name"), json_path, img["id"]), img, json_path
-        )
-    cat_ids = {c["id"] for c in cats}
     warnings: list[str] = []
+    for img in images:
+        path = _safe_image_path(directory, img.get("file_name"), json_path, img["id"])
+        _check_image_file(path, img, json_path, warnings)
+    cat_ids = {c["id"] for c in cats}
     for ann in anns:
         label = f"annotation id={ann['id']}"
         if not _is_int(ann.get("image_id")) or ann["image_id"] not in by_id:
@@ -209,6 +275,7 @@ def load_split(directory: Path, name: str) -> Split:
                 "fix the id or add the category",
             )
         _check_box(ann, by_id[ann["image_id"]], json_path, warnings)
+        _check_segmentation(ann, by_id[ann["image_id"]], json_path)
     listed = {(directory / img["file_name"]).resolve() for img in images}
     unlisted = sorted(
         p.name

@@ -15,7 +15,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sam3ft.data.coco import Category, Split, load_image_folder, load_split, resolve_categories
+from PIL import Image
+
+from sam3ft.data.coco import (
+    Category,
+    Split,
+    load_image_folder,
+    load_split,
+    normalized_image,
+    resolve_categories,
+)
 from sam3ft.data.preview import draw_preview
 from sam3ft.errors import DatasetError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
@@ -68,6 +77,17 @@ def convert_split(split: Split, categories: list[Category]) -> dict[str, Any]:
     return {"images": images, "annotations": annotations, "categories": cats}
 
 
+def copy_image(src: Path, dst: Path, fixes: list[str]) -> None:
+    """Copy as is, or rewrite with EXIF orientation applied and wide pixels scaled to 8-bit."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not fixes:
+        shutil.copyfile(src, dst)
+        return
+    with Image.open(src) as img:
+        fixed = normalized_image(img)
+        fixed.save(dst, format=img.format or "PNG", quality=95)
+
+
 def split_stats(coco: dict[str, Any]) -> dict[str, Any]:
     per_class = Counter(a["category_id"] for a in coco["annotations"])
     with_ann = {a["image_id"] for a in coco["annotations"]}
@@ -97,10 +117,12 @@ def run(p: dict[str, Any]) -> None:
         for split in splits:
             coco = convert_split(split, categories)
             (out / split.name).mkdir()
-            for img in coco["images"]:
-                target = out / split.name / img["file_name"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(split.directory / img["file_name"], target)
+            for record, img in zip(split.images, coco["images"], strict=True):
+                copy_image(
+                    split.directory / img["file_name"],
+                    out / split.name / img["file_name"],
+                    record.get("_fixes", []),
+                )
             write_json(out / split.name / ANNOTATIONS_FILE, coco)
             stats["splits"][split.name] = split_stats(coco)
             stats["splits"][split.name]["warnings"] = split.warnings
