@@ -50,9 +50,9 @@ def test_shipped_config_composes_with_shipped_params(loaded):
 def test_every_trainer_param_changes_the_composed_config(loaded):
     """No knob is dead: perturbing any one trainer value changes the resolved trainer config."""
     baseline = resolved_yaml(compose_trainer_config(knobs_for(loaded)).trainer)
-    # cuda, amp and segmentation cannot be switched on here (validated); the dead-knob check proves the
-    # trainer reads them
-    changed = {"accelerator": None, "amp": None, "segmentation": None}
+    # GPUs, amp and segmentation cannot be switched on here (validated); the dead-knob check proves the
+    # trainer reads amp and segmentation; num_gpus/num_nodes go to the launcher (tests/test_launch.py)
+    changed = {"num_gpus": None, "num_nodes": None, "amp": None, "segmentation": None}
     for field in dataclasses.fields(params.Trainer):
         value = getattr(loaded["trainer"], field.name)
         if field.name in changed:

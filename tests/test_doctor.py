@@ -85,18 +85,18 @@ def test_shipped_params_all_ok_except_placeholder_remote(repo, capsys):
 
 
 def test_cuda_without_cuda_fails_with_fix(repo, shipped_params, capsys):
-    shipped_params["trainer"]["accelerator"] = "cuda"
+    shipped_params["trainer"]["num_gpus"] = 1
     write_params(repo / "params.yaml", shipped_params)
     code, out = run_cli(capsys, "--params", "params.yaml")
     assert code == 1
     line = next(x for x in out.splitlines() if x.startswith("FAIL  accelerator"))
-    assert "trainer.accelerator=cuda" in line and "sees no CUDA device" in line
-    assert "fix: set trainer.accelerator: cpu" in line
+    assert "trainer.num_gpus >= 1" in line and "sees no CUDA device" in line
+    assert "fix: set trainer.num_gpus: 0 (CPU)" in line
 
 
 def test_vram_estimate_against_a_faked_gpu(repo, shipped_params, monkeypatch):
     shipped_params["model"]["preset"] = "sam3"
-    shipped_params["trainer"].update(accelerator="cuda", resolution=1008, amp=True, batch_size=8)
+    shipped_params["trainer"].update(num_gpus=1, resolution=1008, amp=True, batch_size=8)
     write_params(repo / "params.yaml", shipped_params)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (20e9, 80e9))

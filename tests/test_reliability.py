@@ -87,3 +87,15 @@ def test_other_write_errors_are_not_disguised(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", denied)
     with pytest.raises(OSError, match="Permission denied"):
         Trainer._save_checkpoint(None, {"w": torch.ones(1)}, str(tmp_path / "c.pt"))
+
+
+def test_dvc_gitignore_in_the_output_folder_survives(tmp_path):
+    """DVC lists a stage's outputs in a .gitignore inside their folder: swapping must keep it."""
+    out = tmp_path / "train"
+    with atomic_dir(out) as d:
+        (d / "checkpoint.pt").write_bytes(b"1")
+    (out / ".gitignore").write_text("/checkpoint.pt\n/run\n")
+    with atomic_dir(out) as d:
+        (d / "checkpoint.pt").write_bytes(b"2")
+    assert (out / ".gitignore").read_text() == "/checkpoint.pt\n/run\n"
+    assert (out / "checkpoint.pt").read_bytes() == b"2"

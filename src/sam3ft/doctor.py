@@ -149,15 +149,15 @@ def check_preset(p: dict[str, Any]) -> Check:
 
 
 def check_accelerator(accelerator: str) -> Check:
-    """trainer.accelerator=cuda needs a CUDA device torch can see; report it and its free memory."""
+    """trainer.num_gpus >= 1 needs a CUDA device torch can see; report it and its free memory."""
     import torch
 
     if not torch.cuda.is_available():
         if accelerator == "cpu":
             return Check("OK", "accelerator", "cpu (no CUDA device visible)")
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        detail = f"trainer.accelerator=cuda but torch {torch.__version__} ({build}) sees no CUDA device"
-        fix = "set trainer.accelerator: cpu, or run on a machine with an NVIDIA GPU and driver"
+        detail = f"trainer.num_gpus >= 1 but torch {torch.__version__} ({build}) sees no CUDA device"
+        fix = "set trainer.num_gpus: 0 (CPU), or run on a machine with an NVIDIA GPU and driver"
         return Check("FAIL", "accelerator", detail, fix)
     free_gb, total_gb = cuda_memory_gb() or (0.0, 0.0)
     device = f"{torch.cuda.get_device_name()}, {free_gb:.1f} of {total_gb:.1f} GB free"

@@ -74,6 +74,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    keep = path / ".gitignore"  # DVC's list of this folder's outputs, not ours to drop
+    if keep.is_file() and not (tmp / ".gitignore").exists():
+        shutil.copy2(keep, tmp / ".gitignore")
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)

@@ -95,10 +95,11 @@ class Prepare:
 
 @dataclass(frozen=True)
 class Trainer:
-    """Knobs of sam3's Trainer; each one is read by configs/train/sam3ft.yaml (checked)."""
+    """Knobs of sam3's Trainer; each one is read by configs/train/sam3ft.yaml (checked), except
+    num_gpus and num_nodes, which the launcher (sam3ft.train.launch) consumes."""
 
-    accelerator: str
-    """cpu | cuda."""
+    num_gpus: int
+    """GPUs per node, one training process each; 0 trains on the CPU."""
     max_epochs: int
     """Epochs to train (the trainer runs exactly this many)."""
     batch_size: int
@@ -145,9 +146,28 @@ class Trainer:
     """Parameter groups that train: trunk, neck, text, encoder, decoder, geometry, heads; others frozen."""
     segmentation: bool
     """Train the mask head (mask losses). Not implemented yet: false freezes the mask head."""
+    num_nodes: int = 1
+    """Machines (SLURM nodes) with num_gpus each; more than 1 needs launcher.kind: slurm."""
+
+    @property
+    def accelerator(self) -> str:
+        """cuda with at least one GPU, else cpu (what sam3's trainer calls `accelerator`)."""
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: one per GPU on every node (1 on the CPU)."""
+        return max(self.num_gpus, 1) * self.num_nodes
 
     def __post_init__(self) -> None:
-        _check(self.accelerator in ("cpu", "cuda"), "trainer.accelerator", self.accelerator, "cpu or cuda")
+        _check(self.num_gpus >= 0, "trainer.num_gpus", self.num_gpus, ">= 0 (0 = CPU)")
+        _check(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, ">= 1")
+        _check(
+            self.num_nodes == 1 or self.num_gpus >= 1,
+            "trainer.num_nodes",
+            self.num_nodes,
+            "1 when trainer.num_gpus is 0 (CPU training is single-process)",
+        )
         for name in (
             "max_epochs",
             "batch_size",
@@ -199,7 +219,7 @@ class Trainer:
             not (self.amp and self.accelerator == "cpu"),
             "trainer.amp",
             self.amp,
-            "false when trainer.accelerator is cpu (sam3 autocasts on CUDA only)",
+            "false when trainer.num_gpus is 0 (sam3 autocasts on CUDA only)",
         )
 
 
@@ -243,6 +263,31 @@ class Export:
         _check(self.tolerance >= 0, "export.tolerance", self.tolerance, ">= 0")
 
 
+@dataclass(frozen=True)
+class Launcher:
+    """Where training processes run: this machine, or a SLURM cluster through submitit."""
+
+    kind: str
+    """local (one process per GPU here, as sam3's trainer spawns them) | slurm (submitit)."""
+    partition: str | None = None
+    """SLURM partition."""
+    account: str | None = None
+    """SLURM account."""
+    qos: str | None = None
+    """SLURM quality of service."""
+    timeout_min: int = 24 * 60
+    """SLURM time limit, minutes."""
+    cpus_per_task: int = 8
+    """CPUs per training process (data loading)."""
+    mem_gb: int | None = None
+    """Memory per node, GB (None: the partition's default)."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("local", "slurm"), "launcher.kind", self.kind, "local or slurm")
+        _check(self.timeout_min >= 1, "launcher.timeout_min", self.timeout_min, ">= 1")
+        _check(self.cpus_per_task >= 1, "launcher.cpus_per_task", self.cpus_per_task, ">= 1")
+
+
 SECTIONS: dict[str, type] = {
     "paths": Paths,
     "base": Base,
@@ -250,6 +295,7 @@ SECTIONS: dict[str, type] = {
     "fetch": Fetch,
     "prepare": Prepare,
     "trainer": Trainer,
+    "launcher": Launcher,
     "evaluate": Evaluate,
     "export": Export,
 }

@@ -25,11 +25,12 @@ from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec, load_spec_file
 from sam3ft.stages import pin_threads
 from sam3ft.train.compose import compose_trainer_config, resolved_yaml
+from sam3ft.train.launch import launch_local, launch_slurm
 from sam3ft.train.logging import STEPS_FILE, log_steps_to_dvclive, log_to_dvclive, read_steps
-from sam3ft.train.run import STATS_FILES, normalise_checkpoint, prepare_scratch, read_stats, run_trainer
+from sam3ft.train.run import STATS_FILES, normalise_checkpoint, prepare_scratch, read_stats
 
 log = logging.getLogger(__name__)
-SECTIONS = ["paths", "base", "model", "trainer"]
+SECTIONS = ["paths", "base", "model", "trainer", "launcher"]
 PACKAGES = ("sam3ft", "sam3", "torch", "torchvision", "hydra-core", "dvc", "dvclive", "pycocotools")
 
 
@@ -61,15 +62,12 @@ def trainer_knobs(
             f"{spec.name!r} is built for {spec.image_size} px (its RoPE tables are fixed at that size)",
             fix=f"set trainer.resolution: {spec.image_size}",
         )
-    if trainer.accelerator == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "params.yaml: trainer.accelerator=cuda but no CUDA device is visible",
-            fix="use trainer.accelerator: cpu, or run on a GPU machine",
-        )
     on_gpu = trainer.accelerator == "cuda"
     weights = manifest["weights"]
+    consumed_by_launcher = ("num_gpus", "num_nodes")
     return {
-        **dataclasses.asdict(trainer),
+        **{k: v for k, v in dataclasses.asdict(trainer).items() if k not in consumed_by_launcher},
+        "accelerator": trainer.accelerator,
         # relative to the repository root (DVC runs stages there): the recorded config stays the
         # same wherever the repo is cloned, so its hash in dvc.lock does too
         "data_dir": data_dir.as_posix(),
@@ -85,8 +83,10 @@ def trainer_knobs(
         "trainable": list(trainer.trainable),
         "telemetry_dir": (out_dir / "telemetry").as_posix(),
         # the trainer counts forward passes (micro-batches) as steps
+        "world_size": trainer.world_size,
+        # rank 0's forward passes: each rank gets 1/world of the images (DistributedSampler)
         "total_steps": trainer.max_epochs
-        * (train_images // (trainer.batch_size * trainer.grad_accum))
+        * (train_images // trainer.world_size // (trainer.batch_size * trainer.grad_accum))
         * trainer.grad_accum,
     }
 
@@ -101,6 +101,44 @@ def versions() -> dict[str, str]:
     return out
 
 
+def check_devices(trainer: Any, launcher: Any) -> None:
+    """Refuse a GPU count this machine cannot run (SLURM jobs get theirs from the cluster)."""
+    if trainer.num_nodes > 1 and launcher.kind != "slurm":
+        raise ConfigError(
+            f"params.yaml: trainer.num_nodes={trainer.num_nodes} needs launcher.kind: slurm",
+            fix="set launcher.kind: slurm (and its partition), or num_nodes: 1",
+        )
+    visible = torch.cuda.device_count()
+    if launcher.kind == "local" and trainer.num_gpus > visible:
+        raise ConfigError(
+            f"params.yaml: trainer.num_gpus={trainer.num_gpus} but this machine has {visible} CUDA device(s)",
+            fix=f"set trainer.num_gpus to at most {visible} (0 = CPU), or use launcher.kind: slurm",
+        )
+
+
+def launch(cfg: Any, trainer: Any, launcher: Any, scratch: Path) -> None:
+    """This machine (one process per GPU) or a SLURM job; both run sam3's trainer unchanged."""
+    if launcher.kind == "slurm":
+        launch_slurm(cfg, launcher, trainer.num_gpus, trainer.num_nodes, scratch / "submitit")
+    else:
+        launch_local(cfg, trainer.num_gpus)
+
+
+def launch_record(trainer: Any, launcher: Any) -> dict[str, Any]:
+    """How the run was spread, and what that does to the batch (no automatic lr rescaling)."""
+    return {
+        "launcher": launcher.kind,
+        "num_nodes": trainer.num_nodes,
+        "num_gpus": trainer.num_gpus,
+        "world_size": trainer.world_size,
+        "effective_batch": trainer.batch_size * trainer.grad_accum * trainer.world_size,
+        "per_process_batch": trainer.batch_size,
+        "grad_accum": trainer.grad_accum,
+        "lr_scaling": "none: trainer.lr_scale applies as set; scale it yourself when the effective "
+        "batch changes (linear rule: lr_scale x new/old effective batch)",
+    }
+
+
 def count_images(split_dir: Path) -> int:
     return len(json.loads((split_dir / ANNOTATIONS_FILE).read_text())["images"])
 
@@ -113,7 +151,8 @@ def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
         )
     extras = trainer.max_epochs // trainer.checkpoint_freq if trainer.checkpoint_freq else 0
     needed = 12 * n_params * (3 + extras) / GB  # scratch checkpoint(s) + tracked copy + DVC cache copy
-    check = check_disk(needed, shutil.disk_usage(root).free / GB, root)
+    existing = next(d for d in (root, *root.parents) if d.exists())  # outputs may not exist yet
+    check = check_disk(needed, shutil.disk_usage(existing).free / GB, existing)
     if check.status == "FAIL":
         raise ConfigError(f"not enough disk: {check.detail}", fix=check.fix)
     if trainer.accelerator == "cuda" and spec.name in PRESETS:
@@ -129,6 +168,7 @@ def run(p: dict[str, Any]) -> None:
     pin_threads(base.threads)
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
     manifest, spec = load_base(base_dir, p["model"].preset)
+    check_devices(trainer, p["launcher"])
     scratch = Path(paths.scratch) / "train"
     knobs = trainer_knobs(p, spec, manifest, base_dir, data_dir, scratch, count_images(data_dir / "train"))
     cfg = compose_trainer_config(knobs)
@@ -141,7 +181,7 @@ def run(p: dict[str, Any]) -> None:
     }
     if prepare_scratch(scratch, fingerprint):
         log.info("resuming from %s (same params, data and code)", scratch / "checkpoints")
-    run_trainer(cfg)
+    launch(cfg, trainer, p["launcher"], scratch)
     logs = scratch / "logs"
     train_stats, val_stats = (read_stats(logs, name) for name in STATS_FILES)
     if len(train_stats) != trainer.max_epochs:
@@ -158,6 +198,7 @@ def run(p: dict[str, Any]) -> None:
         )
         write_json(record / "dataset.json", {"prepared_sha256": fingerprint["data"], "path": str(data_dir)})
         write_json(record / "versions.json", fingerprint["versions"])
+        write_json(record / "launch.json", launch_record(trainer, p["launcher"]))
         write_json(record / "base_manifest.json", manifest)
         for name, stats in zip(STATS_FILES, (train_stats, val_stats), strict=True):
             write_json(record / name, stats)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,10 @@ class StepLogger:
     ) -> None:
         from sam3.train.utils.logger import make_tensorboard_logger
 
-        self.tb = make_tensorboard_logger(log_dir=log_dir, **tensorboard)
+        self.tb = make_tensorboard_logger(log_dir=log_dir, **tensorboard)  # writes on rank 0 only
+        self.rank0 = os.environ.get("RANK", "0") == "0"
+        if not self.rank0:  # other ranks train; only rank 0 writes files (as sam3's trainer does)
+            return
         Path(steps_file).parent.mkdir(parents=True, exist_ok=True)
         self.steps = open(steps_file, "a")  # noqa: SIM115 - open for the whole run
         self.telemetry = open_live(telemetry_dir, resume=True)
@@ -104,6 +108,8 @@ class StepLogger:
 
     def log(self, name: str, data: Any, step: int) -> None:
         self.tb.log(name, data, step)
+        if not self.rank0:
+            return
         value = float(data.detach()) if hasattr(data, "detach") else float(data)
         if name.startswith(_LOSS) or (name.startswith("Optim/") and name.endswith("/lr")):
             self.steps.write(json.dumps({"step": step, "name": _step_name(name), "value": value}) + "\n")

@@ -25,15 +25,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_trainer(cfg: DictConfig) -> None:
-    """Instantiate `cfg.trainer` and run it as rank 0 of a one-process group on loopback."""
+def run_trainer(
+    cfg: DictConfig,
+    rank: int = 0,
+    local_rank: int = 0,
+    world_size: int = 1,
+    master: tuple[str, int] | None = None,
+) -> None:
+    """Instantiate `cfg.trainer` and run it as one rank of a process group (rank 0 of 1 by default,
+    on loopback), the way sam3/train/train.py's single_proc_run does."""
     from sam3.train.utils.train_utils import register_omegaconf_resolvers
 
     compat.apply()
     if not OmegaConf.has_resolver("times"):
         register_omegaconf_resolvers()
+    host, port = master or ("127.0.0.1", _free_port())
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+        MASTER_ADDR=host,
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
     )
     try:
         trainer = instantiate(cfg.trainer, _recursive_=False)
