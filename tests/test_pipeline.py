@@ -64,6 +64,7 @@ def pipeline(tmp_path_factory):
     env.update(
         FAKE_SECRETS,
         PATH=f"{bin_dir}:{env['PATH']}",
+        PYTHONPATH="src",  # the clone's own code, not the editable install's checkout
         GIT_AUTHOR_NAME="t",
         GIT_AUTHOR_EMAIL="t@t",
         GIT_COMMITTER_NAME="t",
