@@ -178,9 +178,10 @@ def read_weights_file(path: Path) -> StateDict:
 
 def load_base_weights(model: nn.Module, path: Path, min_loaded: float) -> LoadReport:
     """Load what fits from `path` into `model` after checking it covers at least `min_loaded`."""
-    report = match_weights(model, read_weights_file(path))
+    file_state = read_weights_file(path)
+    report = match_weights(model, file_state)
     check_report(report, str(path), min_loaded)
-    state, _, _ = image_model_state(read_weights_file(path))
+    state, _, _ = image_model_state(file_state)
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
 

@@ -95,9 +95,8 @@ def normalise_checkpoint(src: Path, dst: Path) -> None:
     """Copy the trainer checkpoint with its wall-clock field zeroed, so equal runs hash equal.
 
     `time_elapsed` only feeds the trainer's ETA display; everything else is kept bit for bit.
+    `dst` lies in the stage's temporary output folder (atomic_dir), so a plain save is atomic enough.
     """
     ckpt = torch.load(src, map_location="cpu", weights_only=True)
     ckpt["time_elapsed"] = 0.0
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, dst)
+    torch.save(ckpt, dst)
