@@ -57,8 +57,26 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
         value = getattr(loaded["trainer"], field.name)
         if field.name in changed:
             continue
+        base = loaded["trainer"]
         if field.name == "amp_dtype":
             new = "float16"
+        elif field.name == "optimizer":
+            new = "adamw_bf16"
+        elif field.name in ("recipe", "lora_rank", "lora_alpha"):
+            # a recipe's values are checked to reach the config in test_every_recipe_composes; LoRA
+            # needs the trunk frozen, so perturb it on top of the lora recipe
+            if field.name == "recipe":
+                continue
+            base = dataclasses.replace(base, trainable=["neck", "heads"], lora_rank=4)
+            baseline_lora = resolved_yaml(
+                compose_trainer_config(knobs_for(dict(loaded, trainer=base))).trainer
+            )
+            value = getattr(base, field.name)
+            new = value + 1 if field.name == "lora_rank" else value * 0.5
+            perturbed = dict(loaded, trainer=dataclasses.replace(base, **{field.name: new}))
+            other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
+            assert other != baseline_lora, f"trainer.{field.name} does not reach the trainer config"
+            continue
         elif field.name == "resolution":
             continue  # tied to the preset; covered by test_resolution_must_match_preset
         elif isinstance(value, list):
@@ -69,7 +87,7 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
             new = value + 1 if field.name != "resize_min" else value - 32
         else:
             new = value * 0.5
-        perturbed = dict(loaded, trainer=dataclasses.replace(loaded["trainer"], **{field.name: new}))
+        perturbed = dict(loaded, trainer=dataclasses.replace(base, **{field.name: new}))
         other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
         assert other != baseline, f"trainer.{field.name} does not reach the trainer config"
     seeded = dict(loaded, base=dataclasses.replace(loaded["base"], seed=loaded["base"].seed + 1))
@@ -124,3 +142,46 @@ def test_paths_in_the_config_are_relative(loaded):
     text = resolved_yaml(compose_trainer_config(knobs_for(loaded)))
     assert str(REPO) not in text
     assert yaml.safe_load(text)["trainer"]["data"]["train"]["dataset"]["img_folder"].startswith("artifacts/")
+
+
+@pytest.mark.parametrize("name", params.recipes())
+def test_every_recipe_composes(loaded, name):
+    """Each shipped recipe fills the keys params.yaml leaves null, and they reach the trainer config."""
+    data = params.read_params(REPO / "params.yaml")
+    assert all(data["trainer"][k] is None for k in params.RECIPE_KEYS)  # the recipe decides by default
+    trainer = params.section_from_dict(params.Trainer, dict(data["trainer"], recipe=name), "trainer")
+    recipe = params.load_recipe(name)
+    assert {k: getattr(trainer, k) for k in params.RECIPE_KEYS} == recipe
+    cfg = compose_trainer_config(knobs_for(dict(loaded, trainer=trainer))).trainer
+    assert cfg.optim.optimizer.kind == recipe["optimizer"]
+    assert cfg.model.trainable == recipe["trainable"] and cfg.model.lora_rank == recipe["lora_rank"]
+
+
+def test_explicit_params_beat_the_recipe():
+    data = params.read_params(REPO / "params.yaml")
+    trainer = params.section_from_dict(
+        params.Trainer, dict(data["trainer"], recipe="lora", lora_rank=4, optimizer="adamw"), "trainer"
+    )
+    assert (trainer.lora_rank, trainer.optimizer, trainer.lora_alpha) == (4, "adamw", 32.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"recipe": "nope"}, "trainer.recipe='nope' has no file"),
+        ({"optimizer": "sgd"}, "trainer.optimizer='sgd' is invalid"),
+        ({"lora_rank": 8, "trainable": ["trunk", "heads"]}, "LoRA adapts a frozen trunk"),
+        ({"lora_rank": -1}, "trainer.lora_rank=-1 is invalid"),
+    ],
+)
+def test_bad_recipe_settings_name_the_key(change, fragment):
+    data = params.read_params(REPO / "params.yaml")
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        params.section_from_dict(params.Trainer, dict(data["trainer"], **change), "trainer")
+
+
+def test_recipe_file_with_wrong_keys_is_named(tmp_path, monkeypatch):
+    (tmp_path / "odd.yaml").write_text("optimizer: adamw\nbatch_size: 4\n")
+    monkeypatch.setattr(params, "recipes_dir", lambda: tmp_path)
+    with pytest.raises(ConfigError, match=r"odd\.yaml: keys"):
+        params.load_recipe("odd")

@@ -18,6 +18,8 @@ from sam3ft.errors import ConfigError
 from sam3ft.model.spec import PATCH_SIZE
 
 DEFAULT_PARAMS = Path("params.yaml")
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16")  # sam3ft.train.optim.make_optimizer
+RECIPE_KEYS = ("optimizer", "trainable", "lora_rank", "lora_alpha", "autocast_cache")  # set by trainer.recipe
 T = TypeVar("T")
 
 
@@ -143,11 +145,34 @@ class Trainer:
     amp_dtype: str
     """bfloat16 | float16."""
     trainable: list[str]
-    """Parameter groups that train: trunk, neck, text, encoder, decoder, geometry, heads; others frozen."""
+    """Parameter groups that train: trunk, neck, text, encoder, decoder, geometry, heads; others frozen.
+    From the recipe when params.yaml leaves it null."""
     segmentation: bool
     """Train the mask head (mask losses). Not implemented yet: false freezes the mask head."""
     num_nodes: int = 1
     """Machines (SLURM nodes) with num_gpus each; more than 1 needs launcher.kind: slurm."""
+    recipe: str = "stock"
+    """configs/recipes/<name>.yaml: values for optimizer, trainable and lora_* left null here."""
+    optimizer: str = "adamw"
+    """adamw (torch, as upstream) | adamw_fused | adamw_bf16 (bf16 moments: half the optimizer memory)."""
+    lora_rank: int = 0
+    """LoRA rank on the ViT trunk's attention (qkv, proj); 0 = off. Needs trunk frozen."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: adapters add (alpha / rank) * B A to each adapted weight."""
+    autocast_cache: bool = True
+    """Keep autocast's bf16 copies of the weights for the whole forward (torch default); false
+    casts per use: same numbers, up to 1.7 GB less peak memory for the full model."""
+
+    @classmethod
+    def with_recipe(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """`data` with every recipe key that is absent or null taken from the named recipe file."""
+        name = data.get("recipe", "stock")
+        if not isinstance(name, str):
+            raise ConfigError(
+                f"params.yaml: trainer.recipe={name!r} is invalid", fix=f"use one of {recipes()}"
+            )
+        recipe = load_recipe(name)
+        return {**data, **{k: recipe[k] for k in RECIPE_KEYS if data.get(k) is None}}
 
     @property
     def accelerator(self) -> str:
@@ -214,6 +239,17 @@ class Trainer:
             "trainer.segmentation",
             self.segmentation,
             "false: mask training is not implemented yet (boxes train; the mask head stays frozen)",
+        )
+        _check(
+            self.optimizer in OPTIMIZERS, "trainer.optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}"
+        )
+        _check(self.lora_rank >= 0, "trainer.lora_rank", self.lora_rank, ">= 0 (0 = no LoRA)")
+        _check(self.lora_alpha > 0, "trainer.lora_alpha", self.lora_alpha, "> 0")
+        _check(
+            self.lora_rank == 0 or "trunk" not in self.trainable,
+            "trainer.lora_rank",
+            self.lora_rank,
+            "0 while 'trunk' is in trainer.trainable (LoRA adapts a frozen trunk; drop 'trunk' to use it)",
         )
         _check(
             not (self.amp and self.accelerator == "cpu"),
@@ -288,6 +324,29 @@ class Launcher:
         _check(self.cpus_per_task >= 1, "launcher.cpus_per_task", self.cpus_per_task, ">= 1")
 
 
+def recipes_dir() -> Path:
+    """`configs/recipes/` of the repository (the package lives in `src/sam3ft`)."""
+    return Path(__file__).resolve().parents[2] / "configs" / "recipes"
+
+
+def recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """configs/recipes/<name>.yaml: one value for each of RECIPE_KEYS, nothing else."""
+    path = recipes_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"params.yaml: trainer.recipe={name!r} has no file {path}", fix=f"use one of {recipes()}"
+        )
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or set(data) != set(RECIPE_KEYS):
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"{path}: keys {found} are wrong", fix=f"set exactly {sorted(RECIPE_KEYS)}")
+    return data
+
+
 SECTIONS: dict[str, type] = {
     "paths": Paths,
     "base": Base,
@@ -329,6 +388,8 @@ def section_from_dict(cls: type[T], data: Any, name: str) -> T:
     """Build one section, naming the exact key on any unknown key, missing key or wrong type."""
     if not isinstance(data, dict):
         raise ConfigError(f"params.yaml: section '{name}' is not a mapping", fix="see README")
+    if cls is Trainer:
+        data = Trainer.with_recipe(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))

@@ -64,9 +64,9 @@ def trainer_knobs(
         )
     on_gpu = trainer.accelerator == "cuda"
     weights = manifest["weights"]
-    consumed_by_launcher = ("num_gpus", "num_nodes")
+    consumed_elsewhere = ("num_gpus", "num_nodes", "recipe")  # launcher; params.with_recipe
     return {
-        **{k: v for k, v in dataclasses.asdict(trainer).items() if k not in consumed_by_launcher},
+        **{k: v for k, v in dataclasses.asdict(trainer).items() if k not in consumed_elsewhere},
         "accelerator": trainer.accelerator,
         # relative to the repository root (DVC runs stages there): the recorded config stays the
         # same wherever the repo is cloned, so its hash in dvc.lock does too

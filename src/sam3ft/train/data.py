@@ -13,6 +13,7 @@ from sam3.train.data.torch_dataset import TorchDataset
 from torch.utils.data import DistributedSampler
 
 from sam3ft.model.build import build_model_from_file
+from sam3ft.model.lora import add_lora
 
 # Parameter-name prefixes of the groups `trainer.trainable` can list. Every parameter of a SAM3
 # image model belongs to a group (tests/test_train.py checks it on the full model); a parameter is
@@ -72,11 +73,26 @@ def frozen_prefixes(trainable: list[str]) -> tuple[str, ...]:
     return tuple(p for group, prefixes in GROUPS.items() if group not in trainable for p in prefixes)
 
 
-def build_trainable_model(spec_path: str, bpe_path: str, trainable: list[str]) -> torch.nn.Module:
-    """The model for the trainer, with every parameter outside `trainable` groups frozen."""
+def build_trainable_model(
+    spec_path: str,
+    bpe_path: str,
+    trainable: list[str],
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    autocast_cache: bool = True,
+) -> torch.nn.Module:
+    """The model for the trainer, with every parameter outside `trainable` groups frozen, and LoRA
+    adapters (trainable) on the trunk's attention when `lora_rank` > 0.
+
+    `autocast_cache` is process-wide: sam3's trainer builds its autocast contexts without
+    `cache_enabled`, so they take torch's global default, which is set here, in the training process.
+    """
+    torch.set_autocast_cache_enabled(autocast_cache)
     model = build_model_from_file(spec_path, bpe_path)
     frozen = frozen_prefixes(trainable)
     for name, param in model.named_parameters():
         if name.startswith(frozen):
             param.requires_grad_(False)
+    if lora_rank > 0:
+        add_lora(model, lora_rank, lora_alpha)
     return model

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sam3ft import compat
+from sam3ft.model.lora import has_lora, merge_state_dict
 
 STATS_FILES = ("train_stats.json", "val_stats.json")
 
@@ -94,9 +95,13 @@ def prepare_scratch(scratch: Path, fingerprint: dict[str, Any]) -> bool:
 def normalise_checkpoint(src: Path, dst: Path) -> None:
     """Copy the trainer checkpoint with its wall-clock field zeroed, so equal runs hash equal.
 
-    `time_elapsed` only feeds the trainer's ETA display; everything else is kept bit for bit.
+    LoRA adapters are merged into the weights they adapt. `time_elapsed` only feeds the trainer's ETA
+    display; everything else is kept bit for bit.
     `dst` lies in the stage's temporary output folder (atomic_dir), so a plain save is atomic enough.
     """
     ckpt = torch.load(src, map_location="cpu", weights_only=True)
     ckpt["time_elapsed"] = 0.0
+    if has_lora(ckpt["model"]):  # fold adapters in: evaluate and export see sam3's own key layout
+        ckpt["model"] = merge_state_dict(ckpt["model"])
+        ckpt["lora_merged"] = True
     torch.save(ckpt, dst)
