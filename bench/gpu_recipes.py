@@ -1,0 +1,203 @@
+"""Training recipes side by side: s/step, images/s, peak GPU memory, loss per step, GPU busy share.
+
+Each `recipe:batch` runs in its own process (clean CUDA memory, own process group) through sam3's
+own Trainer composed exactly as the train stage composes it (configs/train + params + recipe): real
+batches of the prepared sample, sam3's loss, clipping, schedulers, DDP wrapper. Only the epoch
+loop is ours, so a run stops after `--steps` steps without validation or a 10 GB checkpoint.
+
+    python bench/gpu_recipes.py --params .gpu/sam3-1.yaml --steps 20 stock:1 lean:1 lean:8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FirstBatches:
+    """The first `n` batches of the train set, over as many epochs as it takes (a loader with len)."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        self.dataset, self.n = dataset, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Any:
+        epoch, given = 0, 0
+        while True:
+            for batch in self.dataset.get_loader(epoch=epoch):
+                if given == self.n:
+                    return
+                yield batch
+                given += 1
+            epoch += 1
+
+
+def trainer_params(path: Path, recipe: str, batch: int, workers: int | None = None) -> dict[str, Any]:
+    from sam3ft import params
+    from sam3ft.stages import train as stage
+
+    data = params.read_params(path)
+    data["trainer"].update(recipe=recipe, batch_size=batch, optimizer=None, trainable=None)
+    data["trainer"].update(lora_rank=None, lora_alpha=None, autocast_cache=None)
+    if workers is not None:
+        data["trainer"]["num_workers"] = workers
+    return {
+        name: params.section_from_dict(params.SECTIONS[name], data[name], name) for name in stage.SECTIONS
+    }
+
+
+def one(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one recipe:batch in this process; returns its figures."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from sam3.train.utils.train_utils import register_omegaconf_resolvers
+
+    from sam3ft import compat
+    from sam3ft.stages import train as stage
+    from sam3ft.train import logging as step_logging
+    from sam3ft.train.compose import compose_trainer_config
+    from sam3ft.train.run import _free_port
+
+    recipe, batch, *steps = args.one.split(":")
+    if steps:
+        args.steps = int(steps[0])
+    p = trainer_params(Path(args.params), recipe, int(batch), args.workers)
+    paths = p["paths"]
+    base_dir, data_dir = Path(paths.base), Path(paths.prepared)
+    manifest, spec = stage.load_base(base_dir, p["model"].preset)
+    out = Path(args.scratch) / f"{recipe}-{batch}"
+    knobs = stage.trainer_knobs(
+        p, spec, manifest, base_dir, data_dir, out, stage.count_images(data_dir / "train")
+    )
+    cfg = compose_trainer_config(knobs)
+    compat.apply()
+    if not OmegaConf.has_resolver("times"):
+        register_omegaconf_resolvers()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0")
+    os.environ["WORLD_SIZE"] = "1"
+
+    logged: list[tuple[str, float, int]] = []
+    original = step_logging.StepLogger.log
+
+    def capture(self: Any, name: str, data: Any, step: int) -> None:
+        original(self, name, data, step)
+        logged.append((name, float(data.detach()) if hasattr(data, "detach") else float(data), step))
+
+    step_logging.StepLogger.log = capture  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    trainer = instantiate(cfg.trainer, _recursive_=False)
+    build_s = time.perf_counter() - t0
+    trainer.model.train()
+    module = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    n_params = sum(q.numel() for q in module.parameters())
+    n_train = sum(q.numel() for q in module.parameters() if q.requires_grad)
+    trainer.train_epoch(FirstBatches(trainer.train_dataset, args.steps))
+    figures: dict[str, Any] = {}
+    if args.profile:
+        figures["gpu_busy"] = gpu_busy(trainer, args.profile)
+    rows = {name: [(s, v) for n, v, s in logged if n == name] for name in {n for n, _, _ in logged}}
+    step_s = [v for _, v in rows["Step_Stats/train/Batch Time"]]
+    mem = [v for _, v in rows["Step_Stats/train/Mem (GB)"]]
+    timed = step_s[args.warmup :]
+    return {
+        "recipe": recipe,
+        "batch": int(batch),
+        "optimizer": p["trainer"].optimizer,
+        "trainable": p["trainer"].trainable,
+        "lora_rank": p["trainer"].lora_rank,
+        "autocast_cache": p["trainer"].autocast_cache,
+        "num_workers": p["trainer"].num_workers,
+        "params": n_params,
+        "trainable_params": n_train,
+        "build_s": round(build_s, 1),
+        "steps": len(step_s),
+        "s_per_step": round(statistics.median(timed), 3),
+        "images_per_s": round(int(batch) / statistics.median(timed), 2),
+        "peak_gb": round(max(mem), 2),
+        "peak_gb_step0": round(mem[0], 2),
+        "loss": [round(v, 4) for _, v in sorted(rows[step_logging._LOSS])],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        **figures,
+    }
+
+
+def gpu_busy(trainer: Any, steps: int) -> float:
+    """Share of wall time the GPU spends in kernels over `steps` more steps (torch profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        trainer.train_epoch(FirstBatches(trainer.train_dataset, steps))
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+    return round(kernel_us / 1e6 / wall, 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="*", help="recipe:batch[:steps], e.g. stock:1:50 lean:8")
+    parser.add_argument(
+        "--params", required=True, help="params file (sam3 preset, paths to fetched base/prepared)"
+    )
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--profile", type=int, default=0, help="then profile this many steps for GPU busy")
+    parser.add_argument("--scratch", default="/tmp/gpu-recipes")
+    parser.add_argument("--workers", type=int, help="override trainer.num_workers (data-loader processes)")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per run")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="-", help="JSON lines file ('-': stdout)")
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(args)), flush=True)
+        return
+    sink = sys.stdout if args.out == "-" else open(args.out, "a")  # noqa: SIM115
+    for run in args.runs:
+        cmd = [sys.executable, __file__, "--one", run, *sys.argv[1:]]
+        cmd = [c for c in cmd if c not in args.runs or c == run]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+        except subprocess.TimeoutExpired as exc:
+            proc = subprocess.CompletedProcess(
+                cmd, -9, str(exc.stdout or ""), f"timeout after {args.timeout} s"
+            )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout)[-3000:]
+            oom = "OutOfMemoryError" in tail or "CUDA out of memory" in tail
+            result = {
+                "run": run,
+                "error": "out of memory" if oom else f"exit {proc.returncode}",
+                "tail": tail,
+            }
+        else:
+            result = json.loads(lines[-1][len("RESULT ") :])
+        result["wall_s"] = round(time.perf_counter() - t0, 1)
+        sink.write(json.dumps(result) + "\n")
+        sink.flush()
+        print(
+            run, {k: v for k, v in result.items() if k not in ("loss", "tail")}, file=sys.stderr, flush=True
+        )
+
+
+if __name__ == "__main__":
+    main()
