@@ -26,7 +26,7 @@ from packaging.utils import canonicalize_name
 
 from sam3ft import params as params_module
 from sam3ft.errors import ConfigError
-from sam3ft.model.spec import load_preset
+from sam3ft.model.spec import ModelSpec, load_preset
 
 Status = Literal["OK", "WARN", "FAIL"]
 GB = 1e9  # decimal gigabytes, as df -H and nvidia-smi's GB show them
@@ -53,12 +53,10 @@ class PresetFacts:
 
     params: float
     """Parameter count."""
-    vram_points: tuple[tuple[int, float], ...] = ()
-    """Measured training peaks (batch size, GB) with bf16 autocast at the preset's image_size."""
 
 
 PRESETS = {
-    "sam3": PresetFacts(840e6, ((1, 15.4), (2, 16.7), (4, 19.2), (8, 24.2))),
+    "sam3": PresetFacts(840e6),
     "tiny": PresetFacts(4.3e6),
 }
 
@@ -164,30 +162,12 @@ def check_accelerator(accelerator: str) -> Check:
     return Check("OK", "accelerator", f"{accelerator}; CUDA device: {device}")
 
 
-def fit_line(points: tuple[tuple[int, float], ...]) -> tuple[float, float]:
-    """Least-squares (a, b) of y = a + b*x."""
-    n = len(points)
-    mean_x, mean_y = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
-    sxx = sum((x - mean_x) ** 2 for x, _ in points)
-    b = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
-    return mean_y - b * mean_x, b
+def vram_estimate_gb(spec: ModelSpec, trainer: params_module.Trainer, vocab: Path) -> tuple[float, str]:
+    """Estimated training peak in GB for this preset and recipe (sam3ft.train.memory), and how."""
+    from sam3ft.train.memory import param_counts, training_peak_gb
 
-
-def vram_estimate_gb(facts: PresetFacts, batch_size: int, amp: bool) -> tuple[float, str]:
-    """Estimated training peak in GB, and how it was made.
-
-    Measured presets (sam3 at 1008 px, bf16 autocast: 15.4/16.7/19.2/24.2 GB at batch 1/2/4/8) use the
-    line a + b*batch fitted to the peaks (sam3: ~14.2 + 1.25*batch; a ~ 840 M x 16 B plus CUDA context).
-    Without amp, activations are fp32, so b is doubled (an assumption, not measured). Other presets get
-    weights fp32 4 B + grads 4 B + AdamW moments 8 B = 16 B/param, a lower bound without activations.
-    """
-    if not facts.vram_points:
-        return facts.params * 16 / GB, "weights + grads + AdamW only (16 B/param), activations not measured"
-    a, b = fit_line(facts.vram_points)
-    how = f"fit {a:.1f} + {b:.2f} GB x batch to measured bf16 peaks"
-    if not amp:
-        b, how = 2 * b, how + "; fp32 activations (amp off) taken as 2x"
-    return a + b * batch_size, how
+    total, trainable = param_counts(spec, vocab, trainer.trainable, trainer.lora_rank)
+    return training_peak_gb(spec, total, trainable, trainer)
 
 
 def check_vram(estimate_gb: float, how: str, free_gb: float | None, total_gb: float | None) -> Check:
@@ -436,7 +416,9 @@ def run_params_checks(p: dict[str, Any], repo_root: Path, env: Mapping[str, str]
     checks = [check_preset(p), check_accelerator(trainer.accelerator)]
     if facts is not None:
         memory = cuda_memory_gb() if trainer.accelerator == "cuda" else None
-        estimate, how = vram_estimate_gb(facts, trainer.batch_size, trainer.amp)
+        from sam3ft.model.build import bundled_vocab
+
+        estimate, how = vram_estimate_gb(load_preset(p["model"].preset), trainer, bundled_vocab())
         checks.append(check_vram(estimate, how, *(memory or (None, None))))
         free_gb = shutil.disk_usage(repo_root).free / GB
         checks.append(check_disk(disk_needed_gb(facts.params, trainer, p["export"]), free_gb, repo_root))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
@@ -26,6 +27,8 @@ from sam3.model.vl_combiner import SAM3VLBackbone
 from torch import nn
 
 from sam3ft import compat
+from sam3ft.errors import ConfigError
+from sam3ft.layout import VOCAB_NAME
 from sam3ft.model.spec import PATCH_SIZE, ModelSpec
 
 
@@ -269,6 +272,16 @@ def build_model_from_file(spec_path: str, bpe_path: str, training: bool = True) 
     from sam3ft.model.spec import load_spec_file
 
     return build_model(load_spec_file(spec_path), bpe_path, training=training)
+
+
+def bundled_vocab() -> Path:
+    """sam3 0.1.4 ships no BPE vocab; open_clip_torch ships the identical file."""
+    import open_clip
+
+    path = Path(open_clip.__file__).parent / VOCAB_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path} missing from open_clip_torch", fix="pip install open_clip_torch")
+    return path
 
 
 @contextlib.contextmanager

@@ -16,23 +16,13 @@ from typing import Any
 from sam3ft.errors import ConfigError
 from sam3ft.io import atomic_dir, sha256_file, write_json
 from sam3ft.layout import MANIFEST, SPEC_FILE, VOCAB_NAME
-from sam3ft.model.build import build_model, empty_weights
+from sam3ft.model.build import build_model, bundled_vocab, empty_weights
 from sam3ft.model.spec import ModelSpec, load_preset
 from sam3ft.model.weights import check_report, match_weights, read_weights_file
 from sam3ft.remote.weights import WeightsSource, download, parse_source
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "model", "fetch"]
-
-
-def bundled_vocab() -> Path:
-    """sam3 0.1.4 ships no BPE vocab; open_clip_torch ships the identical file."""
-    import open_clip
-
-    path = Path(open_clip.__file__).parent / VOCAB_NAME
-    if not path.is_file():
-        raise ConfigError(f"{path} missing from open_clip_torch", fix="pip install open_clip_torch")
-    return path
 
 
 def verify_weights(path: Path, spec: ModelSpec, vocab: Path, min_loaded: float) -> dict[str, Any]:

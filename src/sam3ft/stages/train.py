@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 
-from sam3ft.doctor import GB, PRESETS, check_disk, check_vram, cuda_memory_gb, vram_estimate_gb
+from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb, vram_estimate_gb
 from sam3ft.errors import ConfigError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
@@ -155,8 +155,8 @@ def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
     check = check_disk(needed, shutil.disk_usage(existing).free / GB, existing)
     if check.status == "FAIL":
         raise ConfigError(f"not enough disk: {check.detail}", fix=check.fix)
-    if trainer.accelerator == "cuda" and spec.name in PRESETS:
-        estimate, how = vram_estimate_gb(PRESETS[spec.name], trainer.batch_size, trainer.amp)
+    if trainer.accelerator == "cuda":
+        estimate, how = vram_estimate_gb(spec, trainer, vocab)
         memory = cuda_memory_gb()
         vram = check_vram(estimate, how, *(memory or (None, None)))
         if vram.status == "FAIL":

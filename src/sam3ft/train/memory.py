@@ -1,0 +1,71 @@
+"""Peak GPU memory of a training run, estimated per recipe before any GPU work.
+
+peak = fp32 weights (4 B x all params)
+     + grads (4 B x trainable; DDP keeps them in its buckets for the whole run)
+     + optimizer moments (8 B x trainable for adamw/adamw_fused, 4 B for adamw_bf16)
+     + autocast's bf16 weight copies (2 B x all params) while trainer.autocast_cache is true
+     + activations: a measured GB per image at the preset's resolution, one figure when the backward
+       pass runs through the ViT trunk (trunk trains, or LoRA adapts it), one when it stops above it
+     + a small measured constant (CUDA workspaces, loss and matcher buffers).
+The per-image figures and the constant were fitted on the stock and frozen-trunk runs of
+bench/gpu_recipes.md (H100, bf16 autocast); the other recipes' peaks there are predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sam3ft.model.build import build_model, empty_weights
+from sam3ft.model.lora import add_lora
+from sam3ft.model.spec import ModelSpec
+from sam3ft.train.data import frozen_prefixes
+
+GB = 1e9
+STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_bf16": 4}
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Measured activation memory of one preset at its image_size with bf16 autocast."""
+
+    trunk_backward_gb: float
+    """GB per image when the backward pass goes through the ViT trunk (trunk trains, or LoRA)."""
+    frozen_trunk_gb: float
+    """GB per image when trunk and text encoder are frozen."""
+    constant_gb: float
+    """GB independent of batch and parameters."""
+
+
+MEASURED = {"sam3": Activations(trunk_backward_gb=1.77, frozen_trunk_gb=0.90, constant_gb=0.15)}
+
+
+def param_counts(spec: ModelSpec, vocab: Path, trainable: list[str], lora_rank: int) -> tuple[int, int]:
+    """(all, trainable) parameters of the model the trainer builds, counted on the meta device."""
+    with empty_weights():
+        model = build_model(spec, str(vocab), training=True, coord_cache=False)
+        frozen = frozen_prefixes(trainable)
+        for name, param in model.named_parameters():
+            param.requires_grad_(not name.startswith(frozen))
+        if lora_rank > 0:
+            add_lora(model, lora_rank, 1.0)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Any) -> tuple[float, str]:
+    """Estimated peak allocated GPU memory in GB for `trainer` (params.Trainer), and how it was made."""
+    static = 4 * total + trainable * (4 + STATE_BYTES[trainer.optimizer])
+    if trainer.amp and trainer.autocast_cache:
+        static += 2 * total
+    how = f"{total / 1e6:.0f} M params, {trainable / 1e6:.1f} M trainable, {trainer.optimizer}"
+    act = MEASURED.get(spec.name)
+    if act is None:
+        return static / GB, how + "; activations of this preset not measured (a lower bound)"
+    through_trunk = "trunk" in trainer.trainable or trainer.lora_rank > 0
+    per_image = act.trunk_backward_gb if through_trunk else act.frozen_trunk_gb
+    how += f", {per_image:.2f} GB activations per image (measured)"
+    if not trainer.amp:
+        per_image, how = 2 * per_image, how + " x 2 for fp32 (amp off; assumed, not measured)"
+    return static / GB + act.constant_gb + per_image * trainer.batch_size, how
