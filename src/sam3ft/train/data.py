@@ -3,6 +3,7 @@ gradient accumulation, and the model builder that freezes the groups a run does 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -12,13 +13,16 @@ from sam3.train.data.collator import collate_fn_api, collate_fn_api_with_chunkin
 from sam3.train.data.torch_dataset import TorchDataset
 from torch.utils.data import DistributedSampler
 
-from sam3ft.model.build import build_model_from_file
+from sam3ft.model.build import build_model
+from sam3ft.model.spec import load_spec_file
 
 # Parameter-name prefixes of the groups `trainer.trainable` can list. Every parameter of a SAM3
 # image model belongs to a group (tests/test_train.py checks it on the full model); a parameter is
 # frozen when any group it belongs to is. The neck's two finest levels (convs.0: 4x, convs.1: 2x)
 # feed only the mask head: without mask losses they get no gradient, which DDP refuses on the second
-# step ("Expected to have finished reduction"), so they belong to "masks" too.
+# step ("Expected to have finished reduction"), so they belong to "masks" too. "masks" is not a
+# `trainer.trainable` choice: it trains exactly when `trainer.segmentation` is true (the train stage
+# adds it), so the neck's mask levels train only with both "neck" listed and segmentation on.
 GROUPS: dict[str, tuple[str, ...]] = {
     "trunk": ("backbone.vision_backbone.trunk.",),
     "neck": ("backbone.vision_backbone.convs.", "backbone.vision_backbone.sam2_convs."),
@@ -72,9 +76,15 @@ def frozen_prefixes(trainable: list[str]) -> tuple[str, ...]:
     return tuple(p for group, prefixes in GROUPS.items() if group not in trainable for p in prefixes)
 
 
-def build_trainable_model(spec_path: str, bpe_path: str, trainable: list[str]) -> torch.nn.Module:
-    """The model for the trainer, with every parameter outside `trainable` groups frozen."""
-    model = build_model_from_file(spec_path, bpe_path)
+def build_trainable_model(
+    spec_path: str, bpe_path: str, trainable: list[str], segmentation: bool = False
+) -> torch.nn.Module:
+    """The model for the trainer, with every parameter outside `trainable` groups frozen;
+    `segmentation` adds the mask head to a preset built without one (tiny)."""
+    spec = load_spec_file(spec_path)
+    if segmentation:
+        spec = dataclasses.replace(spec, segmentation=True)
+    model = build_model(spec, bpe_path)
     frozen = frozen_prefixes(trainable)
     for name, param in model.named_parameters():
         if name.startswith(frozen):
