@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from pycocotools import mask as mask_utils
 from sam3.model import box_ops
 from sam3.model.data_misc import FindStage
 from torchvision.transforms import v2
@@ -19,6 +22,23 @@ class Detection:
     box_xyxy: tuple[float, float, float, float]
     score: float
     category_id: int
+    mask: dict[str, Any] | None = None
+    """COCO RLE `{"size": [h, w], "counts": str}` in original pixels; None without a mask head."""
+
+
+def masks_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """(N, H, W) bool masks -> COCO compressed RLEs, `counts` as text (JSON-ready)."""
+    encoded = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8)))
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()} for rle in encoded]
+
+
+def masks_in_pixels(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, h, w) mask logits -> (N, height, width) bool, as sam3's PostProcessImage does
+    (bilinear resize, then sigmoid > 0.5, i.e. logit > 0)."""
+    if logits.shape[0] == 0:
+        return torch.zeros((0, height, width), dtype=torch.bool)
+    resized = F.interpolate(logits[:, None].float(), (height, width), mode="bilinear", align_corners=False)
+    return resized[:, 0] > 0
 
 
 class Predictor:
@@ -52,8 +72,9 @@ class Predictor:
         return self._text_cache[prompt]
 
     @torch.inference_mode()
-    def raw_outputs(self, image: Image.Image, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q, 4) cxcywh boxes in [0, 1] and (Q,) scores = sigmoid(logit) * sigmoid(presence)."""
+    def outputs(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
+        """`boxes` (Q, 4) cxcywh in [0, 1], `scores` (Q,) = sigmoid(logit) * sigmoid(presence), and,
+        when the model has a mask head, `masks` (Q, h, w) logits at the model's mask resolution."""
         pixels = v2.functional.to_image(image.convert("RGB")).to(self.device)
         backbone_out = self.model.backbone.forward_image(self.transform(pixels).unsqueeze(0))
         backbone_out.update(self._text(prompt))
@@ -65,17 +86,30 @@ class Predictor:
         )
         presence = out["presence_logit_dec"].sigmoid().unsqueeze(1)  # (1, 1, 1)
         scores = (out["pred_logits"].sigmoid() * presence).squeeze(-1)[0]  # (Q,)
-        return out["pred_boxes"][0].float(), scores.float()
+        found = {"boxes": out["pred_boxes"][0].float(), "scores": scores.float()}
+        if out.get("pred_masks") is not None:
+            found["masks"] = out["pred_masks"][0].float()  # (Q, h, w): image_size / 4 for SAM3
+        return found
+
+    def raw_outputs(self, image: Image.Image, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, 4) cxcywh boxes in [0, 1] and (Q,) scores (see `outputs`)."""
+        found = self.outputs(image, prompt)
+        return found["boxes"], found["scores"]
 
     def predict(self, image: Image.Image, prompts: dict[int, str], max_dets: int) -> list[Detection]:
-        """Best `max_dets` detections per prompt, boxes in original pixels, highest score first."""
+        """Best `max_dets` detections per prompt, boxes (and masks, with a mask head) in original
+        pixels, highest score first."""
         width, height = image.size
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         detections = []
         for category_id, prompt in prompts.items():
-            boxes, scores = self.raw_outputs(image, prompt)
+            found = self.outputs(image, prompt)
+            scores = found["scores"]
             order = torch.sort(scores, descending=True, stable=True).indices[:max_dets]
-            xyxy = box_ops.box_cxcywh_to_xyxy(boxes[order]).clamp(0, 1).cpu() * scale  # inside image
-            for box, score in zip(xyxy.tolist(), scores[order].tolist(), strict=True):
-                detections.append(Detection(tuple(box), float(score), category_id))
+            xyxy = box_ops.box_cxcywh_to_xyxy(found["boxes"][order]).clamp(0, 1).cpu() * scale  # inside image
+            masks: list[dict[str, Any] | None] = [None] * len(order)
+            if "masks" in found:
+                masks = list(masks_to_rle(masks_in_pixels(found["masks"][order], height, width)))
+            for box, score, mask in zip(xyxy.tolist(), scores[order].tolist(), masks, strict=True):
+                detections.append(Detection(tuple(box), float(score), category_id, mask))
         return detections
