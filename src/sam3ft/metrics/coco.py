@@ -34,7 +34,8 @@ def _evaluate(gt_path: Path, results: list[dict[str, Any]], iou_type: str = "bbo
         gt = COCO(str(gt_path))
         if not results:  # pycocotools refuses an empty result list
             return None
-        evaluator = COCOeval(gt, gt.loadRes(results), iouType=iou_type)
+        # loadRes writes into the records (id, area, a box polygon as `segmentation`): give it copies
+        evaluator = COCOeval(gt, gt.loadRes([dict(r) for r in results]), iouType=iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

@@ -72,7 +72,8 @@ def overlay(
     names = {c["id"]: c["name"] for c in coco["categories"]}
     gt = [a for a in coco["annotations"] if a["image_id"] == record["id"]]
     dets = [r for r in results if r["image_id"] == record["id"] and r["score"] >= threshold]
-    with Image.open(split_dir / record["file_name"]) as image:
+    with Image.open(split_dir / record["file_name"]) as opened:
+        image: Image.Image = opened
         if any("segmentation" in r for r in results):
             height, width = record["height"], record["width"]
             gt_masks = [
