@@ -26,19 +26,17 @@ class Detection:
     """COCO RLE `{"size": [h, w], "counts": str}` in original pixels; None without a mask head."""
 
 
-def masks_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """(N, H, W) bool masks -> COCO compressed RLEs, `counts` as text (JSON-ready)."""
-    encoded = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8)))
-    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()} for rle in encoded]
+def mask_to_rle(mask: torch.Tensor) -> dict[str, Any]:
+    """(H, W) bool mask -> COCO compressed RLE, `counts` as text (JSON-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
 
 
-def masks_in_pixels(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(N, h, w) mask logits -> (N, height, width) bool, as sam3's PostProcessImage does
-    (bilinear resize, then sigmoid > 0.5, i.e. logit > 0)."""
-    if logits.shape[0] == 0:
-        return torch.zeros((0, height, width), dtype=torch.bool)
-    resized = F.interpolate(logits[:, None].float(), (height, width), mode="bilinear", align_corners=False)
-    return resized[:, 0] > 0
+def mask_in_pixels(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(h, w) mask logits -> (height, width) bool, as sam3's PostProcessImage does (bilinear
+    resize, then sigmoid > 0.5, i.e. logit > 0)."""
+    resized = F.interpolate(logits[None, None].float(), (height, width), mode="bilinear", align_corners=False)
+    return resized[0, 0] > 0
 
 
 class Predictor:
@@ -108,8 +106,8 @@ class Predictor:
             order = torch.sort(scores, descending=True, stable=True).indices[:max_dets]
             xyxy = box_ops.box_cxcywh_to_xyxy(found["boxes"][order]).clamp(0, 1).cpu() * scale  # inside image
             masks: list[dict[str, Any] | None] = [None] * len(order)
-            if "masks" in found:
-                masks = list(masks_to_rle(masks_in_pixels(found["masks"][order], height, width)))
+            if "masks" in found:  # one at a time: 100 full-size masks of a 12 MP photo are 1.2 GB
+                masks = [mask_to_rle(mask_in_pixels(m, height, width)) for m in found["masks"][order]]
             for box, score, mask in zip(xyxy.tolist(), scores[order].tolist(), masks, strict=True):
                 detections.append(Detection(tuple(box), float(score), category_id, mask))
         return detections
