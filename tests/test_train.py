@@ -251,6 +251,8 @@ def test_segmentation_trains_the_mask_head_evaluates_and_exports_masks(tmp_path,
     assert info["spec"]["segmentation"] is True
     parity = json.loads((tmp_path / "True/export/parity.json").read_text())
     assert 0 <= parity["max_mask_error"] <= parity["tolerance"]
+    card = (tmp_path / "True/export/model/README.md").read_text()
+    assert f"| valid (masks) | {metrics['segm']['AP']} | {metrics['segm']['AP50']} |" in card
 
 
 def test_segmentation_refuses_annotations_without_masks(tmp_path, shipped_params):

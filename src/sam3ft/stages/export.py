@@ -78,6 +78,12 @@ def model_card(info: dict[str, Any], metrics: dict[str, Any], run: Path) -> str:
         f"| {split} | {m.get('AP', '-')} | {m.get('AP50', '-')} | {m.get('AR@100', '-')} |"
         for split, m in metrics.items()
     )
+    if any("segm" in m for m in metrics.values()):  # a model with a mask head: its mask AP too
+        rows += "\n" + "\n".join(
+            f"| {split} (masks) | {m['segm']['AP']} | {m['segm']['AP50']} | {m['segm']['AR@100']} |"
+            for split, m in metrics.items()
+            if "segm" in m
+        )
     prompt = next(iter(info["prompts"].values()))
     base = info["base"]
     origin = " ".join(str(base[k]) for k in ("source", "location") if base.get(k))
