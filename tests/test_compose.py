@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from conftest import REPO
 from sam3ft import params
 from sam3ft.errors import ConfigError
 from sam3ft.model.spec import load_preset, presets_dir
-from sam3ft.stages.train import trainer_knobs
+from sam3ft.stages.train import config_name, trainer_knobs, with_mask_head
 from sam3ft.train.compose import compose_trainer_config, config_dir, resolved_yaml
 
 
 def knobs_for(p: dict) -> dict:
-    spec = load_preset(p["model"].preset)
+    spec = with_mask_head(load_preset(p["model"].preset), p["trainer"].segmentation)
     manifest = {"weights": {"source": "none"}, "min_loaded": 0.95}
     base, prepared, scratch = Path("artifacts/base"), Path("artifacts/prepared"), Path(".work/train")
     return trainer_knobs(p, spec, manifest, base, prepared, scratch, train_images=24)
@@ -50,9 +51,9 @@ def test_shipped_config_composes_with_shipped_params(loaded):
 def test_every_trainer_param_changes_the_composed_config(loaded):
     """No knob is dead: perturbing any one trainer value changes the resolved trainer config."""
     baseline = resolved_yaml(compose_trainer_config(knobs_for(loaded)).trainer)
-    # GPUs, amp and segmentation cannot be switched on here (validated); the dead-knob check proves the
-    # trainer reads amp and segmentation; num_gpus/num_nodes go to the launcher (tests/test_launch.py)
-    changed = {"num_gpus": None, "num_nodes": None, "amp": None, "segmentation": None}
+    # GPUs and amp cannot be switched on here (validated); the dead-knob check proves the trainer
+    # reads amp; num_gpus/num_nodes go to the launcher (tests/test_launch.py)
+    changed = {"num_gpus": None, "num_nodes": None, "amp": None}
     for field in dataclasses.fields(params.Trainer):
         value = getattr(loaded["trainer"], field.name)
         if field.name in changed:
@@ -88,7 +89,8 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
         else:
             new = value * 0.5
         perturbed = dict(loaded, trainer=dataclasses.replace(base, **{field.name: new}))
-        other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
+        name = config_name(perturbed["trainer"].segmentation)
+        other = resolved_yaml(compose_trainer_config(knobs_for(perturbed), name=name).trainer)
         assert other != baseline, f"trainer.{field.name} does not reach the trainer config"
     seeded = dict(loaded, base=dataclasses.replace(loaded["base"], seed=loaded["base"].seed + 1))
     assert resolved_yaml(compose_trainer_config(knobs_for(seeded)).trainer) != baseline
@@ -185,3 +187,27 @@ def test_recipe_file_with_wrong_keys_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(params, "recipes_dir", lambda: tmp_path)
     with pytest.raises(ConfigError, match=r"odd\.yaml: keys"):
         params.load_recipe("odd")
+
+
+def test_segmentation_adds_mask_losses_masks_group_and_train_masks_only(loaded):
+    """trainer.segmentation: true composes sam3ft_masks.yaml: upstream's mask losses, the "masks"
+    group trainable, a mask head on tiny, masks loaded for the train split only (validation with masks
+    breaks sam3's resize, sam3/train/transforms/basic_for_api.py:213)."""
+    boxes = compose_trainer_config(knobs_for(loaded))
+    seg = dict(loaded, trainer=dataclasses.replace(loaded["trainer"], segmentation=True))
+    masks = compose_trainer_config(knobs_for(seg), name=config_name(True))
+    box_losses = OmegaConf.to_container(boxes.loss.loss_fns_find, resolve=True)
+    mask_losses = OmegaConf.to_container(masks.loss.loss_fns_find, resolve=True)
+    assert mask_losses[:2] == box_losses  # the repeated box losses have not drifted from sam3ft.yaml
+    assert mask_losses[2]["_target_"] == "sam3.train.loss.loss_fns.Masks"
+    assert mask_losses[2]["weight_dict"] == {"loss_mask": 20.0, "loss_dice": 1.0}
+    assert boxes.loss.loss_fn_semantic_seg is None
+    semantic = masks.loss.loss_fn_semantic_seg
+    assert semantic.weight_dict == {"loss_semantic_seg": 0.1, "loss_semantic_dice": 1.0}
+    train, val = masks.trainer.data.train, masks.trainer.data.val
+    assert (train.dataset.load_segmentation, train.collate_fn.with_seg_masks) == (True, True)
+    assert (val.dataset.load_segmentation, val.collate_fn.with_seg_masks) == (False, False)
+    assert masks.trainer.model.segmentation is True and "segmentation" not in boxes.trainer.model
+    assert list(masks.trainer.model.trainable) == [*loaded["trainer"].trainable, "masks"]
+    assert list(boxes.trainer.model.trainable) == list(loaded["trainer"].trainable)
+    assert "Masks" not in resolved_yaml(boxes)  # the box-only config is untouched

@@ -253,9 +253,8 @@ def test_vram_estimate_within_15_percent_of_every_measured_peak():
 
 def test_vram_estimate_terms():
     """Static terms from parameter counts alone; unmeasured presets say they are a lower bound."""
-    trainer = SimpleNamespace(
-        amp=False, autocast_cache=True, optimizer="adamw_bf16", trainable=["heads"], lora_rank=0, batch_size=64
-    )
+    trainer = SimpleNamespace(amp=False, autocast_cache=True, optimizer="adamw_bf16", trainable=["heads"])
+    trainer.lora_rank, trainer.batch_size = 0, 64
     tiny, how = memory.training_peak_gb(load_preset("tiny"), 1_000_000, 100_000, trainer)
     assert tiny == pytest.approx((4e6 + 100_000 * 8) / 1e9) and "not measured" in how
     sam3 = load_preset("sam3")

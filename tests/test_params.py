@@ -67,3 +67,9 @@ def test_integer_accepted_where_float_expected(tmp_path, shipped_params):
     shipped_params["trainer"]["lr_scale"] = 1
     path = write_params(tmp_path / "params.yaml", shipped_params)
     assert params.load(["trainer"], path)["trainer"].lr_scale == 1.0
+
+
+def test_segmentation_is_accepted(tmp_path, shipped_params):
+    shipped_params["trainer"]["segmentation"] = True
+    path = write_params(tmp_path / "params.yaml", shipped_params)
+    assert params.load(["trainer"], path)["trainer"].segmentation is True

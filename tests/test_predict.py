@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from sam3ft.__main__ import main as cli
 from sam3ft.errors import Sam3ftError
@@ -141,3 +142,72 @@ def test_sweep_and_confusion_rows():
     assert rows[1] == {"threshold": 0.65, "precision": 1.0, "recall": round(2 / 3, 6), "f1": 0.8}
     assert rows[2]["recall"] == 0.0
     assert confusion_rows(POSITIVE, best, 0.5)[3] == {"actual": "no object", "predicted": "object"}
+
+
+# masks: the first query's mask is exactly its box (rows 40-59, columns 50-149 of a 200x100 image),
+# the second query's is empty. Logits at the image's own size: resizing to it is the identity.
+BOX_MASK = torch.zeros(100, 200, dtype=torch.bool)
+BOX_MASK[40:60, 50:150] = True
+
+
+class FixedMaskModel(FixedModel):
+    """FixedModel with a mask head: `pred_masks` (1, Q, H, W) logits."""
+
+    def forward_grounding(self, **kwargs):
+        out = super().forward_grounding(**kwargs)
+        logits = torch.full((1, 2, 100, 200), -10.0)
+        logits[0, 0][BOX_MASK] = 10.0
+        return {**out, "pred_masks": logits}
+
+
+def decode(rle: dict) -> torch.Tensor:
+    return torch.from_numpy(mask_utils.decode({**rle, "counts": rle["counts"].encode()}).astype(bool))
+
+
+def test_predictor_gives_rle_masks_in_original_pixels():
+    dets = Predictor(FixedMaskModel(), 28).predict(Image.new("RGB", (200, 100)), {1: "fuse"}, max_dets=5)
+    assert [d.mask["size"] for d in dets] == [[100, 200], [100, 200]]
+    assert torch.equal(decode(dets[0].mask), BOX_MASK)
+    assert not decode(dets[1].mask).any()
+    boxes_only = Predictor(FixedModel(), 28).predict(Image.new("RGB", (200, 100)), {1: "f"}, max_dets=5)
+    assert [d.mask for d in boxes_only] == [None, None]
+
+
+def test_predict_images_writes_masks_and_tints_them(tmp_path):
+    Image.new("RGB", (200, 100), (10, 20, 30)).save(tmp_path / "box.png")
+    predictor = Predictor(FixedMaskModel(), 28)
+    predict_images(predictor, [tmp_path / "box.png"], {1: "fuse"}, 0.5, 100, tmp_path / "out")
+    (image,) = json.loads((tmp_path / "out" / "detections.json").read_text())["images"]
+    (det,) = image["detections"]
+    assert torch.equal(decode(det["segmentation"]), BOX_MASK)
+    with Image.open(tmp_path / "out" / "overlays" / "box.jpg") as overlay:
+        inside, outside = overlay.getpixel((100, 50)), overlay.getpixel((20, 20))
+    assert inside[0] > 100 and outside[0] < 30  # red tint at 40% over (10, 20, 30) inside the mask only
+
+
+def test_evaluation_of_perfect_masks_scores_one(tmp_path):
+    """predict_split + split_report on a fixed-output model: its mask is the ground truth's, so segm
+    AP is 1.0 (pycocotools); the weak second detection is a false positive ranked last."""
+    from sam3ft.stages.evaluate import predict_split, split_report
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "a.jpg")
+    polygon = [50, 40, 150, 40, 150, 60, 50, 60]
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 40, 100, 20], "area": 2000,
+             "iscrowd": 0, "segmentation": [polygon]},
+        ],
+        "categories": [{"id": 1, "name": "fuse"}],
+    }  # fmt: skip
+    gt = tmp_path / "_annotations.coco.json"
+    gt.write_text(json.dumps(coco))
+    gt_mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([polygon], 100, 200)))
+    assert torch.equal(torch.from_numpy(gt_mask.astype(bool)), BOX_MASK)  # the polygon rasterises to it
+    results = predict_split(Predictor(FixedMaskModel(), 28), tmp_path, coco, max_dets=5)
+    assert [set(r) for r in results] == [{"image_id", "category_id", "bbox", "score", "segmentation"}] * 2
+    metrics, _ = split_report(gt, coco, results, threshold=0.5)
+    assert metrics["segm"]["AP"] == 1.0 and metrics["segm"]["AP75"] == 1.0 and metrics["segm"]["AR@1"] == 1.0
+    assert metrics["AP"] == 1.0  # the box, too
+    results_without_masks = predict_split(Predictor(FixedModel(), 28), tmp_path, coco, max_dets=5)
+    assert "segm" not in split_report(gt, coco, results_without_masks, threshold=0.5)[0]

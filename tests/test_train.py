@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -169,3 +170,110 @@ def test_several_classes_and_negative_images_train_and_evaluate(tmp_path, shippe
         for c in json.loads((tmp_path / "prepared/valid/_annotations.coco.json").read_text())["categories"]
     }
     assert prompts == {1: "fuse neutrals", 2: "fuse carrier"}
+
+
+def base_weights_with_mask_head(path: Path) -> dict[str, torch.Tensor]:
+    """A tiny model's weights, mask head included, saved as a base-weights file: the reference both
+    runs start from, so 'changed' and 'unchanged' are exact comparisons."""
+    from sam3ft.model.build import build_model
+    from sam3ft.model.spec import load_preset
+    from sam3ft.stages.train import with_mask_head
+
+    torch.manual_seed(0)
+    spec = with_mask_head(load_preset("tiny"), True)
+    state = build_model(spec, str(fetch.bundled_vocab()), training=False, coord_cache=False).state_dict()
+    torch.save({"model": state}, path)
+    return state
+
+
+def in_group(key: str, group: str) -> bool:
+    from sam3ft.train.data import GROUPS
+
+    return key.startswith(GROUPS[group])
+
+
+def test_segmentation_trains_the_mask_head_evaluates_and_exports_masks(tmp_path, shipped_params):
+    """trainer.segmentation: true on tiny: a mask head is added, the mask losses are logged, every
+    "masks" parameter moves (they stay put with segmentation false), evaluate reports `segm`
+    metrics and RLE predictions, and the export carries the mask head."""
+    from sam3ft.stages import evaluate, export
+
+    base = base_weights_with_mask_head(tmp_path / "base.pt")
+    runs = {}
+    for seg in (True, False):
+        shipped = json.loads(json.dumps(shipped_params))
+        shipped["fetch"]["weights"] = str(tmp_path / "base.pt")
+        shipped["evaluate"]["splits"] = ["valid"]
+        path = workspace(tmp_path / str(seg), shipped, max_epochs=1, segmentation=seg)
+        finish(train(path))
+        runs[seg] = path
+        trained = torch.load(tmp_path / str(seg) / "train/checkpoint.pt", weights_only=True)["model"]
+        masks = [k for k in trained if in_group(k, "masks") and trained[k].is_floating_point()]
+        changed = [k for k in masks if not torch.equal(trained[k], base[k])]
+        if seg:
+            assert any(k.startswith("segmentation_head.") for k in masks)
+            # The pixel decoder's last stage never runs: it is built with 3 upsampling stages (as
+            # upstream's builder does) but gets 3 feature levels, so it loops over 2
+            # (sam3/model/maskformer_segmentation.py:206-217). Everything else of the group trained.
+            unused = (
+                "segmentation_head.pixel_decoder.conv_layers.2.",
+                "segmentation_head.pixel_decoder.norms.2.",
+            )
+            assert changed == [k for k in masks if not k.startswith(unused)]
+        else:
+            assert all(not k.startswith("segmentation_head.") for k in trained)  # tiny: no mask head
+            assert sorted({k.split(".")[3] for k in masks}) == ["0", "1"]  # convs.0/.1 exist, frozen
+            assert changed == []
+            decoder = [k for k in trained if k.startswith("transformer.decoder.") and "weight" in k]
+            assert any(not torch.equal(trained[k], base[k]) for k in decoder)  # the rest did train
+
+    steps = tmp_path / "True/train/dvclive-steps/plots/metrics/step"
+    for name in ("loss_mask", "loss_dice", "loss_semantic_seg", "loss_semantic_dice"):
+        rows = (steps / f"{name}.tsv").read_text().splitlines()[1:]
+        values = [float(r.split("\t")[-1]) for r in rows]
+        assert len(values) == 12 and all(math.isfinite(v) for v in values), name  # 24 images / 2
+        assert max(values) > 0, name
+    assert not (tmp_path / "False/train/dvclive-steps/plots/metrics/step/loss_mask.tsv").exists()
+    record = (tmp_path / "True/train/run/trainer_config.yaml").read_text()
+    assert "sam3.train.loss.loss_fns.Masks" in record and "- masks" in record
+
+    evaluate.run(params.load(evaluate.SECTIONS, runs[True]))
+    metrics = json.loads((tmp_path / "True/eval/metrics.json").read_text())["valid"]
+    assert set(metrics["segm"]) == set(metrics) - {"segm", "image_level"}  # AP, AP50, ... as for boxes
+    assert all(-1.0 <= v <= 1.0 for v in metrics["segm"].values())
+    predictions = json.loads((tmp_path / "True/eval/predictions/valid.json").read_text())
+    assert predictions and all(set(p["segmentation"]) == {"size", "counts"} for p in predictions)
+    evaluate.run(params.load(evaluate.SECTIONS, runs[False]))
+    assert "segm" not in json.loads((tmp_path / "False/eval/metrics.json").read_text())["valid"]
+
+    export.run(params.load(export.SECTIONS, runs[True]))
+    info = json.loads((tmp_path / "True/export/model/model.json").read_text())
+    assert info["spec"]["segmentation"] is True
+    parity = json.loads((tmp_path / "True/export/parity.json").read_text())
+    assert 0 <= parity["max_mask_error"] <= parity["tolerance"]
+    card = (tmp_path / "True/export/model/README.md").read_text()
+    assert f"| valid (masks) | {metrics['segm']['AP']} | {metrics['segm']['AP50']} |" in card
+
+
+def test_segmentation_refuses_annotations_without_masks(tmp_path, shipped_params):
+    """Before any compute: the file, the field and the ids are named."""
+    import shutil
+
+    from sam3ft.errors import DatasetError
+    from sam3ft.stages import train as train_stage
+
+    data = tmp_path / "data" / "boxes-only"
+    shutil.copytree(REPO / "data" / "find-fuse-neutrals-v5", data)
+    path = data / "train" / "_annotations.coco.json"
+    coco = json.loads(path.read_text())
+    del coco["annotations"][3]["segmentation"]
+    path.write_text(json.dumps(coco))
+    shipped_params["prepare"]["dataset"] = "boxes-only"
+    params_path = workspace(tmp_path, shipped_params, data=tmp_path / "data", segmentation=True)
+    with pytest.raises(DatasetError) as err:
+        train_stage.run(params.load(train_stage.SECTIONS, params_path))
+    prepared = tmp_path / "prepared" / "train" / "_annotations.coco.json"
+    assert f"{prepared}: 1 annotation(s) have no 'segmentation'" in str(err.value)
+    assert f"ids [{coco['annotations'][3]['id']}]" in str(err.value)
+    assert "trainer.segmentation: false" in err.value.fix
+    assert not (tmp_path / "scratch").exists()  # refused before the trainer's folder was made

@@ -15,7 +15,7 @@ from sam3ft.data.coco import IMAGE_SUFFIXES
 from sam3ft.errors import Sam3ftError
 from sam3ft.io import write_json
 from sam3ft.model.predict import Detection, Predictor
-from sam3ft.viz import PREDICTION, draw_boxes
+from sam3ft.viz import PREDICTION, draw_boxes, draw_masks, segmentation_mask
 
 
 @dataclass
@@ -44,12 +44,16 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 
 def detection_record(det: Detection, prompts: dict[int, str]) -> dict[str, Any]:
-    return {
+    """One detection as JSON; with a mask head, `segmentation` is its COCO RLE in image pixels."""
+    record = {
         "box_xyxy": [round(v, 2) for v in det.box_xyxy],
         "score": round(det.score, 4),
         "category_id": det.category_id,
         "prompt": prompts[det.category_id],
     }
+    if det.mask is not None:
+        record["segmentation"] = det.mask
+    return record
 
 
 def overlay_name(path: Path, taken: set[str]) -> str:
@@ -82,8 +86,9 @@ def predict_images(
             continue
         kept = [d for d in predictor.predict(image, prompts, max_dets) if d.score >= threshold]
         overlay = overlay_name(path, taken)
+        masks = [segmentation_mask(d.mask, image.height, image.width) for d in kept if d.mask is not None]
         draw_boxes(
-            image,
+            draw_masks(image, masks, PREDICTION),
             [d.box_xyxy for d in kept],
             [f"{prompts[d.category_id]} {d.score:.2f}" for d in kept],
             PREDICTION,

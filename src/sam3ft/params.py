@@ -148,7 +148,8 @@ class Trainer:
     """Parameter groups that train: trunk, neck, text, encoder, decoder, geometry, heads; others frozen.
     From the recipe when params.yaml leaves it null."""
     segmentation: bool
-    """Train the mask head (mask losses). Not implemented yet: false freezes the mask head."""
+    """Train masks too: COCO polygons/RLE of the train split, mask + semantic losses, a mask head
+    (added to presets without one) and the neck levels feeding it. false: boxes only, those frozen."""
     num_nodes: int = 1
     """Machines (SLURM nodes) with num_gpus each; more than 1 needs launcher.kind: slurm."""
     recipe: str = "stock"
@@ -233,12 +234,6 @@ class Trainer:
             "trainer.trainable",
             self.trainable,
             f"a non-empty list of {list(groups)}",
-        )
-        _check(
-            not self.segmentation,
-            "trainer.segmentation",
-            self.segmentation,
-            "false: mask training is not implemented yet (boxes train; the mask head stays frozen)",
         )
         _check(
             self.optimizer in OPTIMIZERS, "trainer.optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}"

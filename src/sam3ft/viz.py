@@ -1,10 +1,14 @@
-"""Drawing boxes on images for people to look at: dataset previews, evaluation and predict overlays."""
+"""Drawing boxes and masks on images for people to look at: dataset previews, evaluation and predict
+overlays."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
 GROUND_TRUTH = (40, 220, 60)  # green
 PREDICTION = (255, 40, 40)  # red
@@ -30,3 +34,24 @@ def draw_boxes(
 def xywh_to_xyxy(box: Sequence[float]) -> list[float]:
     x, y, w, h = box
     return [x, y, x + w, y + h]
+
+
+def segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygons, RLE or uncompressed RLE) as an (height, width) bool array."""
+    if isinstance(segmentation, list):  # polygons: one RLE each, merged
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle).astype(bool)
+
+
+def draw_masks(
+    image: Image.Image, masks: Sequence[np.ndarray], color: tuple[int, int, int], alpha: float = 0.4
+) -> Image.Image:
+    """A copy of `image` (RGB) with each (H, W) bool mask tinted in `color` at opacity `alpha`."""
+    out = np.asarray(image.convert("RGB")).astype(np.float32)
+    for mask in masks:
+        out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, dtype=np.float32)
+    return Image.fromarray(out.round().astype(np.uint8))

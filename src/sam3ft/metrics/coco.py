@@ -1,4 +1,4 @@
-"""COCO box metrics with pycocotools, named as people read them (AP, AP50, AR@100, ...)."""
+"""COCO box and mask metrics with pycocotools, named as people read them (AP, AP50, AR@100, ...)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-# Order of COCOeval.stats for iouType="bbox".
+# Order of COCOeval.stats for iouType "bbox" and "segm".
 STAT_NAMES = (
     "AP",
     "AP50",
@@ -28,13 +28,14 @@ STAT_NAMES = (
 )
 
 
-def _evaluate(gt_path: Path, results: list[dict[str, Any]]) -> COCOeval | None:
+def _evaluate(gt_path: Path, results: list[dict[str, Any]], iou_type: str = "bbox") -> COCOeval | None:
     """A finished COCOeval, or None when there is nothing to evaluate (no detections)."""
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         gt = COCO(str(gt_path))
         if not results:  # pycocotools refuses an empty result list
             return None
-        evaluator = COCOeval(gt, gt.loadRes(results), iouType="bbox")
+        # loadRes writes into the records (id, area, a box polygon as `segmentation`): give it copies
+        evaluator = COCOeval(gt, gt.loadRes([dict(r) for r in results]), iouType=iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -51,6 +52,23 @@ def coco_box_metrics(gt_path: Path, results: list[dict[str, Any]]) -> dict[str, 
     if evaluator is None:
         return {name: 0.0 for name in STAT_NAMES}
     return {name: round(float(v), 6) for name, v in zip(STAT_NAMES, evaluator.stats, strict=True)}
+
+
+def coco_mask_metrics(gt_path: Path, results: list[dict[str, Any]]) -> dict[str, float]:
+    """Mask metrics (iouType "segm") of results carrying `segmentation` RLEs, against the
+    annotations' polygons/RLEs; same names and conventions as `coco_box_metrics`."""
+    # without `bbox`, pycocotools' loadRes takes each result's area from its mask (the bbox branch
+    # would use the box area, putting masks in the wrong small/medium/large bucket)
+    masks = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    evaluator = _evaluate(gt_path, masks, iou_type="segm")
+    if evaluator is None:
+        return {name: 0.0 for name in STAT_NAMES}
+    return {name: round(float(v), 6) for name, v in zip(STAT_NAMES, evaluator.stats, strict=True)}
+
+
+def has_masks(coco: dict[str, Any]) -> bool:
+    """Whether every annotation carries a mask (polygons or RLE): mask metrics need it."""
+    return bool(coco["annotations"]) and all(a.get("segmentation") for a in coco["annotations"])
 
 
 def pr_curve(gt_path: Path, results: list[dict[str, Any]], iou: float = 0.5) -> list[dict[str, float]]:

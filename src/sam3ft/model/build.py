@@ -267,13 +267,6 @@ def build_model(
     return model
 
 
-def build_model_from_file(spec_path: str, bpe_path: str, training: bool = True) -> Sam3Image:
-    """Trainer entry point (`trainer.model._target_`): the spec comes as a YAML file."""
-    from sam3ft.model.spec import load_spec_file
-
-    return build_model(load_spec_file(spec_path), bpe_path, training=training)
-
-
 def bundled_vocab() -> Path:
     """sam3 0.1.4 ships no BPE vocab; open_clip_torch ships the identical file."""
     import open_clip

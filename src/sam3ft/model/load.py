@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -12,12 +13,21 @@ from sam3ft.model.build import build_model
 from sam3ft.model.spec import ModelSpec, load_spec_file
 from sam3ft.model.weights import load_trainer_checkpoint, verify_and_load
 
+MASK_HEAD = "segmentation_head."  # parameter prefix of the mask head
+
 
 def load_trained(base_dir: Path, checkpoint: Path) -> tuple[Sam3Image, ModelSpec]:
-    """An eval-mode model with the checkpoint's weights, every key verified."""
+    """An eval-mode model with the checkpoint's weights, every key verified.
+
+    A run with `trainer.segmentation: true` adds a mask head to presets without one (tiny): the
+    checkpoint's keys say so, and the returned spec records it (export's model.json carries it on).
+    """
     spec = load_spec_file(base_dir / SPEC_FILE)
+    state = load_trainer_checkpoint(checkpoint)
+    if not spec.segmentation and any(k.startswith(MASK_HEAD) for k in state):
+        spec = dataclasses.replace(spec, segmentation=True)
     model = build_model(spec, str(base_dir / VOCAB_NAME), training=False, coord_cache=False)
-    verify_and_load(model, load_trainer_checkpoint(checkpoint), str(checkpoint))
+    verify_and_load(model, state, str(checkpoint))
     return model.eval(), spec
 
 

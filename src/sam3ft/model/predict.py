@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from pycocotools import mask as mask_utils
 from sam3.model import box_ops
 from sam3.model.data_misc import FindStage
 from torchvision.transforms import v2
@@ -19,6 +22,21 @@ class Detection:
     box_xyxy: tuple[float, float, float, float]
     score: float
     category_id: int
+    mask: dict[str, Any] | None = None
+    """COCO RLE `{"size": [h, w], "counts": str}` in original pixels; None without a mask head."""
+
+
+def mask_to_rle(mask: torch.Tensor) -> dict[str, Any]:
+    """(H, W) bool mask -> COCO compressed RLE, `counts` as text (JSON-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
+
+
+def mask_in_pixels(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(h, w) mask logits -> (height, width) bool, as sam3's PostProcessImage does (bilinear
+    resize, then sigmoid > 0.5, i.e. logit > 0)."""
+    resized = F.interpolate(logits[None, None].float(), (height, width), mode="bilinear", align_corners=False)
+    return resized[0, 0] > 0
 
 
 class Predictor:
@@ -52,8 +70,9 @@ class Predictor:
         return self._text_cache[prompt]
 
     @torch.inference_mode()
-    def raw_outputs(self, image: Image.Image, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q, 4) cxcywh boxes in [0, 1] and (Q,) scores = sigmoid(logit) * sigmoid(presence)."""
+    def outputs(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
+        """`boxes` (Q, 4) cxcywh in [0, 1], `scores` (Q,) = sigmoid(logit) * sigmoid(presence), and,
+        when the model has a mask head, `masks` (Q, h, w) logits at the model's mask resolution."""
         pixels = v2.functional.to_image(image.convert("RGB")).to(self.device)
         backbone_out = self.model.backbone.forward_image(self.transform(pixels).unsqueeze(0))
         backbone_out.update(self._text(prompt))
@@ -65,17 +84,30 @@ class Predictor:
         )
         presence = out["presence_logit_dec"].sigmoid().unsqueeze(1)  # (1, 1, 1)
         scores = (out["pred_logits"].sigmoid() * presence).squeeze(-1)[0]  # (Q,)
-        return out["pred_boxes"][0].float(), scores.float()
+        found = {"boxes": out["pred_boxes"][0].float(), "scores": scores.float()}
+        if out.get("pred_masks") is not None:
+            found["masks"] = out["pred_masks"][0].float()  # (Q, h, w): image_size / 4 for SAM3
+        return found
+
+    def raw_outputs(self, image: Image.Image, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, 4) cxcywh boxes in [0, 1] and (Q,) scores (see `outputs`)."""
+        found = self.outputs(image, prompt)
+        return found["boxes"], found["scores"]
 
     def predict(self, image: Image.Image, prompts: dict[int, str], max_dets: int) -> list[Detection]:
-        """Best `max_dets` detections per prompt, boxes in original pixels, highest score first."""
+        """Best `max_dets` detections per prompt, boxes (and masks, with a mask head) in original
+        pixels, highest score first."""
         width, height = image.size
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         detections = []
         for category_id, prompt in prompts.items():
-            boxes, scores = self.raw_outputs(image, prompt)
+            found = self.outputs(image, prompt)
+            scores = found["scores"]
             order = torch.sort(scores, descending=True, stable=True).indices[:max_dets]
-            xyxy = box_ops.box_cxcywh_to_xyxy(boxes[order]).clamp(0, 1).cpu() * scale  # inside image
-            for box, score in zip(xyxy.tolist(), scores[order].tolist(), strict=True):
-                detections.append(Detection(tuple(box), float(score), category_id))
+            xyxy = box_ops.box_cxcywh_to_xyxy(found["boxes"][order]).clamp(0, 1).cpu() * scale  # inside image
+            masks: list[dict[str, Any] | None] = [None] * len(order)
+            if "masks" in found:  # one at a time: 100 full-size masks of a 12 MP photo are 1.2 GB
+                masks = [mask_to_rle(mask_in_pixels(m, height, width)) for m in found["masks"][order]]
+            for box, score, mask in zip(xyxy.tolist(), scores[order].tolist(), masks, strict=True):
+                detections.append(Detection(tuple(box), float(score), category_id, mask))
         return detections

@@ -3,10 +3,12 @@
 Outputs (paths.eval), per split:
 - metrics.json: COCO box metrics (pycocotools) and image-level detection at `evaluate.threshold`
   (TP/FP/FN/TN counting images without annotations as negatives, precision, recall, F1, specificity);
-- predictions/<split>.json: COCO results records;
+  with a mask head (a `trainer.segmentation: true` run, or the sam3 preset), `segm`: the same COCO
+  metrics on masks, for splits whose annotations all carry masks;
+- predictions/<split>.json: COCO results records (`segmentation` RLE too, with a mask head);
 - plots/<split>_threshold.json (precision/recall/F1 vs score threshold), plots/<split>_pr.json
   (PR curve at IoU 0.5), plots/<split>_confusion.json (image-level confusion matrix rows);
-- live/: dvclive images, ground truth (green) vs predictions above the threshold (red).
+- live/: dvclive images, ground truth (green) vs predictions above the threshold (red), masks tinted.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from sam3ft.errors import ConfigError
 from sam3ft.io import atomic_dir, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT
 from sam3ft.live import open_live
-from sam3ft.metrics.coco import coco_box_metrics, pr_curve
+from sam3ft.metrics.coco import coco_box_metrics, coco_mask_metrics, has_masks, pr_curve
 from sam3ft.metrics.image_level import best_scores, confusion, confusion_rows, threshold_sweep
 from sam3ft.model.load import device_for, load_trained
 from sam3ft.model.predict import Predictor
 from sam3ft.stages import pin_threads
-from sam3ft.viz import GROUND_TRUTH, PREDICTION, draw_boxes, xywh_to_xyxy
+from sam3ft.viz import GROUND_TRUTH, PREDICTION, draw_boxes, draw_masks, segmentation_mask, xywh_to_xyxy
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "trainer", "evaluate"]
@@ -37,7 +39,8 @@ SWEEP = [i / 20 for i in range(21)]  # score thresholds 0.00, 0.05, ..., 1.00
 def predict_split(
     predictor: Predictor, split_dir: Path, coco: dict[str, Any], max_dets: int
 ) -> list[dict[str, Any]]:
-    """COCO results records (bbox xywh, original pixels) for every image of a prepared split."""
+    """COCO results records (bbox xywh, original pixels; `segmentation` RLE when the model has a
+    mask head) for every image of a prepared split."""
     prompts = {c["id"]: c["name"] for c in coco["categories"]}
     results = []
     for record in coco["images"]:
@@ -45,14 +48,15 @@ def predict_split(
             detections = predictor.predict(image, prompts, max_dets)
         for det in detections:
             x0, y0, x1, y1 = det.box_xyxy
-            results.append(
-                {
-                    "image_id": record["id"],
-                    "category_id": det.category_id,
-                    "bbox": [round(v, 3) for v in (x0, y0, x1 - x0, y1 - y0)],
-                    "score": round(det.score, 6),
-                }
-            )
+            result = {
+                "image_id": record["id"],
+                "category_id": det.category_id,
+                "bbox": [round(v, 3) for v in (x0, y0, x1 - x0, y1 - y0)],
+                "score": round(det.score, 6),
+            }
+            if det.mask is not None:
+                result["segmentation"] = det.mask
+            results.append(result)
     return results
 
 
@@ -63,11 +67,19 @@ def overlay(
     results: list[dict[str, Any]],
     threshold: float,
 ) -> Image.Image:
-    """One image with its ground truth (green) and detections scoring >= threshold (red)."""
+    """One image with its ground truth (green) and detections scoring >= threshold (red); masks
+    are drawn when the predictions have them."""
     names = {c["id"]: c["name"] for c in coco["categories"]}
     gt = [a for a in coco["annotations"] if a["image_id"] == record["id"]]
     dets = [r for r in results if r["image_id"] == record["id"] and r["score"] >= threshold]
-    with Image.open(split_dir / record["file_name"]) as image:
+    with Image.open(split_dir / record["file_name"]) as opened:
+        image: Image.Image = opened
+        if any("segmentation" in r for r in results):
+            height, width = record["height"], record["width"]
+            gt_masks = [
+                segmentation_mask(a["segmentation"], height, width) for a in gt if a.get("segmentation")
+            ]
+            image = draw_masks(draw_masks(image, gt_masks, GROUND_TRUTH), mask_arrays(dets), PREDICTION)
         out = draw_boxes(
             image, [xywh_to_xyxy(a["bbox"]) for a in gt], [names[a["category_id"]] for a in gt], GROUND_TRUTH
         )
@@ -79,6 +91,15 @@ def overlay(
     )
 
 
+def mask_arrays(results: list[dict[str, Any]]) -> list[Any]:
+    """The (H, W) bool masks of results that carry one."""
+    return [
+        segmentation_mask(r["segmentation"], *r["segmentation"]["size"])
+        for r in results
+        if "segmentation" in r
+    ]
+
+
 def split_report(
     gt_path: Path, coco: dict[str, Any], results: list[dict[str, Any]], threshold: float
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
@@ -87,6 +108,11 @@ def split_report(
     positive = {img["id"]: img["id"] in with_gt for img in coco["images"]}
     best = best_scores(results)
     metrics: dict[str, Any] = coco_box_metrics(gt_path, results) if with_gt else {}
+    if with_gt and any("segmentation" in r for r in results):
+        if has_masks(coco):
+            metrics["segm"] = coco_mask_metrics(gt_path, results)
+        else:
+            log.warning("%s: some annotations have no mask: no mask metrics (segm) for this split", gt_path)
     metrics["image_level"] = {"threshold": threshold, **confusion(positive, best, threshold).summary()}
     plots: dict[str, list[dict[str, Any]]] = {
         "threshold": threshold_sweep(positive, best, SWEEP),

@@ -5,8 +5,9 @@ against the fetched base weights), optionally `model.pt` for upstream's loader, 
 to rebuild it), the vocab and a model card (README.md). Two checks, on every validation image:
 - reload: a fresh model built from the export alone must reproduce the trained model with its
   weights rounded to the export dtype *exactly* (else the stage fails: the files are wrong);
-- parity: the export vs the trained float32 model; the max box and score differences go to
-  parity.json (a DVC metric) and the stage fails above `export.tolerance`.
+- parity: the export vs the trained float32 model; the max box and score differences (and mask
+  probability differences, with a mask head) go to parity.json (a DVC metric) and the stage fails
+  above `export.tolerance`.
 """
 
 from __future__ import annotations
@@ -50,16 +51,24 @@ def max_differences(
     images: list[Image.Image],
     prompts: dict[int, str],
 ) -> dict[str, float]:
-    """Max |difference| of raw boxes (normalised cxcywh) and scores of two models over images."""
-    box_err = score_err = 0.0
+    """Max |difference| of raw boxes (normalised cxcywh) and scores of two models over images, and
+    of mask probabilities (sigmoid of the logits) when the models have a mask head."""
+    errors: dict[str, float] = {"max_box_error": 0.0, "max_score_error": 0.0}
     pa, pb = Predictor(a, resolution), Predictor(b, resolution)
     for image in images:
         for prompt in prompts.values():
-            boxes_a, scores_a = pa.raw_outputs(image, prompt)
-            boxes_b, scores_b = pb.raw_outputs(image, prompt)
-            box_err = max(box_err, (boxes_a - boxes_b).abs().max().item())
-            score_err = max(score_err, (scores_a - scores_b).abs().max().item())
-    return {"max_box_error": round(box_err, 8), "max_score_error": round(score_err, 8)}
+            out_a, out_b = pa.outputs(image, prompt), pb.outputs(image, prompt)
+            if set(out_a) != set(out_b):
+                raise WeightsError(
+                    f"one model has outputs {sorted(out_a)}, the other {sorted(out_b)}",
+                    fix="report this as a bug: the export lost or gained the mask head",
+                )
+            for key, name in (("boxes", "max_box_error"), ("scores", "max_score_error")):
+                errors[name] = max(errors[name], (out_a[key] - out_b[key]).abs().max().item())
+            if "masks" in out_a:
+                diff = (out_a["masks"].sigmoid() - out_b["masks"].sigmoid()).abs().max().item()
+                errors["max_mask_error"] = max(errors.get("max_mask_error", 0.0), diff)
+    return {name: round(value, 8) for name, value in errors.items()}
 
 
 def model_card(info: dict[str, Any], metrics: dict[str, Any], run: Path) -> str:
@@ -69,6 +78,12 @@ def model_card(info: dict[str, Any], metrics: dict[str, Any], run: Path) -> str:
         f"| {split} | {m.get('AP', '-')} | {m.get('AP50', '-')} | {m.get('AR@100', '-')} |"
         for split, m in metrics.items()
     )
+    if any("segm" in m for m in metrics.values()):  # a model with a mask head: its mask AP too
+        rows += "\n" + "\n".join(
+            f"| {split} (masks) | {m['segm']['AP']} | {m['segm']['AP50']} | {m['segm']['AR@100']} |"
+            for split, m in metrics.items()
+            if "segm" in m
+        )
     prompt = next(iter(info["prompts"].values()))
     base = info["base"]
     origin = " ".join(str(base[k]) for k in ("source", "location") if base.get(k))

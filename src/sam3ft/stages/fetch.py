@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sam3ft.errors import ConfigError
 from sam3ft.io import atomic_dir, sha256_file, write_json
 from sam3ft.layout import MANIFEST, SPEC_FILE, VOCAB_NAME
 from sam3ft.model.build import build_model, bundled_vocab, empty_weights

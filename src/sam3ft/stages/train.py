@@ -18,19 +18,20 @@ import torch
 import yaml
 
 from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb, vram_estimate_gb
-from sam3ft.errors import ConfigError
+from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
 from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec, load_spec_file
 from sam3ft.stages import pin_threads
-from sam3ft.train.compose import compose_trainer_config, resolved_yaml
+from sam3ft.train.compose import CONFIG_NAME, compose_trainer_config, resolved_yaml
 from sam3ft.train.launch import launch_local, launch_slurm
 from sam3ft.train.logging import STEPS_FILE, log_steps_to_dvclive, log_to_dvclive, read_steps
 from sam3ft.train.run import STATS_FILES, normalise_checkpoint, prepare_scratch, read_stats
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "model", "trainer", "launcher"]
+MASKS_CONFIG = "sam3ft_masks"  # configs/train/: sam3ft.yaml plus mask losses, for trainer.segmentation
 PACKAGES = ("sam3ft", "sam3", "torch", "torchvision", "hydra-core", "dvc", "dvclive", "pycocotools")
 
 
@@ -80,7 +81,8 @@ def trainer_knobs(
         "loss_device": trainer.accelerator,
         "init_weights": (base_dir / weights["file"]).as_posix() if "file" in weights else None,
         "min_loaded": manifest["min_loaded"],
-        "trainable": list(trainer.trainable),
+        # the "masks" group (mask head, neck levels feeding only it) trains exactly with segmentation
+        "trainable": list(trainer.trainable) + (["masks"] if trainer.segmentation else []),
         "telemetry_dir": (out_dir / "telemetry").as_posix(),
         # the trainer counts forward passes (micro-batches) as steps
         "world_size": trainer.world_size,
@@ -89,6 +91,33 @@ def trainer_knobs(
         * (train_images // trainer.world_size // (trainer.batch_size * trainer.grad_accum))
         * trainer.grad_accum,
     }
+
+
+def config_name(segmentation: bool) -> str:
+    """The trainer config to compose: the box-only one, or the one adding mask losses."""
+    return MASKS_CONFIG if segmentation else CONFIG_NAME
+
+
+def with_mask_head(spec: ModelSpec, segmentation: bool) -> ModelSpec:
+    """The architecture that trains: mask training adds the mask head to a preset without one."""
+    return dataclasses.replace(spec, segmentation=True) if segmentation else spec
+
+
+def check_masks(split_dir: Path) -> None:
+    """Refuse mask training on a split with annotations lacking masks (prepare drops empty ones).
+
+    sam3 would train such objects' boxes and silently skip their masks (`is_valid_mask`); a partly
+    masked dataset is far more often an export mistake than intent, so we stop and say which ones.
+    """
+    path = split_dir / ANNOTATIONS_FILE
+    missing = [a["id"] for a in json.loads(path.read_text())["annotations"] if not a.get("segmentation")]
+    if missing:
+        raise DatasetError(
+            f"{path}: {len(missing)} annotation(s) have no 'segmentation' (polygons or RLE), e.g. ids "
+            f"{missing[:5]}; trainer.segmentation: true needs a mask for every training object",
+            fix="export the dataset with masks (Roboflow: instance segmentation, COCO JSON), "
+            "or set trainer.segmentation: false to train boxes only",
+        )
 
 
 def versions() -> dict[str, str]:
@@ -168,10 +197,13 @@ def run(p: dict[str, Any]) -> None:
     pin_threads(base.threads)
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
     manifest, spec = load_base(base_dir, p["model"].preset)
+    spec = with_mask_head(spec, trainer.segmentation)
     check_devices(trainer, p["launcher"])
+    if trainer.segmentation:
+        check_masks(data_dir / "train")
     scratch = Path(paths.scratch) / "train"
     knobs = trainer_knobs(p, spec, manifest, base_dir, data_dir, scratch, count_images(data_dir / "train"))
-    cfg = compose_trainer_config(knobs)
+    cfg = compose_trainer_config(knobs, name=config_name(trainer.segmentation))
     preflight(spec, trainer, Path(paths.train).resolve().parent, base_dir / VOCAB_NAME)
     fingerprint: dict[str, Any] = {
         "trainer_config": resolved_yaml(cfg),

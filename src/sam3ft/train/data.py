@@ -3,6 +3,7 @@ gradient accumulation, and the model builder that freezes the groups a run does 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -12,14 +13,17 @@ from sam3.train.data.collator import collate_fn_api, collate_fn_api_with_chunkin
 from sam3.train.data.torch_dataset import TorchDataset
 from torch.utils.data import DistributedSampler
 
-from sam3ft.model.build import build_model_from_file
+from sam3ft.model.build import build_model
 from sam3ft.model.lora import add_lora
+from sam3ft.model.spec import load_spec_file
 
 # Parameter-name prefixes of the groups `trainer.trainable` can list. Every parameter of a SAM3
 # image model belongs to a group (tests/test_train.py checks it on the full model); a parameter is
 # frozen when any group it belongs to is. The neck's two finest levels (convs.0: 4x, convs.1: 2x)
 # feed only the mask head: without mask losses they get no gradient, which DDP refuses on the second
-# step ("Expected to have finished reduction"), so they belong to "masks" too.
+# step ("Expected to have finished reduction"), so they belong to "masks" too. "masks" is not a
+# `trainer.trainable` choice: it trains exactly when `trainer.segmentation` is true (the train stage
+# adds it), so the neck's mask levels train only with both "neck" listed and segmentation on.
 GROUPS: dict[str, tuple[str, ...]] = {
     "trunk": ("backbone.vision_backbone.trunk.",),
     "neck": ("backbone.vision_backbone.convs.", "backbone.vision_backbone.sam2_convs."),
@@ -77,18 +81,23 @@ def build_trainable_model(
     spec_path: str,
     bpe_path: str,
     trainable: list[str],
+    segmentation: bool = False,
     lora_rank: int = 0,
     lora_alpha: float = 16.0,
     autocast_cache: bool = True,
 ) -> torch.nn.Module:
-    """The model for the trainer, with every parameter outside `trainable` groups frozen, and LoRA
-    adapters (trainable) on the trunk's attention when `lora_rank` > 0.
+    """The model for the trainer, with every parameter outside `trainable` groups frozen;
+    `segmentation` adds the mask head to a preset built without one (tiny); LoRA adapters
+    (trainable) go on the trunk's attention when `lora_rank` > 0.
 
     `autocast_cache` is process-wide: sam3's trainer builds its autocast contexts without
     `cache_enabled`, so they take torch's global default, which is set here, in the training process.
     """
     torch.set_autocast_cache_enabled(autocast_cache)
-    model = build_model_from_file(spec_path, bpe_path)
+    spec = load_spec_file(spec_path)
+    if segmentation:
+        spec = dataclasses.replace(spec, segmentation=True)
+    model = build_model(spec, bpe_path)
     frozen = frozen_prefixes(trainable)
     for name, param in model.named_parameters():
         if name.startswith(frozen):
