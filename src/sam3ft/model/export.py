@@ -19,6 +19,7 @@ from sam3ft.errors import WeightsError
 from sam3ft.io import sha256_file
 from sam3ft.layout import MODEL_JSON
 from sam3ft.model.build import build_model
+from sam3ft.model.predict import cast_backbone
 from sam3ft.model.spec import ModelSpec
 from sam3ft.model.weights import (
     UPSTREAM_PREFIX,
@@ -56,9 +57,13 @@ def write_weights(out: Path, state: StateDict, name: str, torch_file: bool) -> d
 
 
 def load_export(
-    export_dir: Path, base_weights: Path | None = None
+    export_dir: Path, base_weights: Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
-    """A fresh eval-mode float32 model from an export folder (plus the base weights for a delta)."""
+    """A fresh eval-mode model from an export folder (plus the base weights for a delta).
+
+    float32 by default; `dtype=torch.bfloat16` keeps the backbone's weights in bf16 as stored (no
+    upcast, half the memory) and only the small grounding head in float32 (see `cast_backbone`).
+    """
     info = json.loads((export_dir / MODEL_JSON).read_text())
     if info.get("format") != FORMAT:
         raise WeightsError(f"{export_dir / MODEL_JSON}: not a {FORMAT} export", fix="export with sam3ft")
@@ -74,5 +79,6 @@ def load_export(
             )
         base, _, _ = image_model_state(read_weights_file(base_weights))
         state = {**{k: v for k, v in base.items() if k in model.state_dict()}, **state}
-    verify_and_load(model, cast(state, torch.float32), str(export_dir / info["weights"]))
+    cast_backbone(model, dtype)  # load_state_dict copies each tensor into its parameter's dtype
+    verify_and_load(model, state, str(export_dir / info["weights"]))
     return model.eval(), spec, info
