@@ -6,7 +6,8 @@ Variants, measured one after another in this one process on the same image and p
   under `torch.autocast(device, bfloat16)`;
 - ours: the same weights written by our export code (`cast` + `write_weights`, bf16 safetensors) and
   loaded as `sam3ft predict` loads them (`load_export` + `Predictor`, dtype auto: bf16 on CUDA);
-- ours+compile:<mode>: the same, image backbone under torch.compile(mode).
+- ours+compile:<mode>: the same, image backbone under torch.compile(mode);
+- ours+compile-all:<mode>: the same, backbone and grounding head under torch.compile(mode).
 Per variant: warm-up, then timed iterations with a device synchronize around each; median / p90 ms per
 image, peak memory, and the max |difference| of raw boxes (normalised cxcywh) and scores against stock.
 Weights are a seeded random init (real ones cannot be downloaded there); the box head's last layer,
@@ -17,8 +18,9 @@ GPU (one H100; repo root with .whl/ and .gpu/sam3/base/ present, `data` carried 
         --target /tmp/site .whl/*.whl
     PYTHONPATH=src:/tmp/site python3 bench/gpu_inference.py \
         --vocab .gpu/sam3/base/bpe_simple_vocab_16e6.txt.gz --out $OUT
-CPU smoke test (~1.5 min, 2 cores):
-    python bench/gpu_inference.py --device cpu --preset tiny --warmup 1 --iters 3 --out /tmp/b
+CPU smoke test (~1.5 min on 2 cores; --compile-all-modes default adds ~2 min of inductor):
+    python bench/gpu_inference.py --device cpu --preset tiny --warmup 1 --iters 3 \
+        --compile-modes default --compile-all-modes '' --out /tmp/b
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ def ours(
     loaded: tuple[torch.nn.Module, int],
     image: Image.Image,
     compile_mode: str | None,
+    compile_scope: str,
     reference: tuple[torch.Tensor, torch.Tensor],
 ) -> dict[str, Any]:
     """`sam3ft predict`'s way: the model from load_export, Predictor in the resolved dtype, one prompt."""
@@ -193,7 +196,7 @@ def ours(
     torch._dynamo.reset()  # each compile mode starts from scratch
     reset_memory(device)
     started = time.perf_counter()
-    predictor = Predictor(loaded[0], loaded[1], device, dtype, compile_mode=compile_mode)
+    predictor = Predictor(loaded[0], loaded[1], device, dtype, compile_mode, compile_scope)
     compile_s = round(time.perf_counter() - started, 1)
 
     def step() -> object:
@@ -239,6 +242,12 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_inference.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "gpu_inference.md").write_text(markdown(report))
+
+
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,7 +260,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--compile-modes",
         default="default,reduce-overhead",
-        help="comma-separated torch.compile modes for ours+compile; empty: none",
+        help="comma-separated torch.compile modes of the image backbone (ours+compile:MODE); empty: none",
+    )
+    parser.add_argument(
+        "--compile-all-modes",
+        default="reduce-overhead",
+        help="modes compiling the backbone and the grounding head (ours+compile-all:MODE); empty: none",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, as sam3ft predict")
     parser.add_argument("--prompt", default="fuse neutrals")
@@ -292,17 +306,18 @@ def main() -> None:
         started = time.perf_counter()
         model, spec, _ = load_export(Path(tmp), dtype=resolve_dtype(args.dtype, device))
         report["load_export_s"] = round(time.perf_counter() - started, 1)
-        modes = [None] + [m for m in args.compile_modes.split(",") if m]
-        for mode in modes:  # one loaded model; each mode wraps its backbone anew
-            key = "ours" if mode is None else f"ours+compile:{mode}"
+        variants: list[tuple[str, str | None, str]] = [("ours", None, "backbone")]
+        variants += [(f"ours+compile:{m}", m, "backbone") for m in args.compile_modes.split(",") if m]
+        variants += [(f"ours+compile-all:{m}", m, "all") for m in args.compile_all_modes.split(",") if m]
+        for key, mode, scope in variants:  # one loaded model; each variant wraps it anew
+            save(args.out, report)  # what is measured so far survives a timeout
             try:
-                report["variants"][key] = ours(args, (model, spec.image_size), image, mode, reference)
+                loaded = (model, spec.image_size)
+                report["variants"][key] = ours(args, loaded, image, mode, scope, reference)
             except Exception as exc:  # recorded in the table; the other variants still run
                 report["variants"][key] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(key, report["variants"][key], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_inference.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "gpu_inference.md").write_text(markdown(report))
+    save(args.out, report)
     print(markdown(report))
 
 

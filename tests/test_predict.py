@@ -295,8 +295,14 @@ def test_load_export_in_bfloat16_keeps_stored_weights(tmp_path):
     assert state[key].dtype == torch.bfloat16 and torch.equal(state[key], bf16_state[key])
     head = "transformer.decoder.bbox_embed.layers.0.weight"
     assert state[head].dtype == torch.float32 and torch.equal(state[head], bf16_state[head].float())
-    fp32, _, _ = load_export(tmp_path)
-    assert all(v.dtype != torch.bfloat16 for v in fp32.state_dict().values())
+    fp32, _, _ = load_export(tmp_path)  # built on the meta device, every parameter then loaded
+    fp32_state = fp32.state_dict()
+    assert all(v.dtype != torch.bfloat16 for v in fp32_state.values())
+    upcast = cast(bf16_state, torch.float32)
+    assert fp32_state.keys() == upcast.keys()
+    assert all(torch.equal(fp32_state[k], upcast[k]) for k in upcast)
+    mask = "backbone.language_backbone.encoder.attn_mask"  # a buffer outside the state dict
+    assert torch.equal(dict(fp32.named_buffers())[mask], dict(model.named_buffers())[mask])
 
 
 def test_compile_failure_is_an_error_not_a_fallback(monkeypatch):
@@ -311,6 +317,10 @@ def test_compile_failure_is_an_error_not_a_fallback(monkeypatch):
         Predictor(FixedModel(), 28, compile_mode="default")
     with pytest.raises(Sam3ftError, match="unknown compile mode"):
         Predictor(FixedModel(), 28, compile_mode="fastest")
+    with pytest.raises(Sam3ftError, match=r"of the image backbone and grounding head failed.*inductor"):
+        Predictor(FixedModel(), 28, compile_mode="default", compile_scope="all")
+    with pytest.raises(Sam3ftError, match="unknown compile scope"):
+        Predictor(FixedModel(), 28, compile_mode="default", compile_scope="head")
 
 
 @pytest.mark.slow

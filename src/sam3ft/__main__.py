@@ -31,7 +31,7 @@ def _predict(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     model, spec, info = load_export(args.model, args.base, dtype=dtype)
     prompts = {1: args.prompt} if args.prompt else {int(k): v for k, v in info["prompts"].items()}
-    predictor = Predictor(model, spec.image_size, device, dtype, compile_mode=args.compile)
+    predictor = Predictor(model, spec.image_size, device, dtype, args.compile, args.compile_scope)
     report = predict_images(predictor, images, prompts, args.threshold, args.max_dets, args.out)
     found = sum(len(r["detections"]) for r in report.records)
     print(
@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODE",
         help="torch.compile the image backbone (MODE: default, reduce-overhead, max-autotune-no-cudagraphs; "
         "bare --compile: default); compiles once at start, pays off over many images",
+    )
+    predict.add_argument(
+        "--compile-scope",
+        default="backbone",
+        choices=("backbone", "all"),
+        help="with --compile: the image backbone only, or also the grounding head (default: backbone)",
     )
     doctor = sub.add_parser("doctor", help="check this machine for the configured run")
     doctor.add_argument("--params", type=Path, default=Path("params.yaml"))

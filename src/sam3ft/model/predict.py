@@ -22,6 +22,7 @@ from sam3ft.errors import Sam3ftError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # torch.compile modes offered for the image backbone; bench/gpu_inference.py measures them
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = {"backbone": "image backbone", "all": "image backbone and grounding head"}
 
 Features = dict[str, Any]  # sam3 backbone output: tensors and lists of tensors
 
@@ -72,8 +73,9 @@ class Predictor:
     """Backbone once per image, text tower once per prompt (cached), all prompts in one grounding batch.
 
     `dtype=torch.bfloat16`: backbone weights in bf16 (no autocast there), grounding head under bf16
-    autocast. `compile_mode`: torch.compile the image backbone with that mode, compiled here (one
-    dummy forward) so a failure surfaces at construction, never as a silent fallback.
+    autocast. `compile_mode`: torch.compile with that mode the image backbone (`compile_scope`
+    "backbone") or the backbone and the grounding head ("all"), compiled at construction so a failure
+    surfaces there, never as a silent fallback.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class Predictor:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         compile_mode: str | None = None,
+        compile_scope: str = "backbone",
     ) -> None:
         # `model` is a sam3 Sam3Image (typed Any: sam3 ships no type information)
         self.model = cast_backbone(model, dtype).to(device).eval()
@@ -94,32 +97,39 @@ class Predictor:
                 v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
             ]
         )
-        self._find_stages: dict[int, FindStage] = {}
+        self._query_cache: dict[int, tuple[FindStage, Any]] = {}
         self._text_cache: dict[str, Features] = {}
         self._stacked_text: dict[tuple[str, ...], Features] = {}
         self._forward_image = model.backbone.forward_image
+        self._heads = self._grounding
         if compile_mode is not None:
-            self._compile(compile_mode)
+            self._compile(compile_mode, compile_scope)
 
-    def _compile(self, mode: str) -> None:
+    def _compile(self, mode: str, scope: str) -> None:
+        """torch.compile the image backbone (and with scope `all` the grounding head too), compiled here
+        on a blank image and a dummy prompt: a failure stops, nothing runs uncompiled behind it."""
         if mode not in COMPILE_MODES:
             raise Sam3ftError(f"unknown compile mode {mode!r}", fix=f"use one of {COMPILE_MODES}")
-        compiled = torch.compile(self._forward_image, mode=None if mode == "default" else mode)
-        dummy = torch.zeros(1, 3, self.resolution, self.resolution, device=self.device, dtype=self.dtype)
+        if scope not in COMPILE_SCOPES:
+            raise Sam3ftError(f"unknown compile scope {scope!r}", fix=f"use one of {list(COMPILE_SCOPES)}")
+        torch_mode = None if mode == "default" else mode
+        self._forward_image = torch.compile(self._forward_image, mode=torch_mode)
+        if scope == "all":
+            self._heads = torch.compile(self._heads, mode=torch_mode)
+        blank = Image.new("RGB", (self.resolution, self.resolution))
         try:
-            with torch.inference_mode():
-                compiled(dummy)
+            self.ground(self.features(blank), ["object"])  # one prompt: more prompts compile again
         except Exception as exc:  # any compiler/backend failure: stop, do not run uncompiled
             raise Sam3ftError(
-                f"torch.compile(mode={mode!r}) of the image backbone failed: {type(exc).__name__}: {exc}",
+                f"torch.compile(mode={mode!r}) of the {COMPILE_SCOPES[scope]} failed: "
+                f"{type(exc).__name__}: {exc}",
                 fix="run without --compile",
             ) from exc
-        self._forward_image = compiled
 
-    def _find_stage(self, prompts: int) -> FindStage:
-        """One image (id 0) queried with `prompts` texts (ids 0..prompts-1)."""
-        if prompts not in self._find_stages:
-            self._find_stages[prompts] = FindStage(
+    def _queries(self, prompts: int) -> tuple[FindStage, Any]:
+        """One image (id 0) queried with `prompts` texts (ids 0..prompts-1), no geometric prompt."""
+        if prompts not in self._query_cache:
+            find = FindStage(
                 img_ids=torch.zeros(prompts, device=self.device, dtype=torch.long),
                 text_ids=torch.arange(prompts, device=self.device, dtype=torch.long),
                 input_boxes=None,
@@ -128,7 +138,9 @@ class Predictor:
                 input_points=None,
                 input_points_mask=None,
             )
-        return self._find_stages[prompts]
+            # empty box prompt, reused as Sam3Processor reuses its state's (sam3_image_processor.py)
+            self._query_cache[prompts] = (find, self.model._get_dummy_prompt(num_prompts=prompts))
+        return self._query_cache[prompts]
 
     def _text(self, prompts: list[str]) -> Features:
         """Text features of each prompt (encoded alone, cached), stacked along the prompt axis (cached)."""
@@ -154,20 +166,21 @@ class Predictor:
 
     @torch.inference_mode()
     def ground(self, features: Features, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, Q, 4) cxcywh boxes in [0, 1] and (P, Q) scores = sigmoid(logit) * sigmoid(presence).
-
-        sam3's `Sam3Image.forward_grounding` (sam3/model/sam3_image.py:442) step by step, without the
-        mask head (boxes and scores do not depend on it) and without the training-only matcher.
-        """
-        model, find = self.model, self._find_stage(len(prompts))
+        """(P, Q, 4) cxcywh boxes in [0, 1] and (P, Q) scores = sigmoid(logit) * sigmoid(presence)."""
         backbone_out = {**features, **self._text(prompts)}  # a copy: sam3 pops keys from it
+        return self._heads(backbone_out, *self._queries(len(prompts)))
+
+    def _grounding(
+        self, backbone_out: Features, find: FindStage, geometric: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sam3's `Sam3Image.forward_grounding` (sam3/model/sam3_image.py:442) step by step, without the
+        mask head (boxes and scores do not depend on it) and without the training-only matcher."""
+        model = self.model
         autocast = torch.autocast(
             torch.device(self.device).type, dtype=self.dtype, enabled=self.dtype != torch.float32
         )
         with autocast:
-            prompt, mask, backbone_out = model._encode_prompt(
-                backbone_out, find, model._get_dummy_prompt(num_prompts=len(prompts))
-            )
+            prompt, mask, backbone_out = model._encode_prompt(backbone_out, find, geometric)
             backbone_out, encoder_out, _ = model._run_encoder(backbone_out, find, prompt, mask)
             out, _ = model._run_decoder(
                 memory=encoder_out["encoder_hidden_states"],
