@@ -18,8 +18,8 @@ GPU (one H100; repo root with .whl/ and .gpu/sam3/base/ present, `data` carried 
         --target /tmp/site .whl/*.whl
     PYTHONPATH=src:/tmp/site python3 bench/gpu_inference.py \
         --vocab .gpu/sam3/base/bpe_simple_vocab_16e6.txt.gz --out $OUT
-CPU smoke test (~1.5 min on 2 cores; --compile-all-modes default adds ~2 min of inductor):
-    python bench/gpu_inference.py --device cpu --preset tiny --warmup 1 --iters 3 \
+CPU smoke test of the same code path (~35 s on 2 cores; compiling the head too adds ~1.5 min):
+    python bench/gpu_inference.py --device cpu --preset tiny --dtype bfloat16 --warmup 1 --iters 3 \
         --compile-modes default --compile-all-modes '' --out /tmp/b
 """
 
@@ -55,6 +55,7 @@ from sam3ft.model.spec import load_preset
 from sam3ft.stages import pin_threads
 
 REPO = Path(__file__).resolve().parents[1]
+START = time.perf_counter()  # the --budget-s clock
 SAMPLE_SPLIT = REPO / "data" / "find-fuse-neutrals-v5" / "valid"
 
 
@@ -259,13 +260,19 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument(
         "--compile-modes",
-        default="default,reduce-overhead",
+        default="default",
         help="comma-separated torch.compile modes of the image backbone (ours+compile:MODE); empty: none",
     )
     parser.add_argument(
         "--compile-all-modes",
         default="reduce-overhead",
         help="modes compiling the backbone and the grounding head (ours+compile-all:MODE); empty: none",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=240,
+        help="start no further variant after this many seconds (compiles take minutes when cold)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, as sam3ft predict")
     parser.add_argument("--prompt", default="fuse neutrals")
@@ -295,6 +302,7 @@ def main() -> None:
         "warmup": args.warmup,
         "iters": args.iters,
         "threads": args.threads,
+        "budget_s": args.budget_s,
         "variants": {},
     }
     with tempfile.TemporaryDirectory(prefix="sam3ft-bench-") as tmp:
@@ -311,6 +319,9 @@ def main() -> None:
         variants += [(f"ours+compile-all:{m}", m, "all") for m in args.compile_all_modes.split(",") if m]
         for key, mode, scope in variants:  # one loaded model; each variant wraps it anew
             save(args.out, report)  # what is measured so far survives a timeout
+            if time.perf_counter() - START > args.budget_s:
+                report["variants"][key] = {"error": f"skipped: past --budget-s {args.budget_s}"}
+                continue
             try:
                 loaded = (model, spec.image_size)
                 report["variants"][key] = ours(args, loaded, image, mode, scope, reference)
