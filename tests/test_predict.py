@@ -4,18 +4,47 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from sam3.model import box_ops
+from sam3.model.data_misc import FindStage
+from torchvision.transforms import v2
 
+from conftest import SAMPLE
 from sam3ft.__main__ import main as cli
 from sam3ft.errors import Sam3ftError
 from sam3ft.inference import collect_images, predict_images
+from sam3ft.io import write_json
 from sam3ft.metrics.image_level import confusion, confusion_rows, threshold_sweep
+from sam3ft.model.build import build_model
+from sam3ft.model.export import FORMAT, cast, load_export, write_weights
 from sam3ft.model.predict import Predictor
+from sam3ft.model.spec import load_preset
+from sam3ft.stages.fetch import bundled_vocab
+
+
+class FixedBackbone(torch.nn.Module):
+    """Records the images and texts it encodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[int, ...]] = []
+        self.texts: list[str] = []
+
+    def forward_image(self, pixels):
+        self.images.append(tuple(pixels.shape))
+        return {"backbone_fpn": [pixels]}
+
+    def forward_text(self, prompts, device):
+        self.texts += prompts
+        return {k: torch.zeros(1, len(prompts), 1) for k in ("language_features", "language_embeds")} | {
+            "language_mask": torch.zeros(len(prompts), 1, dtype=torch.bool)
+        }
 
 
 class FixedModel(torch.nn.Module):
@@ -23,22 +52,25 @@ class FixedModel(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone = SimpleNamespace(
-            forward_image=lambda pixels: {"shape": pixels.shape},
-            forward_text=lambda prompts, device: {"prompt": prompts[0]},
-        )
-        self.seen: list[tuple] = []
+        self.backbone = FixedBackbone()
+        self.prompts_seen: list[int] = []  # prompts per grounding call
 
-    def _get_dummy_prompt(self):
+    def _get_dummy_prompt(self, num_prompts=1):
         return None
 
-    def forward_grounding(self, backbone_out, find_input, geometric_prompt, find_target):
-        self.seen.append((tuple(backbone_out["shape"]), backbone_out["prompt"]))
-        return {
-            "pred_boxes": torch.tensor([[[0.5, 0.5, 0.5, 0.2], [0.1, 0.1, 0.4, 0.4]]]),  # cxcywh
-            "pred_logits": torch.tensor([[[2.0], [-5.0]]]),
-            "presence_logit_dec": torch.tensor([[3.0]]),
-        }
+    def _encode_prompt(self, backbone_out, find_input, geometric_prompt):
+        self.prompts_seen.append(len(find_input.text_ids))
+        return backbone_out["language_features"], backbone_out["language_mask"], backbone_out
+
+    def _run_encoder(self, backbone_out, find_input, prompt, prompt_mask):
+        return backbone_out, {"encoder_hidden_states": None, "pos_embed": None, "padding_mask": None}, None
+
+    def _run_decoder(self, memory, pos_embed, src_mask, out, prompt, prompt_mask, encoder_out):
+        n = prompt.shape[1]
+        out["pred_boxes"] = torch.tensor([[[0.5, 0.5, 0.5, 0.2], [0.1, 0.1, 0.4, 0.4]]] * n)  # cxcywh
+        out["pred_logits"] = torch.tensor([[[2.0], [-5.0]]] * n)
+        out["presence_logit_dec"] = torch.tensor([[3.0]] * n)
+        return out, None
 
 
 def sigmoid(x: float) -> float:
@@ -48,7 +80,8 @@ def sigmoid(x: float) -> float:
 def test_predictor_maps_boxes_to_original_pixels():
     model = FixedModel()
     dets = Predictor(model, 28).predict(Image.new("RGB", (200, 100)), {1: "fuse cutout"}, max_dets=5)
-    assert model.seen == [((1, 3, 28, 28), "fuse cutout")]  # resized to the model's resolution
+    assert model.backbone.images == [(1, 3, 28, 28)]  # resized to the model's resolution
+    assert model.backbone.texts == ["fuse cutout"]
     assert dets[0].box_xyxy == pytest.approx((50.0, 40.0, 150.0, 60.0))
     assert dets[0].score == pytest.approx(sigmoid(2.0) * sigmoid(3.0), abs=1e-6)
     # the second box (x from -0.1) is clipped to the image
@@ -105,7 +138,9 @@ def test_cli_exits_nonzero_when_an_image_fails(tmp_path, monkeypatch):
     import sam3ft.model.export as export
 
     spec = SimpleNamespace(image_size=28)
-    monkeypatch.setattr(export, "load_export", lambda d, b: (FixedModel(), spec, {"prompts": {"1": "fuse"}}))
+    monkeypatch.setattr(
+        export, "load_export", lambda d, b, dtype: (FixedModel(), spec, {"prompts": {"1": "fuse"}})
+    )
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
     out = tmp_path / "out"
     assert cli(["predict", str(tmp_path / "ok.jpg"), "--out", str(out)]) == 0
@@ -151,13 +186,20 @@ BOX_MASK[40:60, 50:150] = True
 
 
 class FixedMaskModel(FixedModel):
-    """FixedModel with a mask head: `pred_masks` (1, Q, H, W) logits."""
+    """FixedModel with a mask head: `pred_masks` (P, Q, H, W) logits."""
 
-    def forward_grounding(self, **kwargs):
-        out = super().forward_grounding(**kwargs)
-        logits = torch.full((1, 2, 100, 200), -10.0)
-        logits[0, 0][BOX_MASK] = 10.0
-        return {**out, "pred_masks": logits}
+    def __init__(self) -> None:
+        super().__init__()
+        self.segmentation_head = torch.nn.Identity()  # its presence is what Predictor checks
+
+    def _run_encoder(self, backbone_out, find_input, prompt, prompt_mask):
+        backbone_out, encoder_out, extra = super()._run_encoder(backbone_out, find_input, prompt, prompt_mask)
+        return backbone_out, {**encoder_out, "vis_feat_sizes": None}, extra
+
+    def _run_segmentation_heads(self, out, prompt, **kwargs):
+        logits = torch.full((prompt.shape[1], 2, 100, 200), -10.0)
+        logits[:, 0][:, BOX_MASK] = 10.0
+        out["pred_masks"] = logits
 
 
 def decode(rle: dict) -> torch.Tensor:
@@ -211,3 +253,183 @@ def test_evaluation_of_perfect_masks_scores_one(tmp_path):
     assert metrics["AP"] == 1.0  # the box, too
     results_without_masks = predict_split(Predictor(FixedModel(), 28), tmp_path, coco, max_dets=5)
     assert "segm" not in split_report(gt, coco, results_without_masks, threshold=0.5)[0]
+
+
+# --- the real tiny model: the fast Predictor against the per-prompt path it replaced -----------------
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    """Tiny SAM3 whose boxes depend on the image: the box head's last layer starts at zero
+    (DETR init), which would make every box the query's reference box whatever the input."""
+    torch.manual_seed(seed)
+    model = build_model(load_preset("tiny"), str(bundled_vocab()), training=False, coord_cache=False)
+    last = model.transformer.decoder.bbox_embed.layers[-1]
+    torch.nn.init.normal_(last.weight, std=0.05)
+    return model
+
+
+@torch.inference_mode()
+def reference_raw_outputs(model, image: Image.Image, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Predictor before batching (commit ab1010b): backbone and full forward_grounding per prompt."""
+    transform = v2.Compose(
+        [
+            v2.Resize(size=(224, 224)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        ]
+    )
+    backbone_out = model.backbone.forward_image(transform(v2.functional.to_image(image)).unsqueeze(0))
+    backbone_out.update(model.backbone.forward_text([prompt], device="cpu"))
+    out = model.forward_grounding(
+        backbone_out=backbone_out,
+        find_input=FindStage(torch.tensor([0]), torch.tensor([0]), None, None, None, None, None),
+        geometric_prompt=model._get_dummy_prompt(),
+        find_target=None,
+    )
+    presence = out["presence_logit_dec"].sigmoid().unsqueeze(1)
+    return out["pred_boxes"][0], (out["pred_logits"].sigmoid() * presence).squeeze(-1)[0]
+
+
+@pytest.fixture(scope="module")
+def sample_image() -> Image.Image:
+    with Image.open(sorted((SAMPLE / "valid").glob("*.jpg"))[0]) as image:
+        return image.convert("RGB")
+
+
+PROMPTS = {1: "fuse neutrals", 2: "cutout", 3: "screw head"}
+
+
+def test_one_prompt_is_bit_identical_to_the_per_prompt_path(sample_image):
+    model = tiny_model().eval()
+    boxes, scores = Predictor(model, 224).raw_outputs(sample_image, "fuse neutrals")
+    ref_boxes, ref_scores = reference_raw_outputs(model, sample_image, "fuse neutrals")
+    assert boxes.shape == (20, 4) and scores.shape == (20,)
+    assert torch.equal(boxes, ref_boxes) and torch.equal(scores, ref_scores)
+    assert scores.std() > 0.001 and boxes[:, 0].std() > 0.001  # not a constant output
+
+
+def test_several_prompts_batched_match_one_by_one_and_run_the_backbone_once(sample_image):
+    model = tiny_model().eval()
+    calls = {"image": 0, "text": 0}
+    image_fn, text_fn = model.backbone.forward_image, model.backbone.forward_text
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    predictor = Predictor(model, 224)
+    model.backbone.forward_image = count("image", image_fn)
+    model.backbone.forward_text = count("text", text_fn)
+    predictor._forward_image = model.backbone.forward_image
+    dets = predictor.predict(sample_image, PROMPTS, max_dets=5)
+    assert calls == {"image": 1, "text": 3}
+    predictor.predict(sample_image, PROMPTS, max_dets=5)
+    assert calls == {"image": 2, "text": 3}  # text features cached per prompt
+
+    model.backbone.forward_image, model.backbone.forward_text = image_fn, text_fn
+    width, height = sample_image.size
+    scale = torch.tensor([width, height, width, height])
+    assert [d.category_id for d in dets] == [1] * 5 + [2] * 5 + [3] * 5
+    for category_id, prompt in PROMPTS.items():
+        ref_boxes, ref_scores = reference_raw_outputs(model, sample_image, prompt)
+        order = torch.sort(ref_scores, descending=True, stable=True).indices[:5]
+        ref_xyxy = box_ops.box_cxcywh_to_xyxy(ref_boxes[order]).clamp(0, 1) * scale
+        got = [d for d in dets if d.category_id == category_id]
+        # batching the prompts changes float32 sums in the last bit, no more
+        assert torch.tensor([d.box_xyxy for d in got]) == pytest.approx(ref_xyxy, abs=1e-3)  # pixels
+        assert [d.score for d in got] == pytest.approx(ref_scores[order].tolist(), abs=1e-6)
+
+
+def test_bfloat16_backbone_runs_on_cpu_close_to_float32(sample_image):
+    fp32 = Predictor(tiny_model().eval(), 224)
+    bf16 = Predictor(tiny_model().eval(), 224, dtype=torch.bfloat16)
+    trunk = bf16.model.backbone.vision_backbone.trunk
+    assert trunk.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert trunk.blocks[0].attn.freqs_cis.dtype == torch.complex64  # RoPE table left complex
+    assert bf16.model.transformer.decoder.bbox_embed.layers[0].weight.dtype == torch.float32
+    boxes, scores = fp32.raw_outputs(sample_image, "fuse neutrals")
+    bf_boxes, bf_scores = bf16.raw_outputs(sample_image, "fuse neutrals")
+    assert bf_boxes.dtype == bf_scores.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: measured 0.0003 (boxes, normalised) and 0.0007 (scores) here
+    assert (bf_boxes - boxes).abs().max() < 0.01
+    assert (bf_scores - scores).abs().max() < 0.01
+    assert not torch.equal(bf_boxes, boxes)  # it did run in bf16
+
+
+def test_load_export_in_bfloat16_keeps_stored_weights(tmp_path):
+    model = tiny_model()
+    bf16_state = cast(model.state_dict(), torch.bfloat16)
+    info = {"format": FORMAT, "spec": load_preset("tiny").to_dict(), "vocab": bundled_vocab().name}
+    info |= {"mode": "full", **write_weights(tmp_path, bf16_state, "model", torch_file=False)}
+    shutil.copyfile(bundled_vocab(), tmp_path / bundled_vocab().name)
+    write_json(tmp_path / "model.json", info)
+    loaded, _, _ = load_export(tmp_path, dtype=torch.bfloat16)
+    state = loaded.state_dict()
+    key = "backbone.vision_backbone.trunk.blocks.0.attn.qkv.weight"
+    assert state[key].dtype == torch.bfloat16 and torch.equal(state[key], bf16_state[key])
+    head = "transformer.decoder.bbox_embed.layers.0.weight"
+    assert state[head].dtype == torch.float32 and torch.equal(state[head], bf16_state[head].float())
+    fp32, _, _ = load_export(tmp_path)  # built on the meta device, every parameter then loaded
+    fp32_state = fp32.state_dict()
+    assert all(v.dtype != torch.bfloat16 for v in fp32_state.values())
+    upcast = cast(bf16_state, torch.float32)
+    assert fp32_state.keys() == upcast.keys()
+    assert all(torch.equal(fp32_state[k], upcast[k]) for k in upcast)
+    mask = "backbone.language_backbone.encoder.attn_mask"  # a buffer outside the state dict
+    assert torch.equal(dict(fp32.named_buffers())[mask], dict(model.named_buffers())[mask])
+
+
+def test_compile_failure_is_an_error_not_a_fallback(monkeypatch):
+    def broken(fn, mode=None):
+        def run(*args, **kwargs):
+            raise RuntimeError("inductor exploded")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(Sam3ftError, match=r"torch\.compile.*inductor exploded"):
+        Predictor(FixedModel(), 28, compile_mode="default")
+    with pytest.raises(Sam3ftError, match="unknown compile mode"):
+        Predictor(FixedModel(), 28, compile_mode="fastest")
+    with pytest.raises(Sam3ftError, match=r"of the image backbone and grounding head failed.*inductor"):
+        Predictor(FixedModel(), 28, compile_mode="default", compile_scope="all")
+    with pytest.raises(Sam3ftError, match="unknown compile scope"):
+        Predictor(FixedModel(), 28, compile_mode="default", compile_scope="head")
+
+
+@pytest.mark.slow
+def test_compiled_backbone_matches_eager(sample_image):
+    """torch.compile of the image backbone: ~50 s of inductor on this 2-core CPU (tiny model)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    eager = Predictor(tiny_model().eval(), 224, device, dtype)
+    compiled = Predictor(tiny_model().eval(), 224, device, dtype, compile_mode="default")
+    assert compiled._forward_image is not compiled.model.backbone.forward_image
+    boxes, scores = eager.raw_outputs(sample_image, "fuse neutrals")
+    c_boxes, c_scores = compiled.raw_outputs(sample_image, "fuse neutrals")
+    # inductor fuses and reorders float ops: measured 6e-8 (scores) on CPU float32
+    tol = 0.01 if dtype == torch.bfloat16 else 1e-4
+    assert (c_boxes - boxes).abs().max() < tol and (c_scores - scores).abs().max() < tol
+
+
+def test_cli_device_and_dtype_flags(tmp_path, monkeypatch, capsys):
+    import sam3ft.model.export as export
+
+    loaded: list[torch.dtype] = []
+
+    def fake_load(d, b, dtype):
+        loaded.append(dtype)
+        return FixedModel(), SimpleNamespace(image_size=28), {"prompts": {"1": "fuse"}}
+
+    monkeypatch.setattr(export, "load_export", fake_load)
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
+    args = ["predict", str(tmp_path / "ok.jpg"), "--out", str(tmp_path / "out")]
+    assert cli([*args, "--device", "cpu"]) == 0
+    assert cli([*args, "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert loaded == [torch.float32, torch.bfloat16]  # auto is float32 on the CPU
+    if not torch.cuda.is_available():
+        assert cli([*args, "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

@@ -20,18 +20,19 @@ STAGES = ("fetch", "prepare", "train", "evaluate", "export")
 def _predict(args: argparse.Namespace) -> int:
     from sam3ft.inference import collect_images, predict_images
     from sam3ft.model.export import load_export
-    from sam3ft.model.predict import Predictor
+    from sam3ft.model.predict import Predictor, resolve_device, resolve_dtype
     from sam3ft.stages import pin_threads
 
     pin_threads(args.threads)
     images = collect_images(args.inputs)
     if not images:
         raise Sam3ftError(f"no images found in {args.inputs}", fix="give image files, folders or globs")
-    model, spec, info = load_export(args.model, args.base)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, spec, info = load_export(args.model, args.base, dtype=dtype)
     prompts = {1: args.prompt} if args.prompt else {int(k): v for k, v in info["prompts"].items()}
-    report = predict_images(
-        Predictor(model, spec.image_size), images, prompts, args.threshold, args.max_dets, args.out
-    )
+    predictor = Predictor(model, spec.image_size, device, dtype, args.compile, args.compile_scope)
+    report = predict_images(predictor, images, prompts, args.threshold, args.max_dets, args.out)
     found = sum(len(r["detections"]) for r in report.records)
     print(
         f"{len(report.records)} image(s), {found} detection(s) >= {args.threshold} -> "
@@ -80,6 +81,27 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for detections.json and overlays/ (default: predictions)",
     )
     predict.add_argument("--threads", type=int, default=1)
+    predict.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    predict.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="backbone weights dtype; auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    predict.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        help="torch.compile the image backbone (MODE: default, reduce-overhead, max-autotune-no-cudagraphs; "
+        "bare --compile: default); compiles once at start, pays off over many images",
+    )
+    predict.add_argument(
+        "--compile-scope",
+        default="backbone",
+        choices=("backbone", "all"),
+        help="with --compile: the image backbone only, or also the grounding head (default: backbone)",
+    )
     doctor = sub.add_parser("doctor", help="check this machine for the configured run")
     doctor.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)

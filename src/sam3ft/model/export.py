@@ -18,7 +18,8 @@ from torch import nn
 from sam3ft.errors import WeightsError
 from sam3ft.io import sha256_file
 from sam3ft.layout import MODEL_JSON
-from sam3ft.model.build import build_model
+from sam3ft.model.build import build_model, empty_weights
+from sam3ft.model.predict import cast_backbone
 from sam3ft.model.spec import ModelSpec
 from sam3ft.model.weights import (
     UPSTREAM_PREFIX,
@@ -55,15 +56,31 @@ def write_weights(out: Path, state: StateDict, name: str, torch_file: bool) -> d
     return files
 
 
+def allocate_parameters(model: nn.Module) -> None:
+    """Real, uninitialised CPU storage for the meta parameters `empty_weights` left; a strict load
+    then overwrites every one of them (buffers were built normally)."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                storage = torch.empty(param.shape, dtype=param.dtype)
+                module._parameters[name] = nn.Parameter(storage, requires_grad=param.requires_grad)
+
+
 def load_export(
-    export_dir: Path, base_weights: Path | None = None
+    export_dir: Path, base_weights: Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
-    """A fresh eval-mode float32 model from an export folder (plus the base weights for a delta)."""
+    """A fresh eval-mode model from an export folder (plus the base weights for a delta).
+
+    float32 by default; `dtype=torch.bfloat16` keeps the backbone's weights in bf16 as stored (no
+    upcast, half the memory) and only the small grounding head in float32 (see `cast_backbone`).
+    """
     info = json.loads((export_dir / MODEL_JSON).read_text())
     if info.get("format") != FORMAT:
         raise WeightsError(f"{export_dir / MODEL_JSON}: not a {FORMAT} export", fix="export with sam3ft")
     spec = ModelSpec.from_dict(info["spec"], source=str(export_dir / MODEL_JSON))
-    model = build_model(spec, str(export_dir / info["vocab"]), training=False, coord_cache=False)
+    with empty_weights():  # no random init to overwrite: the full model builds in seconds, not ~30 s
+        model = build_model(spec, str(export_dir / info["vocab"]), training=False, coord_cache=False)
+    allocate_parameters(model)
     state, _, _ = image_model_state(load_safetensors(export_dir / info["weights"]))
     if info["mode"] == "delta":
         if base_weights is None or sha256_file(base_weights) != info["base"]["sha256"]:
@@ -74,5 +91,6 @@ def load_export(
             )
         base, _, _ = image_model_state(read_weights_file(base_weights))
         state = {**{k: v for k, v in base.items() if k in model.state_dict()}, **state}
-    verify_and_load(model, cast(state, torch.float32), str(export_dir / info["weights"]))
+    cast_backbone(model, dtype)  # load_state_dict copies each tensor into its parameter's dtype
+    verify_and_load(model, state, str(export_dir / info["weights"]))
     return model.eval(), spec, info
