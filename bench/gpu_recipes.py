@@ -48,8 +48,8 @@ def trainer_params(path: Path, recipe: str, batch: int, workers: int | None = No
     from sam3ft.stages import train as stage
 
     data = params.read_params(path)
-    data["trainer"].update(recipe=recipe, batch_size=batch, optimizer=None, trainable=None)
-    data["trainer"].update(lora_rank=None, lora_alpha=None, autocast_cache=None)
+    data["trainer"].update(recipe=recipe, batch_size=batch)
+    data["trainer"].update({key: None for key in params.RECIPE_KEYS})  # all from the recipe
     if workers is not None:
         data["trainer"]["num_workers"] = workers
     return {
@@ -118,6 +118,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "trainable": p["trainer"].trainable,
         "lora_rank": p["trainer"].lora_rank,
         "autocast_cache": p["trainer"].autocast_cache,
+        "ddp_one_process": p["trainer"].ddp_one_process,
+        "ddp": type(trainer.model).__name__ == "DistributedDataParallel",
         "num_workers": p["trainer"].num_workers,
         "params": n_params,
         "trainable_params": n_train,

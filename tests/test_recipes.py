@@ -78,3 +78,16 @@ def test_lora_checkpoint_evaluates_with_the_plain_model(runs):
     evaluate.run(params.load(evaluate.SECTIONS, path))
     metrics = json.loads((runs["lora"] / "eval/metrics.json").read_text())
     assert 0.0 <= metrics["valid"]["AP50"] <= 1.0
+
+
+def test_lean_without_ddp_accumulates_and_saves_plain_keys(tmp_path):
+    """ddp_one_process: false leaves the model unwrapped; gradient accumulation still works (the
+    trainer calls model.no_sync() between micro-batches) and the checkpoint keys are sam3's own."""
+    shipped = params.read_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    path = workspace(tmp_path, shipped, max_epochs=1, batch_size=2, grad_accum=2, recipe="lean")
+    finish(train(path))
+    ckpt = _ckpt(tmp_path)
+    assert ckpt["steps"]["train"] == 12  # 24 images, 2 per forward pass
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    trainer_config = (tmp_path / "train/run/trainer_config.yaml").read_text()
+    assert "ddp_one_process: false" in trainer_config and "sam3ft.train.trainer.Trainer" in trainer_config

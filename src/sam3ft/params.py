@@ -19,7 +19,8 @@ from sam3ft.model.spec import PATCH_SIZE
 
 DEFAULT_PARAMS = Path("params.yaml")
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16")  # sam3ft.train.optim.make_optimizer
-RECIPE_KEYS = ("optimizer", "trainable", "lora_rank", "lora_alpha", "autocast_cache")  # set by trainer.recipe
+# trainer keys a recipe (configs/recipes/<trainer.recipe>.yaml) sets where params.yaml leaves null
+RECIPE_KEYS = ("optimizer", "trainable", "lora_rank", "lora_alpha", "autocast_cache", "ddp_one_process")
 T = TypeVar("T")
 
 
@@ -163,6 +164,9 @@ class Trainer:
     autocast_cache: bool = True
     """Keep autocast's bf16 copies of the weights for the whole forward (torch default); false
     casts per use: same numbers, up to 1.7 GB less peak memory for the full model."""
+    ddp_one_process: bool = True
+    """Wrap the model in DDP even when one process trains (as upstream); false: same numbers, and
+    gradients are allocated only from the backward pass on (3.3 GB less for the full model)."""
 
     @classmethod
     def with_recipe(cls, data: dict[str, Any]) -> dict[str, Any]:
