@@ -1,7 +1,9 @@
 """Peak GPU memory of a training run, estimated per recipe before any GPU work.
 
 peak = fp32 weights (4 B x all params)
-     + grads (4 B x trainable; DDP keeps them in its buckets for the whole run)
+     + grads (4 B x trainable; DDP keeps them in its buckets for the whole run; without the wrapper
+       (trainer.ddp_one_process: false) they do not coincide with the activations, so the estimate
+       is an upper bound there: +12% on the one such run measured)
      + optimizer moments (8 B x trainable for adamw/adamw_fused, 4 B for adamw_bf16)
      + autocast's bf16 weight copies (2 B x all params) while trainer.autocast_cache is true
      + activations: a measured GB per image at the preset's resolution, one figure when the backward
