@@ -197,7 +197,8 @@ def ours(
     torch._dynamo.reset()  # each compile mode starts from scratch
     reset_memory(device)
     started = time.perf_counter()
-    predictor = Predictor(loaded[0], loaded[1], device, dtype, compile_mode, compile_scope)
+    # boxes only, as measured on 2026-11-27 (bench/gpu_inference.md); stock's Sam3Processor runs the mask head
+    predictor = Predictor(loaded[0], loaded[1], device, dtype, compile_mode, compile_scope, masks=False)
     compile_s = round(time.perf_counter() - started, 1)
 
     def step() -> object:

@@ -213,6 +213,10 @@ def test_predictor_gives_rle_masks_in_original_pixels():
     assert not decode(dets[1].mask).any()
     boxes_only = Predictor(FixedModel(), 28).predict(Image.new("RGB", (200, 100)), {1: "f"}, max_dets=5)
     assert [d.mask for d in boxes_only] == [None, None]
+    skipped = Predictor(FixedMaskModel(), 28, masks=False)  # `sam3ft predict --boxes-only`
+    dets_skipped = skipped.predict(Image.new("RGB", (200, 100)), {1: "fuse"}, max_dets=5)
+    assert [d.mask for d in dets_skipped] == [None, None]
+    assert [d.box_xyxy for d in dets_skipped] == [d.box_xyxy for d in dets]
 
 
 def test_predict_images_writes_masks_and_tints_them(tmp_path):

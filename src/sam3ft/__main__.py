@@ -31,7 +31,9 @@ def _predict(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     model, spec, info = load_export(args.model, args.base, dtype=dtype)
     prompts = {1: args.prompt} if args.prompt else {int(k): v for k, v in info["prompts"].items()}
-    predictor = Predictor(model, spec.image_size, device, dtype, args.compile, args.compile_scope)
+    predictor = Predictor(
+        model, spec.image_size, device, dtype, args.compile, args.compile_scope, masks=not args.boxes_only
+    )
     report = predict_images(predictor, images, prompts, args.threshold, args.max_dets, args.out)
     found = sum(len(r["detections"]) for r in report.records)
     print(
@@ -101,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         default="backbone",
         choices=("backbone", "all"),
         help="with --compile: the image backbone only, or also the grounding head (default: backbone)",
+    )
+    predict.add_argument(
+        "--boxes-only",
+        action="store_true",
+        help="skip the mask head of a model that has one (faster; no masks in detections.json)",
     )
     doctor = sub.add_parser("doctor", help="check this machine for the configured run")
     doctor.add_argument("--params", type=Path, default=Path("params.yaml"))

@@ -91,6 +91,7 @@ def cast_backbone(model: Any, dtype: torch.dtype) -> Any:
 class Predictor:
     """Backbone once per image, text tower once per prompt (cached), all prompts in one grounding batch.
 
+    `masks`: run the mask head when the model has one (RLE masks in each Detection); False: boxes only.
     `dtype=torch.bfloat16`: backbone weights in bf16 (no autocast there), grounding head under bf16
     autocast. `compile_mode`: torch.compile with that mode the image backbone (`compile_scope`
     "backbone") or the backbone and the grounding head ("all"), compiled at construction so a failure
@@ -105,11 +106,13 @@ class Predictor:
         dtype: torch.dtype = torch.float32,
         compile_mode: str | None = None,
         compile_scope: str = "backbone",
+        masks: bool = True,
     ) -> None:
         # `model` is a sam3 Sam3Image (typed Any: sam3 ships no type information)
         self.model = cast_backbone(model, dtype).to(device).eval()
         self.device, self.dtype, self.resolution = device, dtype, resolution
-        self.with_masks = getattr(model, "segmentation_head", None) is not None
+        # masks only from a model with a mask head; masks=False skips it (boxes do not depend on it)
+        self.with_masks = masks and getattr(model, "segmentation_head", None) is not None
         self.transform = v2.Compose(
             [
                 v2.Resize(size=(resolution, resolution)),
