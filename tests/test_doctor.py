@@ -265,3 +265,24 @@ def test_vram_estimate_terms():
     assert stock - lean == pytest.approx(4.0)  # 4 B/param of moments saved
     trainer.autocast_cache = False
     assert stock - memory.training_peak_gb(sam3, 10**9, 10**9, trainer)[0] == pytest.approx(2.0)
+
+
+def test_train_preflight_refuses_with_the_recipe_estimate(tmp_path, monkeypatch):
+    """The train stage's pre-flight: one meta-device count feeds the disk and the VRAM check."""
+    from sam3ft import params as params_module
+    from sam3ft.errors import ConfigError
+    from sam3ft.stages import train as stage
+
+    data = params_module.read_params(REPO / "params.yaml")["trainer"]
+    data.update(num_gpus=1, amp=True, resolution=1008, batch_size=2, recipe="lean")
+    trainer = params_module.section_from_dict(params_module.Trainer, data, "trainer")
+    spec = load_preset("sam3")
+    monkeypatch.setattr(stage.shutil, "disk_usage", lambda path: SimpleNamespace(free=1e12))
+    monkeypatch.setattr(stage, "cuda_memory_gb", lambda: (11.0, 12.0))  # a 12 GB card
+    with pytest.raises(ConfigError, match=r"not enough GPU memory: estimated peak ~13\.7\d GB"):
+        stage.preflight(spec, trainer, tmp_path, bundled_vocab())  # lean, batch 2: 13.7 GB
+    monkeypatch.setattr(stage, "cuda_memory_gb", lambda: (15.0, 16.0))
+    stage.preflight(spec, trainer, tmp_path, bundled_vocab())  # fits a 16 GB card
+    monkeypatch.setattr(stage.shutil, "disk_usage", lambda path: SimpleNamespace(free=20e9))
+    with pytest.raises(ConfigError, match="not enough disk"):  # 3 copies of a 10 GB checkpoint
+        stage.preflight(spec, trainer, tmp_path, bundled_vocab())

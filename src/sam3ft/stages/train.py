@@ -17,16 +17,17 @@ from typing import Any
 import torch
 import yaml
 
-from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb, vram_estimate_gb
+from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb
 from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
-from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec, load_spec_file
 from sam3ft.stages import pin_threads
 from sam3ft.train.compose import CONFIG_NAME, compose_trainer_config, resolved_yaml
+from sam3ft.train.data import trained_groups
 from sam3ft.train.launch import launch_local, launch_slurm
 from sam3ft.train.logging import STEPS_FILE, log_steps_to_dvclive, log_to_dvclive, read_steps
+from sam3ft.train.memory import param_counts, training_peak_gb
 from sam3ft.train.run import STATS_FILES, normalise_checkpoint, prepare_scratch, read_stats
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def trainer_knobs(
         "init_weights": (base_dir / weights["file"]).as_posix() if "file" in weights else None,
         "min_loaded": manifest["min_loaded"],
         # the "masks" group (mask head, neck levels feeding only it) trains exactly with segmentation
-        "trainable": list(trainer.trainable) + (["masks"] if trainer.segmentation else []),
+        "trainable": trained_groups(trainer.trainable, trainer.segmentation),
         "telemetry_dir": (out_dir / "telemetry").as_posix(),
         # the trainer counts forward passes (micro-batches) as steps
         "world_size": trainer.world_size,
@@ -174,10 +175,9 @@ def count_images(split_dir: Path) -> int:
 
 def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
     """Refuse, with numbers, a run that cannot fit the disk (or, on CUDA, the GPU) before it starts."""
-    with empty_weights():
-        n_params = sum(
-            p.numel() for p in build_model(spec, str(vocab), training=False, coord_cache=False).parameters()
-        )
+    n_params, n_trained = param_counts(
+        spec, vocab, trained_groups(trainer.trainable, trainer.segmentation), trainer.lora_rank
+    )
     extras = trainer.max_epochs // trainer.checkpoint_freq if trainer.checkpoint_freq else 0
     needed = 12 * n_params * (3 + extras) / GB  # scratch checkpoint(s) + tracked copy + DVC cache copy
     existing = next(d for d in (root, *root.parents) if d.exists())  # outputs may not exist yet
@@ -185,7 +185,7 @@ def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
     if check.status == "FAIL":
         raise ConfigError(f"not enough disk: {check.detail}", fix=check.fix)
     if trainer.accelerator == "cuda":
-        estimate, how = vram_estimate_gb(spec, trainer, vocab)
+        estimate, how = training_peak_gb(spec, n_params, n_trained, trainer)
         memory = cuda_memory_gb()
         vram = check_vram(estimate, how, *(memory or (None, None)))
         if vram.status == "FAIL":

@@ -97,7 +97,18 @@ def build_trainable_model(
     spec = load_spec_file(spec_path)
     if segmentation:
         spec = dataclasses.replace(spec, segmentation=True)
-    model = build_model(spec, bpe_path)
+    return freeze_and_adapt(build_model(spec, bpe_path), trainable, lora_rank, lora_alpha)
+
+
+def trained_groups(trainable: list[str], segmentation: bool) -> list[str]:
+    """The groups that train: `trainer.trainable`, plus "masks" exactly when masks train."""
+    return list(trainable) + (["masks"] if segmentation else [])
+
+
+def freeze_and_adapt(
+    model: torch.nn.Module, trainable: list[str], lora_rank: int, lora_alpha: float
+) -> torch.nn.Module:
+    """Freeze every parameter outside the `trainable` groups; LoRA on the trunk when `lora_rank` > 0."""
     frozen = frozen_prefixes(trainable)
     for name, param in model.named_parameters():
         if name.startswith(frozen):

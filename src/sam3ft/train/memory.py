@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from sam3ft.model.build import build_model, empty_weights
-from sam3ft.model.lora import add_lora
 from sam3ft.model.spec import ModelSpec
-from sam3ft.train.data import frozen_prefixes
+from sam3ft.train.data import freeze_and_adapt
 
 GB = 1e9
 STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_bf16": 4}
@@ -47,11 +46,7 @@ def param_counts(spec: ModelSpec, vocab: Path, trainable: list[str], lora_rank: 
     """(all, trainable) parameters of the model the trainer builds, counted on the meta device."""
     with empty_weights():
         model = build_model(spec, str(vocab), training=True, coord_cache=False)
-        frozen = frozen_prefixes(trainable)
-        for name, param in model.named_parameters():
-            param.requires_grad_(not name.startswith(frozen))
-        if lora_rank > 0:
-            add_lora(model, lora_rank, 1.0)
+        freeze_and_adapt(model, trainable, lora_rank, lora_alpha=1.0)  # alpha changes no count
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
