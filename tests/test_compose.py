@@ -14,12 +14,12 @@ from conftest import REPO
 from sam3ft import params
 from sam3ft.errors import ConfigError
 from sam3ft.model.spec import load_preset, presets_dir
-from sam3ft.stages.train import config_name, trainer_knobs, with_mask_head
+from sam3ft.stages.train import config_name, trainer_knobs
 from sam3ft.train.compose import compose_trainer_config, config_dir, resolved_yaml
 
 
 def knobs_for(p: dict) -> dict:
-    spec = with_mask_head(load_preset(p["model"].preset), p["trainer"].segmentation)
+    spec = load_preset(p["model"].preset).with_mask_head(p["trainer"].segmentation)
     manifest = {"weights": {"source": "none"}, "min_loaded": 0.95}
     base, prepared, scratch = Path("artifacts/base"), Path("artifacts/prepared"), Path(".work/train")
     return trainer_knobs(p, spec, manifest, base, prepared, scratch, train_images=24)

@@ -99,3 +99,12 @@ def test_bf16_resume_matches_unbroken_run(monkeypatch: pytest.MonkeyPatch) -> No
 def test_unknown_optimizer_is_named() -> None:
     with pytest.raises(ValueError, match="adamw_bf16"):
         make_optimizer([torch.zeros(1, requires_grad=True)], "sgd")
+
+
+def test_every_name_params_accepts_builds_and_has_a_memory_cost():
+    from sam3ft.params import OPTIMIZERS
+    from sam3ft.train.memory import STATE_BYTES
+
+    assert set(STATE_BYTES) == set(OPTIMIZERS)
+    for kind in OPTIMIZERS:
+        assert isinstance(make_optimizer([torch.zeros(1, requires_grad=True)], kind), torch.optim.Optimizer)

@@ -177,10 +177,9 @@ def base_weights_with_mask_head(path: Path) -> dict[str, torch.Tensor]:
     runs start from, so 'changed' and 'unchanged' are exact comparisons."""
     from sam3ft.model.build import build_model
     from sam3ft.model.spec import load_preset
-    from sam3ft.stages.train import with_mask_head
 
     torch.manual_seed(0)
-    spec = with_mask_head(load_preset("tiny"), True)
+    spec = load_preset("tiny").with_mask_head()
     state = build_model(spec, str(fetch.bundled_vocab()), training=False, coord_cache=False).state_dict()
     torch.save({"model": state}, path)
     return state

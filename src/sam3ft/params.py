@@ -18,7 +18,7 @@ from sam3ft.errors import ConfigError
 from sam3ft.model.spec import PATCH_SIZE
 
 DEFAULT_PARAMS = Path("params.yaml")
-OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16")  # sam3ft.train.optim.make_optimizer
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16")  # built by sam3ft.train.optim.make_optimizer
 # trainer keys a recipe (configs/recipes/<trainer.recipe>.yaml) sets where params.yaml leaves null
 RECIPE_KEYS = ("optimizer", "trainable", "lora_rank", "lora_alpha", "autocast_cache", "ddp_one_process")
 T = TypeVar("T")

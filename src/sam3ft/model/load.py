@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -24,8 +23,7 @@ def load_trained(base_dir: Path, checkpoint: Path) -> tuple[Sam3Image, ModelSpec
     """
     spec = load_spec_file(base_dir / SPEC_FILE)
     state = load_trainer_checkpoint(checkpoint)
-    if not spec.segmentation and any(k.startswith(MASK_HEAD) for k in state):
-        spec = dataclasses.replace(spec, segmentation=True)
+    spec = spec.with_mask_head(any(k.startswith(MASK_HEAD) for k in state))
     model = build_model(spec, str(base_dir / VOCAB_NAME), training=False, coord_cache=False)
     verify_and_load(model, state, str(checkpoint))
     return model.eval(), spec

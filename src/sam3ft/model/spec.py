@@ -79,6 +79,10 @@ class ModelSpec:
             if getattr(self, name) % 2:
                 raise ConfigError(f"model.{name} must be even", fix="use an even width")
 
+    def with_mask_head(self, on: bool = True) -> ModelSpec:
+        """This architecture plus the mask head when `on` (mask training adds it to tiny)."""
+        return dataclasses.replace(self, segmentation=True) if on else self
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["vit_global_blocks"] = list(self.vit_global_blocks)

@@ -99,11 +99,6 @@ def config_name(segmentation: bool) -> str:
     return MASKS_CONFIG if segmentation else CONFIG_NAME
 
 
-def with_mask_head(spec: ModelSpec, segmentation: bool) -> ModelSpec:
-    """The architecture that trains: mask training adds the mask head to a preset without one."""
-    return dataclasses.replace(spec, segmentation=True) if segmentation else spec
-
-
 def check_masks(split_dir: Path) -> None:
     """Refuse mask training on a split with annotations lacking masks (prepare drops empty ones).
 
@@ -197,7 +192,7 @@ def run(p: dict[str, Any]) -> None:
     pin_threads(base.threads)
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
     manifest, spec = load_base(base_dir, p["model"].preset)
-    spec = with_mask_head(spec, trainer.segmentation)
+    spec = spec.with_mask_head(trainer.segmentation)  # the architecture that trains
     check_devices(trainer, p["launcher"])
     if trainer.segmentation:
         check_masks(data_dir / "train")

@@ -3,7 +3,6 @@ gradient accumulation, and the model builder that freezes the groups a run does 
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from typing import Any
 
@@ -94,9 +93,7 @@ def build_trainable_model(
     `cache_enabled`, so they take torch's global default, which is set here, in the training process.
     """
     torch.set_autocast_cache_enabled(autocast_cache)
-    spec = load_spec_file(spec_path)
-    if segmentation:
-        spec = dataclasses.replace(spec, segmentation=True)
+    spec = load_spec_file(spec_path).with_mask_head(segmentation)
     return freeze_and_adapt(build_model(spec, bpe_path), trainable, lora_rank, lora_alpha)
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-KINDS = ("adamw", "adamw_fused", "adamw_bf16")
+from sam3ft.params import OPTIMIZERS  # the names params.yaml accepts; each one is built below
+
 CHUNK = 1 << 22  # elements per update slice: caps fp32 temporaries near 16 MB each
 
 
@@ -27,7 +28,7 @@ def make_optimizer(params: Iterable[Any], kind: str, seed: int = 0) -> torch.opt
         return torch.optim.AdamW(params, fused=True)
     if kind == "adamw_bf16":
         return AdamWBf16(params, seed=seed)
-    raise ValueError(f"unknown optimizer {kind!r}; expected one of {KINDS}")
+    raise ValueError(f"unknown optimizer {kind!r}; expected one of {OPTIMIZERS}")
 
 
 def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator) -> None:
