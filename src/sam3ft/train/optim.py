@@ -17,7 +17,7 @@ import torch
 
 from sam3ft.params import OPTIMIZERS  # the names params.yaml accepts; each one is built below
 
-CHUNK = 1 << 22  # elements per update slice: caps fp32 temporaries near 16 MB each
+CHUNK = 1 << 24  # elements per update bucket: fp32 temporaries of 64 MB each
 
 
 def make_optimizer(params: Iterable[Any], kind: str, seed: int = 0) -> torch.optim.Optimizer:
@@ -44,10 +44,15 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Gen
 
 
 class AdamWBf16(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, bias-corrected) with bf16 moments, fp32 math per tensor.
+    """AdamW (decoupled weight decay, bias-corrected) with bf16 moments and fp32 update math.
 
-    The rounding noise comes from (seed, step), so a run resumed from a checkpoint draws the same
-    noise as an unbroken one.
+    The parameters of a group are updated in flat buckets of up to CHUNK elements (pieces of
+    bigger tensors, whole small ones side by side): a few dozen kernels per bucket instead of
+    ~18 per tensor, and fp32 temporaries bounded by the bucket size. Moments stay one bf16
+    tensor per parameter, so checkpoints look like torch's AdamW state.
+
+    The rounding noise comes from (seed, step, bucket), so a run resumed from a checkpoint draws
+    the same noise as an unbroken one.
     """
 
     def __init__(
@@ -72,17 +77,14 @@ class AdamWBf16(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         loss = closure() if closure is not None else None
-        index = 0  # position of the parameter in the optimizer: its own rounding noise
+        index = 0  # bucket number within the step: its own rounding noise
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, group, index)
+            for step, bucket in self._buckets(group):
+                self._update(bucket, group, step, index)
                 index += 1
         return loss
 
-    def _update(self, param: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        grad = param.grad
-        assert grad is not None  # step() skips parameters without a gradient
+    def _state(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]
         if not state:
             state["step"] = torch.tensor(0.0)  # on the CPU: reading it costs no device sync
@@ -91,22 +93,53 @@ class AdamWBf16(torch.optim.Optimizer):
         for key in ("exp_avg", "exp_avg_sq"):  # Optimizer.load_state_dict casts states to fp32
             if state[key].dtype != torch.bfloat16:
                 state[key] = state[key].to(torch.bfloat16)
-        state["step"] += 1
-        step = int(state["step"].item())
-        generator = self._generator(param.device, step, index)
+        return state
+
+    def _buckets(self, group: dict[str, Any]) -> Iterable[tuple[int, list[list[torch.Tensor]]]]:
+        """(step, pieces) with at most CHUNK elements per bucket; a piece is the flat slices
+        [param, grad, exp_avg, exp_avg_sq] of one parameter (or of a CHUNK of a larger one).
+        Parameters at different step counts (some had no gradient at times) never share a bucket."""
+        pieces: list[list[torch.Tensor]] = []
+        size, step = 0, -1
+        for param in group["params"]:
+            grad = param.grad
+            if grad is None:
+                continue
+            if not (param.is_contiguous() and grad.is_contiguous()):
+                raise ValueError(
+                    f"adamw_bf16 needs contiguous parameters and grads (shape {tuple(param.shape)})"
+                )
+            state = self._state(param)
+            state["step"] += 1
+            n, at = param.numel(), int(state["step"].item())
+            flat = [t.view(-1) for t in (param, grad, state["exp_avg"], state["exp_avg_sq"])]
+            for start in range(0, n, CHUNK):
+                piece = [t[start : start + CHUNK] for t in flat]
+                if pieces and (size + piece[0].numel() > CHUNK or at != step):
+                    yield step, pieces
+                    pieces, size = [], 0
+                pieces.append(piece)
+                size, step = size + piece[0].numel(), at
+        if pieces:
+            yield step, pieces
+
+    def _update(self, pieces: list[list[torch.Tensor]], group: dict[str, Any], step: int, index: int) -> None:
+        params, grads, m16s, v16s = (list(t) for t in zip(*pieces, strict=True))
+        generator = self._generator(params[0].device, step, index)
         beta1, beta2 = group["betas"]
         lr, decay = group["lr"], group["weight_decay"]
-        if not (param.is_contiguous() and grad.is_contiguous()):
-            raise ValueError(f"adamw_bf16 needs contiguous parameters and grads (shape {tuple(param.shape)})")
-        flat = [t.view(-1) for t in (param, grad, state["exp_avg"], state["exp_avg_sq"])]
-        for start in range(0, param.numel(), CHUNK):  # bounded fp32 temporaries for huge tensors
-            p, g, m16, v16 = (t[start : start + CHUNK] for t in flat)
-            g = g.float()
-            m = m16.float().lerp_(g, 1 - beta1)
-            v = v16.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            stochastic_round_(m16, m, generator)
-            stochastic_round_(v16, v, generator)
-            # this step's update uses the unrounded moments; the rounded ones carry to the next
-            p.mul_(1 - lr * decay)
-            denom = (v.sqrt_() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-            p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+        g = torch.cat(grads).float() if len(grads) > 1 else grads[0].float()
+        m = torch.cat(m16s).float().lerp_(g, 1 - beta1)
+        v = torch.cat(v16s).float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        del g
+        sizes = [p.numel() for p in params]
+        for dst, src in ((m16s, m), (v16s, v)):
+            rounded = torch.empty_like(src, dtype=torch.bfloat16)
+            stochastic_round_(rounded, src, generator)
+            torch._foreach_copy_(dst, list(rounded.split(sizes)))
+        # this step's update uses the unrounded moments; the rounded ones carry to the next
+        if decay:
+            torch._foreach_mul_(params, 1 - lr * decay)
+        denom = (v.sqrt_() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        update = m.div_(denom).mul_(-lr / (1 - beta1**step))
+        torch._foreach_add_(params, list(update.split(sizes)))
