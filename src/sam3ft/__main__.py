@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     predict.add_argument(
         "--compile-scope",
-        default="backbone",
+        default="all",
         choices=("backbone", "all"),
-        help="with --compile: the image backbone only, or also the grounding head (default: backbone)",
+        help="with --compile: the image backbone and the grounding head (all, the default), or the "
+        "backbone only",
     )
     predict.add_argument(
         "--boxes-only",

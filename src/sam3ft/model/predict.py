@@ -138,6 +138,11 @@ class Predictor:
         torch_mode = None if mode == "default" else mode
         self._forward_image = torch.compile(self._forward_image, mode=torch_mode)
         if scope == "all":
+            # sam3/model/geometry_encoders.py:659 pins a host tensor on every call, which dynamo
+            # cannot trace: that method alone stays eager (on this model instance only)
+            geometry = getattr(self.model, "geometry_encoder", None)
+            if geometry is not None:
+                geometry._encode_boxes = torch.compiler.disable(geometry._encode_boxes)
             self._heads = torch.compile(self._heads, mode=torch_mode)
         blank = Image.new("RGB", (self.resolution, self.resolution))
         try:
