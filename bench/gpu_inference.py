@@ -190,6 +190,7 @@ def ours(
     compile_mode: str | None,
     compile_scope: str,
     reference: tuple[torch.Tensor, torch.Tensor],
+    masks: bool = False,
 ) -> dict[str, Any]:
     """`sam3ft predict`'s way: the model from load_export, Predictor in the resolved dtype, one prompt."""
     device = args.device
@@ -197,8 +198,8 @@ def ours(
     torch._dynamo.reset()  # each compile mode starts from scratch
     reset_memory(device)
     started = time.perf_counter()
-    # boxes only, as measured on 2026-11-27 (bench/gpu_inference.md); stock's Sam3Processor runs the mask head
-    predictor = Predictor(loaded[0], loaded[1], device, dtype, compile_mode, compile_scope, masks=False)
+    # boxes only unless `masks` (the like-for-like variant: stock's Sam3Processor runs the mask head)
+    predictor = Predictor(loaded[0], loaded[1], device, dtype, compile_mode, compile_scope, masks=masks)
     compile_s = round(time.perf_counter() - started, 1)
 
     def step() -> object:
@@ -270,6 +271,9 @@ def parse() -> argparse.Namespace:
         help="modes compiling the backbone and the grounding head (ours+compile-all:MODE); empty: none",
     )
     parser.add_argument(
+        "--masks", action="store_true", help="also time ours with the mask head and RLE masks (ours+masks)"
+    )
+    parser.add_argument(
         "--budget-s",
         type=float,
         default=240,
@@ -315,17 +319,21 @@ def main() -> None:
         started = time.perf_counter()
         model, spec, _ = load_export(Path(tmp), dtype=resolve_dtype(args.dtype, device))
         report["load_export_s"] = round(time.perf_counter() - started, 1)
-        variants: list[tuple[str, str | None, str]] = [("ours", None, "backbone")]
-        variants += [(f"ours+compile:{m}", m, "backbone") for m in args.compile_modes.split(",") if m]
-        variants += [(f"ours+compile-all:{m}", m, "all") for m in args.compile_all_modes.split(",") if m]
-        for key, mode, scope in variants:  # one loaded model; each variant wraps it anew
+        variants: list[tuple[str, str | None, str, bool]] = [("ours", None, "backbone", False)]
+        if args.masks:
+            variants.append(("ours+masks", None, "backbone", True))
+        variants += [(f"ours+compile:{m}", m, "backbone", False) for m in args.compile_modes.split(",") if m]
+        variants += [
+            (f"ours+compile-all:{m}", m, "all", False) for m in args.compile_all_modes.split(",") if m
+        ]
+        for key, mode, scope, masks in variants:  # one loaded model; each variant wraps it anew
             save(args.out, report)  # what is measured so far survives a timeout
             if time.perf_counter() - START > args.budget_s:
                 report["variants"][key] = {"error": f"skipped: past --budget-s {args.budget_s}"}
                 continue
             try:
                 loaded = (model, spec.image_size)
-                report["variants"][key] = ours(args, loaded, image, mode, scope, reference)
+                report["variants"][key] = ours(args, loaded, image, mode, scope, reference, masks)
             except Exception as exc:  # recorded in the table; the other variants still run
                 report["variants"][key] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(key, report["variants"][key], flush=True)

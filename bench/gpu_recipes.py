@@ -70,9 +70,22 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     from sam3ft.train.compose import compose_trainer_config
     from sam3ft.train.run import _free_port
 
-    recipe, batch, *steps = args.one.split(":")
-    if steps:
-        args.steps = int(steps[0])
+    recipe, batch, *rest = args.one.split(":")
+    if rest and rest[0]:
+        args.steps = int(rest[0])
+    loader = rest[1] if len(rest) > 1 else "stream"
+    if loader == "per-epoch":  # upstream's loader: new DataLoader (and workers) every epoch
+        from sam3.train.data.torch_dataset import TorchDataset
+
+        from sam3ft.train import data as train_data
+
+        def per_epoch(self: Any, epoch: int) -> Any:
+            train_data.reseed(self.seed, epoch)
+            return TorchDataset.get_loader(self, epoch)
+
+        train_data.SeededTorchDataset.get_loader = per_epoch  # type: ignore[method-assign]
+    elif loader != "stream":
+        raise SystemExit(f"{args.one}: loader must be stream or per-epoch")
     p = trainer_params(Path(args.params), recipe, int(batch), args.workers)
     paths = p["paths"]
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
@@ -104,12 +117,18 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(q.numel() for q in module.parameters())
     n_train = sum(q.numel() for q in module.parameters() if q.requires_grad)
     trainer.train_epoch(FirstBatches(trainer.train_dataset, args.steps))
+    timed_logs = list(logged)  # the profiled steps below run slower: not part of the timing
     figures: dict[str, Any] = {}
     if args.profile:
         figures["gpu_busy"] = gpu_busy(trainer, args.profile)
-    rows = {name: [(s, v) for n, v, s in logged if n == name] for name in {n for n, _, _ in logged}}
+    if args.hostprof:
+        figures["host_top"] = host_profile(trainer, args.hostprof)
+    if args.syncs:
+        figures["sync_sites"] = sync_sites(trainer)
+    rows = {name: [(s, v) for n, v, s in timed_logs if n == name] for name in {n for n, _, _ in timed_logs}}
     step_s = [v for _, v in rows["Step_Stats/train/Batch Time"]]
     mem = [v for _, v in rows["Step_Stats/train/Mem (GB)"]]
+    data_s = [v for _, v in rows.get("Step_Stats/train/Data Time", [])][args.warmup :]
     timed = step_s[args.warmup :]
     return {
         "recipe": recipe,
@@ -121,12 +140,14 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "ddp_one_process": p["trainer"].ddp_one_process,
         "ddp": type(trainer.model).__name__ == "DistributedDataParallel",
         "num_workers": p["trainer"].num_workers,
+        "loader": loader,
         "params": n_params,
         "trainable_params": n_train,
         "build_s": round(build_s, 1),
         "steps": len(step_s),
         "s_per_step": round(statistics.median(timed), 3),
         "images_per_s": round(int(batch) / statistics.median(timed), 2),
+        "data_s_per_step": round(statistics.median(data_s), 3) if data_s else None,
         "peak_gb": round(max(mem), 2),
         "peak_gb_step0": round(mem[0], 2),
         "loss": [round(v, 4) for _, v in sorted(rows[step_logging._LOSS])],
@@ -151,17 +172,75 @@ def gpu_busy(trainer: Any, steps: int) -> float:
     return round(kernel_us / 1e6 / wall, 3)
 
 
+def host_profile(trainer: Any, steps: int, top: int = 25) -> list[str]:
+    """Where the host spends a step: cProfile over `steps` more steps, the top functions by own
+    time, as 'seconds per step  calls per step  file:line(function)'."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    trainer.train_epoch(FirstBatches(trainer.train_dataset, steps))
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [
+        f"{tt / steps:.4f}s {nc / steps:.0f}x {Path(f).name}:{line}({fn})"
+        for (f, line, fn), (_, nc, tt, _, _) in rows
+    ]
+
+
+def sync_sites(trainer: Any, top: int = 25) -> dict[str, int]:
+    """Host-device synchronisations of one step, counted by the innermost sam3 (or our) frame
+    that caused them (torch's sync debug mode warns at each)."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    counts: collections.Counter[str] = collections.Counter()
+    original = warnings.showwarning
+
+    def record(message: Any, category: Any, filename: str, lineno: int, *a: Any, **k: Any) -> None:
+        frames = traceback.extract_stack()[:-1]
+        mine = [f for f in frames if "sam3" in f.filename and "bench" not in f.filename]
+        site = mine[-1] if mine else frames[-1]
+        counts[f"{Path(site.filename).parent.name}/{Path(site.filename).name}:{site.lineno}"] += 1
+
+    warnings.showwarning = record  # type: ignore[assignment]
+    warnings.simplefilter("always")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        trainer.train_epoch(FirstBatches(trainer.train_dataset, 1))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = original
+    return {"total": sum(counts.values()), **dict(counts.most_common(top))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("runs", nargs="*", help="recipe:batch[:steps], e.g. stock:1:50 lean:8")
+    parser.add_argument(
+        "runs",
+        nargs="*",
+        help="recipe:batch[:steps[:loader]], e.g. stock:1:50 lean:8 stock:4:12:per-epoch "
+        "(loader: stream, ours, the default; per-epoch, upstream's new loader every epoch)",
+    )
     parser.add_argument(
         "--params", required=True, help="params file (sam3 preset, paths to fetched base/prepared)"
     )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--profile", type=int, default=0, help="then profile this many steps for GPU busy")
+    parser.add_argument("--hostprof", type=int, default=0, help="then cProfile this many steps (host time)")
+    parser.add_argument("--syncs", action="store_true", help="then count device syncs of one step by site")
     parser.add_argument("--scratch", default="/tmp/gpu-recipes")
     parser.add_argument("--workers", type=int, help="override trainer.num_workers (data-loader processes)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per run")
