@@ -1,14 +1,16 @@
 """Peak GPU memory of a training run, estimated per recipe before any GPU work.
 
 peak = fp32 weights (4 B x all params)
-     + grads (4 B x trainable; DDP keeps them in its buckets for the whole run; without the wrapper
-       (trainer.ddp_one_process: false) they do not coincide with the activations, so the estimate
-       is an upper bound there: +12% on the one such run measured)
+     + grads (4 B x trainable; DDP keeps them in its buckets for the whole run)
      + optimizer moments (8 B x trainable for adamw/adamw_fused, 4 B for adamw_bf16)
      + autocast's bf16 weight copies (2 B x all params) while trainer.autocast_cache is true
      + activations: a measured GB per image at the preset's resolution, one figure when the backward
        pass runs through the ViT trunk (trunk trains, or LoRA adapts it), one when it stops above it
      + a small measured constant (CUDA workspaces, loss and matcher buffers).
+Without the DDP wrapper (one process, trainer.ddp_one_process: false) gradients exist only from the
+backward pass on, so the peak is the larger of: the above less the gradients (the forward pass's
+activations, large batches), and weights + gradients + moments + the optimizer's step temporaries
+(small batches: the end of the backward pass and the step).
 The per-image figures and the constant were fitted on the stock and frozen-trunk runs of
 bench/gpu_recipes.md (H100, bf16 autocast); the other recipes' peaks there are predictions.
 """
@@ -22,9 +24,14 @@ from typing import Any
 from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec
 from sam3ft.train.data import freeze_and_adapt
+from sam3ft.train.optim import CHUNK
 
 GB = 1e9
 STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_bf16": 4}
+# fp32 temporaries of one optimizer step: adamw_bf16 holds ~6 bucket-sized ones (train/optim.py);
+# the fused kernel none. torch's foreach AdamW can hold a group-sized one: not modelled (runs with
+# it had DDP, whose peak comes earlier).
+STEP_TEMP_BYTES = {"adamw": 0, "adamw_fused": 0, "adamw_bf16": 6 * 4 * CHUNK}
 
 
 @dataclass(frozen=True)
@@ -65,4 +72,17 @@ def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Any) 
     how += f", {per_image:.2f} GB activations per image (measured)"
     if not trainer.amp:
         per_image, how = 2 * per_image, how + " x 2 for fp32 (amp off; assumed, not measured)"
-    return static / GB + act.constant_gb + per_image * trainer.batch_size, how
+    peak = static / GB + act.constant_gb + per_image * trainer.batch_size
+    if uses_ddp(trainer):
+        return peak, how
+    step_end = (
+        4 * total + trainable * (4 + STATE_BYTES[trainer.optimizer]) + STEP_TEMP_BYTES[trainer.optimizer]
+    )
+    return max(peak - 4 * trainable / GB, step_end / GB + act.constant_gb), how + ", no DDP wrapper"
+
+
+def uses_ddp(trainer: Any) -> bool:
+    """Whether sam3's trainer wraps the model in DDP: always with several processes; with one,
+    unless trainer.ddp_one_process is false (sam3ft.train.trainer.Trainer)."""
+    processes = max(1, getattr(trainer, "num_gpus", 1)) * getattr(trainer, "num_nodes", 1)
+    return processes > 1 or getattr(trainer, "ddp_one_process", True) is not False
