@@ -219,6 +219,23 @@ def test_predictor_gives_rle_masks_in_original_pixels():
     assert [d.box_xyxy for d in dets_skipped] == [d.box_xyxy for d in dets]
 
 
+def test_min_score_drops_detections_before_their_masks_are_encoded(monkeypatch):
+    import sam3ft.model.predict as predict_module
+
+    encoded = []
+    real = predict_module.mask_to_rle
+    monkeypatch.setattr(predict_module, "mask_to_rle", lambda m: encoded.append(1) or real(m))
+    predictor = Predictor(FixedMaskModel(), 28)
+    image = Image.new("RGB", (200, 100))
+    everything = predictor.predict(image, {1: "fuse"}, max_dets=5)
+    assert len(everything) == 2 and len(encoded) == 2 and everything[0].score > everything[1].score
+    encoded.clear()
+    between = (everything[0].score + everything[1].score) / 2
+    kept = predictor.predict(image, {1: "fuse"}, max_dets=5, min_score=between)
+    assert kept == everything[:1] and len(encoded) == 1  # the dropped one's mask was never encoded
+    assert predictor.predict(image, {1: "fuse"}, max_dets=5, min_score=1.01) == []
+
+
 def test_predict_images_writes_masks_and_tints_them(tmp_path):
     Image.new("RGB", (200, 100), (10, 20, 30)).save(tmp_path / "box.png")
     predictor = Predictor(FixedMaskModel(), 28)

@@ -84,7 +84,7 @@ def predict_images(
             print(f"error: {path}: cannot read image ({exc})", file=sys.stderr)
             report.failed.append(str(path))
             continue
-        kept = [d for d in predictor.predict(image, prompts, max_dets) if d.score >= threshold]
+        kept = predictor.predict(image, prompts, max_dets, min_score=threshold)
         overlay = overlay_name(path, taken)
         masks = [segmentation_mask(d.mask, image.height, image.width) for d in kept if d.mask is not None]
         draw_boxes(

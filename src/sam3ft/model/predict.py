@@ -249,9 +249,11 @@ class Predictor:
         return found["boxes"], found["scores"]
 
     @torch.inference_mode()
-    def predict(self, image: Image.Image, prompts: dict[int, str], max_dets: int) -> list[Detection]:
-        """Best `max_dets` detections per prompt, boxes (and masks, with a mask head) in original
-        pixels, highest score first."""
+    def predict(
+        self, image: Image.Image, prompts: dict[int, str], max_dets: int, min_score: float = 0.0
+    ) -> list[Detection]:
+        """Best `max_dets` detections per prompt scoring at least `min_score`, boxes (and masks, with a
+        mask head: encoded for those detections only) in original pixels, highest score first."""
         width, height = image.size
         boxes, scores, masks = self.ground(self.features(image), list(prompts.values()))
         scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
@@ -261,14 +263,15 @@ class Predictor:
         rows = torch.cat([xyxy, scores.unsqueeze(-1)], dim=-1).cpu()  # the one wait for the device
         # scaled on the host: a tensor made on the device would be a host-to-device copy, which syncs
         rows[..., :4] *= torch.tensor([width, height, width, height], dtype=torch.float32)  # pixels
-        rles: list[list[dict[str, Any] | None]] = [[None] * order.shape[1] for _ in prompts]
+        kept = [int((per_prompt[:, 4] >= min_score).sum()) for per_prompt in rows]  # sorted: a prefix
+        rles: list[list[dict[str, Any] | None]] = [[None] * k for k in kept]
         if masks is not None:  # one at a time: 100 full-size masks of a 12 MP photo are 1.2 GB
             rles = [
-                [mask_to_rle(mask_in_pixels(m, height, width)) for m in masks[i][o]]
-                for i, o in enumerate(order)
+                [mask_to_rle(mask_in_pixels(m, height, width)) for m in masks[i][o[:k]]]
+                for i, (o, k) in enumerate(zip(order, kept, strict=True))
             ]
         return [
             Detection((row[0], row[1], row[2], row[3]), row[4], category_id, rle)
-            for category_id, per_prompt, per_rle in zip(prompts, rows.tolist(), rles, strict=True)
-            for row, rle in zip(per_prompt, per_rle, strict=True)
+            for category_id, per_prompt, per_rle, k in zip(prompts, rows.tolist(), rles, kept, strict=True)
+            for row, rle in zip(per_prompt[:k], per_rle, strict=True)
         ]
