@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         const="default",
         metavar="MODE",
-        help="torch.compile the image backbone (MODE: default, reduce-overhead, max-autotune-no-cudagraphs; "
-        "bare --compile: default); compiles once at start, pays off over many images",
+        help="torch.compile the model (MODE: default, reduce-overhead, max-autotune-no-cudagraphs; "
+        "bare --compile: default; what: --compile-scope); compiles once at start, pays off over many images",
     )
     predict.add_argument(
         "--compile-scope",
