@@ -91,6 +91,8 @@ def test_an_epoch_left_unfinished_starts_over(one_process_group):
     assert len(again) == 3
     after = [[list(b) for b in loader.get_loader(1)]]  # then on as if nothing happened
     assert _strip(after) == _strip(_epochs(_loader(workers=2), 0, 2))[1:]
+    loader.get_loader(2)  # handed out, never iterated: epoch 3 must not get epoch 2's batches
+    assert _strip([[list(b) for b in loader.get_loader(3)]]) == _strip(_epochs(_loader(workers=2), 3, 1))
 
 
 @pytest.mark.slow

@@ -136,7 +136,8 @@ class EpochStream:
         self.epoch, self.served = first, 0  # the epoch next_epoch() hands out; batches taken of the last
 
     def continues(self, epoch: int) -> bool:
-        return epoch == self.epoch and self.served in (0, self.per_epoch)
+        """Whether `epoch` is the next one and the previous one was served in full."""
+        return epoch == self.epoch and self.served == self.per_epoch
 
     def next_epoch(self) -> _Epoch:
         self.served = 0
