@@ -75,15 +75,9 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         args.steps = int(rest[0])
     loader = rest[1] if len(rest) > 1 else "stream"
     if loader == "per-epoch":  # upstream's loader: new DataLoader (and workers) every epoch
-        from sam3.train.data.torch_dataset import TorchDataset
+        from sam3ft.train.data import SeededTorchDataset
 
-        from sam3ft.train import data as train_data
-
-        def per_epoch(self: Any, epoch: int) -> Any:
-            train_data.reseed(self.seed, epoch)
-            return TorchDataset.get_loader(self, epoch)
-
-        train_data.SeededTorchDataset.get_loader = per_epoch  # type: ignore[method-assign]
+        SeededTorchDataset.get_loader = SeededTorchDataset.per_epoch_loader  # type: ignore[method-assign]
     elif loader != "stream":
         raise SystemExit(f"{args.one}: loader must be stream or per-epoch")
     p = trainer_params(Path(args.params), recipe, int(batch), args.workers)

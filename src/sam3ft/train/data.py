@@ -67,6 +67,10 @@ class SeededTorchDataset(TorchDataset):
             if self._stream is None or not self._stream.continues(epoch):
                 self._stream = EpochStream(self, epoch)
             return self._stream.next_epoch()
+        return self.per_epoch_loader(epoch)
+
+    def per_epoch_loader(self, epoch: int) -> Any:
+        """Upstream's way: a new DataLoader for this epoch, the process RNGs seeded from (seed, epoch)."""
         reseed(self.seed, epoch)
         return super().get_loader(epoch)
 

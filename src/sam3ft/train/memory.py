@@ -60,9 +60,8 @@ def param_counts(spec: ModelSpec, vocab: Path, trainable: list[str], lora_rank: 
 
 def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Any) -> tuple[float, str]:
     """Estimated peak allocated GPU memory in GB for `trainer` (params.Trainer), and how it was made."""
-    static = 4 * total + trainable * (4 + STATE_BYTES[trainer.optimizer])
-    if trainer.amp and trainer.autocast_cache:
-        static += 2 * total
+    weights_grads_states = 4 * total + trainable * (4 + STATE_BYTES[trainer.optimizer])
+    static = weights_grads_states + (2 * total if trainer.amp and trainer.autocast_cache else 0)
     how = f"{total / 1e6:.0f} M params, {trainable / 1e6:.1f} M trainable, {trainer.optimizer}"
     act = MEASURED.get(spec.name)
     if act is None:
@@ -75,9 +74,7 @@ def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Any) 
     peak = static / GB + act.constant_gb + per_image * trainer.batch_size
     if uses_ddp(trainer):
         return peak, how
-    step_end = (
-        4 * total + trainable * (4 + STATE_BYTES[trainer.optimizer]) + STEP_TEMP_BYTES[trainer.optimizer]
-    )
+    step_end = weights_grads_states + STEP_TEMP_BYTES[trainer.optimizer]
     return max(peak - 4 * trainable / GB, step_end / GB + act.constant_gb), how + ", no DDP wrapper"
 
 
