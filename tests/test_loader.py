@@ -3,7 +3,6 @@ batches a fresh per-epoch loader would give, augmentation seeded per (seed, epoc
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 from sam3.train.data.torch_dataset import TorchDataset
 
+from conftest import write_params
 from sam3ft import params
 from sam3ft.train.data import SeededTorchDataset
 from test_train import finish, train, workspace
@@ -97,18 +97,18 @@ def test_an_epoch_left_unfinished_starts_over(one_process_group):
 
 @pytest.mark.slow
 def test_training_with_workers_is_reproducible_and_worker_count_free(tmp_path, shipped_params):
-    """Two epochs of the tiny preset with 1 and with 2 data-loader workers: identical step losses."""
-    procs, roots = [], []
-    for workers in (1, 2):
-        root = tmp_path / f"w{workers}"
-        path = workspace(
-            root, json.loads(json.dumps(shipped_params)), max_epochs=2, batch_size=4, num_workers=workers
-        )
-        procs.append(train(path))
-        roots.append(root)
+    """Two epochs of the tiny preset with 1 and with 2 data-loader workers (one fetch and prepare,
+    two trainings side by side): identical step losses."""
+    first = workspace(tmp_path, shipped_params, max_epochs=2, batch_size=4, num_workers=1)
+    second = params.read_params(first)
+    for key in ("train", "eval", "export", "scratch"):
+        second["paths"][key] = str(tmp_path / "w2" / key)
+    second["trainer"]["num_workers"] = 2
+    procs = [train(first), train(write_params(tmp_path / "w2.yaml", second))]
     for proc in procs:
         finish(proc)
-    losses = [(r / "train/dvclive-steps/plots/metrics/step/loss.tsv").read_text() for r in roots]
+    losses = [
+        (Path(p) / "dvclive-steps/plots/metrics/step/loss.tsv").read_text()
+        for p in (tmp_path / "train", tmp_path / "w2" / "train")
+    ]
     assert len(losses[0].splitlines()) == 1 + 12 and losses[0] == losses[1]
-    assert params.read_params(roots[0] / "params.yaml")["trainer"]["num_workers"] == 1
-    assert Path(roots[1] / "train/checkpoint.pt").exists()
