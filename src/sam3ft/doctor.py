@@ -213,10 +213,15 @@ def disk_needed_gb(n_params: float, trainer: params_module.Trainer, export: para
     Datasets, logs and plots are small next to these and not counted; a cache.dir on another disk is
     not considered.
     """
+    weights = (4 if export.dtype == "float32" else 2) * n_params
+    return train_checkpoints_gb(n_params, trainer) + 2 * weights / GB
+
+
+def train_checkpoints_gb(n_params: float, trainer: params_module.Trainer) -> float:
+    """GB of trainer checkpoints the train stage leaves: the train part of disk_needed_gb."""
     extras = trainer.max_epochs // trainer.checkpoint_freq if trainer.checkpoint_freq > 0 else 0
     checkpoint = 12 * n_params
-    weights = (4 if export.dtype == "float32" else 2) * n_params
-    return (checkpoint * (1 + extras) + checkpoint + checkpoint + 2 * weights) / GB
+    return (checkpoint * (1 + extras) + checkpoint + checkpoint) / GB
 
 
 def check_disk(needed_gb: float, free_gb: float, where: Path) -> Check:

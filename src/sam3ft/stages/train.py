@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 
-from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb
+from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb, train_checkpoints_gb
 from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
@@ -173,8 +173,7 @@ def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
     n_params, n_trained = param_counts(
         spec, vocab, trained_groups(trainer.trainable, trainer.segmentation), trainer.lora_rank
     )
-    extras = trainer.max_epochs // trainer.checkpoint_freq if trainer.checkpoint_freq else 0
-    needed = 12 * n_params * (3 + extras) / GB  # scratch checkpoint(s) + tracked copy + DVC cache copy
+    needed = train_checkpoints_gb(n_params, trainer)  # scratch checkpoint(s) + tracked copy + DVC cache copy
     existing = next(d for d in (root, *root.parents) if d.exists())  # outputs may not exist yet
     check = check_disk(needed, shutil.disk_usage(existing).free / GB, existing)
     if check.status == "FAIL":
