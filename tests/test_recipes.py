@@ -31,6 +31,12 @@ def runs(tmp_path_factory, request) -> dict[str, Path]:
         path = workspace(root, json.loads(json.dumps(shipped)), max_epochs=1, batch_size=4, recipe=name)
         finish(train(path))
         out[name] = root
+    # stock with one device read per step: must train and log exactly as stock does
+    root = tmp_path_factory.mktemp("stock-sync-once")
+    shipped_again = json.loads(json.dumps(shipped))
+    path = workspace(root, shipped_again, max_epochs=1, batch_size=4, recipe="stock", sync_once=True)
+    finish(train(path))
+    out["stock+sync_once"] = root
     return out
 
 
@@ -45,6 +51,17 @@ def test_recipes_train_from_the_same_start(runs):
     for name, run in runs.items():
         losses = _losses(run)
         assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses))), name
+
+
+def test_sync_once_trains_and_logs_exactly_as_stock(runs):
+    """The same recipe with `sync_once: true`: every step's logged values, the epoch's loss meters and
+    the trained weights are identical (only when the host waits for the GPU moves)."""
+    stock, once = runs["stock"], runs["stock+sync_once"]
+    assert "sync_once: true" in (once / "train/run/trainer_config.yaml").read_text()
+    for rel in ("scratch/train/logs/steps.jsonl", "train/run/train_stats.json"):
+        assert (stock / rel).read_text() == (once / rel).read_text(), rel
+    a, b = _ckpt(stock)["model"], _ckpt(once)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_lean_keeps_bf16_moments_and_follows_stock(runs):

@@ -1,0 +1,125 @@
+"""`sync_once`: our training step against sam3's own `Trainer._run_step`, on the same model, batches and
+loss terms: same gradients, same logged values in the same order, same meters, and a non-finite
+loss still stops the run before any weight could move."""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from sam3.train.trainer import Trainer as Sam3Trainer
+
+from sam3ft.train.trainer import Trainer, host_floats
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, int]] = []
+
+    def log(self, name: str, data: Any, step: int) -> None:
+        self.calls.append((name, data, step))
+
+
+def _step(self: Any, batch: Any, model: torch.nn.Module, phase: str) -> Any:
+    """The shape of sam3's `Trainer._step`: per-term logs of tensors, then the core loss."""
+    x, target = batch
+    out = model(x)
+    terms = {"loss_a": ((out - target) ** 2).mean(), "loss_b": out.abs().mean() * self.scale}
+    terms["count"] = torch.tensor(x.shape[0], dtype=torch.long)  # a non-float term, as sam3 logs
+    step = self.steps[phase]
+    for name, value in terms.items():
+        self.logger.log(f"Step_Losses/{name}", value, step)
+    core = terms["loss_a"] * 2 + terms["loss_b"]
+    self.logger.log("Step_Losses/core", core, step)
+    self.steps[phase] += 1
+    return {"Losses/train_all_loss": core}, x.shape[0], {f"Losses/train_all_{k}": v for k, v in terms.items()}
+
+
+def _trainer(cls: type, sync_once: bool, scale: float = 1.0, accum: int = 1) -> Any:
+    """A trainer object with what `_run_step` touches, sam3's own AverageMeters, a real model."""
+    torch.manual_seed(0)
+    trainer = object.__new__(cls)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    model.no_sync = contextlib.nullcontext
+    trainer.model = model
+    trainer.sync_once = sync_once
+    trainer.scale = scale
+    trainer.steps = {"train": 0}
+    trainer.logger = Recorder()
+    trainer.optim = SimpleNamespace(zero_grad=model.zero_grad)
+    trainer.gradient_accumulation_steps = accum
+    trainer.optim_conf = SimpleNamespace(amp=SimpleNamespace(enabled=False, amp_dtype="bfloat16"))
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer.device = torch.device("cpu")
+    trainer._step = _step.__get__(trainer)
+    return trainer
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(3, 4, generator=gen), torch.randn(3, 2, generator=gen)) for _ in range(n)]
+
+
+def _meters() -> tuple[dict[str, Any], dict[str, Any]]:
+    from sam3.train.utils.train_utils import AverageMeter
+
+    return {"Losses/train_all_loss": AverageMeter("Losses/train_all_loss", "cpu")}, {}
+
+
+def _as_float(data: Any) -> float:
+    return float(data.item()) if isinstance(data, torch.Tensor) else float(data)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_one_read_per_step_gives_upstreams_grads_logs_and_meters(accum):
+    runs = {}
+    for name, cls, sync_once in (("upstream", Sam3Trainer, False), ("ours", Trainer, True)):
+        trainer = _trainer(cls, sync_once, accum=accum)
+        loss_mts, extra_mts = _meters()
+        grads = []
+        for step in range(3):
+            chunks = _batches(accum) if accum > 1 else _batches(1)[0]
+            if step:  # different data per step, same for both runs
+                chunks = [(x + step, y) for x, y in chunks] if accum > 1 else (chunks[0] + step, chunks[1])
+            (Sam3Trainer._run_step if cls is Sam3Trainer else cls._run_step)(
+                trainer, chunks, "train", loss_mts, extra_mts
+            )
+            grads.append([p.grad.clone() for p in trainer.model.parameters()])
+        runs[name] = (trainer.logger.calls, loss_mts, extra_mts, grads)
+    (up_logs, up_loss, up_extra, up_grads), (logs, loss, extra, grads) = runs["upstream"], runs["ours"]
+    assert all(not isinstance(data, torch.Tensor) for _, data, _ in logs)  # already read, once
+    assert [(n, _as_float(d), s) for n, d, s in up_logs] == [(n, d, s) for n, d, s in logs]
+    assert len(logs) == 4 * 3 * accum  # 3 terms + the core loss, 3 steps
+    assert up_loss["Losses/train_all_loss"].avg == loss["Losses/train_all_loss"].avg
+    assert {k: m.avg for k, m in up_extra.items()} == {k: m.avg for k, m in extra.items()}
+    assert set(extra) == {"Losses/train_all_loss_a", "Losses/train_all_loss_b", "Losses/train_all_count"}
+    for a, b in zip(up_grads, grads, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_non_finite_loss_stops_before_any_weight_moves():
+    trainer = _trainer(Trainer, sync_once=True, scale=float("nan"))
+    loss_mts, extra_mts = _meters()
+    with pytest.raises(FloatingPointError, match="Loss is nan"):
+        trainer._run_step(_batches(1)[0], "train", loss_mts, extra_mts)
+    assert all(p.grad is None for p in trainer.model.parameters())  # an optimizer step would skip all
+    assert loss_mts["Losses/train_all_loss"].count == 0
+    # raise_on_error=False returns with no gradients, as upstream does
+    trainer._run_step(_batches(1)[0], "train", loss_mts, extra_mts, raise_on_error=False)
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_host_floats_are_exact_for_every_dtype():
+    values = [
+        torch.tensor(0.1, dtype=torch.float32),
+        torch.tensor(1 / 3, dtype=torch.bfloat16),
+        torch.tensor(2**40 + 1, dtype=torch.long),
+        torch.tensor([0.7], dtype=torch.float64),  # one element, not 0-d
+        2.5,
+        3,
+    ]
+    assert host_floats(values) == [v.item() if isinstance(v, torch.Tensor) else float(v) for v in values]
+    assert host_floats([1, 2.0]) == [1.0, 2.0]
