@@ -93,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument(
         "--compile",
         nargs="?",
-        const="default",
+        const="reduce-overhead",
         metavar="MODE",
-        help="torch.compile the model (MODE: default, reduce-overhead, max-autotune-no-cudagraphs; "
-        "bare --compile: default; what: --compile-scope); compiles once at start, pays off over many images",
+        help="torch.compile the model (MODE: reduce-overhead (CUDA graphs), default, "
+        "max-autotune-no-cudagraphs; bare --compile: reduce-overhead; what: --compile-scope); compiles "
+        "once at start, pays off over many images",
     )
     predict.add_argument(
         "--compile-scope",

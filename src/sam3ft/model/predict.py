@@ -94,8 +94,8 @@ class Predictor:
     `masks`: run the mask head when the model has one (RLE masks in each Detection); False: boxes only.
     `dtype=torch.bfloat16`: backbone weights in bf16 (no autocast there), grounding head under bf16
     autocast. `compile_mode`: torch.compile with that mode the image backbone (`compile_scope`
-    "backbone") or the backbone and the grounding head ("all"), compiled at construction so a failure
-    surfaces there, never as a silent fallback.
+    "backbone") or the backbone and the grounding head as one function ("all"), compiled at
+    construction so a failure surfaces there, never as a silent fallback.
     """
 
     def __init__(
@@ -124,7 +124,8 @@ class Predictor:
         self._text_cache: dict[str, Features] = {}
         self._stacked_text: dict[tuple[str, ...], Features] = {}
         self._forward_image = model.backbone.forward_image
-        self._heads = self._grounding
+        self._detect: Any = None  # compile scope `all`: backbone + grounding head, one compiled call
+        self._graphs = False  # CUDA graphs replay into the same output buffers on every call
         if compile_mode is not None:
             self._compile(compile_mode, compile_scope)
 
@@ -136,17 +137,21 @@ class Predictor:
         if scope not in COMPILE_SCOPES:
             raise Sam3ftError(f"unknown compile scope {scope!r}", fix=f"use one of {list(COMPILE_SCOPES)}")
         torch_mode = None if mode == "default" else mode
-        self._forward_image = torch.compile(self._forward_image, mode=torch_mode)
         if scope == "all":
             # sam3/model/geometry_encoders.py:659 pins a host tensor on every call, which dynamo
             # cannot trace: that method alone stays eager (on this model instance only)
             geometry = getattr(self.model, "geometry_encoder", None)
             if geometry is not None:
                 geometry._encode_boxes = torch.compiler.disable(geometry._encode_boxes)
-            self._heads = torch.compile(self._heads, mode=torch_mode)
+            # one function, not two: CUDA graph trees start a new generation at every top-level
+            # compiled call, and the head's would overwrite the backbone's outputs while it reads them
+            self._detect = torch.compile(self._image_and_heads, mode=torch_mode)
+            self._graphs = mode == "reduce-overhead"
+        else:
+            self._forward_image = torch.compile(self._forward_image, mode=torch_mode)
         blank = Image.new("RGB", (self.resolution, self.resolution))
         try:
-            self.ground(self.features(blank), ["object"])  # one prompt: more prompts compile again
+            self.detect(blank, ["object"])  # one prompt: more prompts compile again
         except Exception as exc:  # any compiler/backend failure: stop, do not run uncompiled
             raise Sam3ftError(
                 f"torch.compile(mode={mode!r}) of the {COMPILE_SCOPES[scope]} failed: "
@@ -186,18 +191,42 @@ class Predictor:
         }
         return self._stacked_text[key]
 
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        """(1, 3, R, R) model input: resized to the model's resolution, normalised, in `dtype`."""
+        pixels = v2.functional.to_image(image.convert("RGB")).to(self.device)
+        return self.transform(pixels).unsqueeze(0).to(self.dtype)
+
     @torch.inference_mode()
     def features(self, image: Image.Image) -> Features:
-        """Image backbone output for one image (resized to the model's resolution, batch 1)."""
-        pixels = v2.functional.to_image(image.convert("RGB")).to(self.device)
-        return self._forward_image(self.transform(pixels).unsqueeze(0).to(self.dtype))
+        """Image backbone output for one image (batch 1)."""
+        return self._forward_image(self._pixels(image))
 
     @torch.inference_mode()
     def ground(self, features: Features, prompts: list[str]) -> Grounding:
         """(P, Q, 4) cxcywh boxes in [0, 1], (P, Q) scores = sigmoid(logit) * sigmoid(presence), and
         with a mask head (P, Q, h, w) mask logits at the model's mask resolution (else None)."""
         backbone_out = {**features, **self._text(prompts)}  # a copy: sam3 pops keys from it
-        return self._heads(backbone_out, *self._queries(len(prompts)))
+        return self._grounding(backbone_out, *self._queries(len(prompts)))
+
+    def _image_and_heads(
+        self, pixels: torch.Tensor, text: Features, find: FindStage, geometric: Any
+    ) -> Grounding:
+        """`ground(features(image), prompts)` as one function, for torch.compile with scope `all`."""
+        return self._grounding({**self._forward_image(pixels), **text}, find, geometric)
+
+    @torch.inference_mode()
+    def detect(self, image: Image.Image, prompts: list[str]) -> Grounding:
+        """`ground(features(image), prompts)`: through the one compiled function when there is one."""
+        if self._detect is None:
+            return self.ground(self.features(image), prompts)
+        if self._graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        found = self._detect(self._pixels(image), self._text(prompts), *self._queries(len(prompts)))
+        if not self._graphs:
+            return found
+        # the next call replays into the same buffers: hand out copies
+        boxes, scores, masks = found
+        return boxes.clone(), scores.clone(), None if masks is None else masks.clone()
 
     def _grounding(self, backbone_out: Features, find: FindStage, geometric: Any) -> Grounding:
         """sam3's `Sam3Image.forward_grounding` (sam3/model/sam3_image.py:442) step by step, the mask
@@ -237,7 +266,7 @@ class Predictor:
     def outputs(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
         """One prompt: `boxes` (Q, 4) cxcywh in [0, 1], `scores` (Q,), and with a mask head `masks`
         (Q, h, w) logits."""
-        boxes, scores, masks = self.ground(self.features(image), [prompt])
+        boxes, scores, masks = self.detect(image, [prompt])
         found = {"boxes": boxes[0], "scores": scores[0]}
         if masks is not None:
             found["masks"] = masks[0]
@@ -255,7 +284,7 @@ class Predictor:
         """Best `max_dets` detections per prompt scoring at least `min_score`, boxes (and masks, with a
         mask head: encoded for those detections only) in original pixels, highest score first."""
         width, height = image.size
-        boxes, scores, masks = self.ground(self.features(image), list(prompts.values()))
+        boxes, scores, masks = self.detect(image, list(prompts.values()))
         scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
         scores, order = scores[:, :max_dets], order[:, :max_dets]  # (P, K)
         picked = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))  # (P, K, 4) cxcywh
