@@ -110,3 +110,28 @@ def test_checkpoint_with_code_is_refused(tmp_path, capsys):
     with pytest.raises(WeightsError):
         load_trainer_checkpoint(truncated)
     assert pickle  # the payload class above pickles with the stdlib protocol
+
+
+def test_decoder_gets_the_feature_size_as_ints_and_the_same_boxes(tiny):
+    """Our decoder reads (H, W) from the encoder's host-side shapes instead of the `spatial_shapes`
+    device tensor (no host waits), and detects exactly what upstream's path does."""
+    from sam3.model.sam3_image import Sam3Image
+
+    image = Image.new("RGB", (320, 200), (120, 80, 40))
+    decoder = tiny.transformer.decoder
+    seen: list[tuple] = []
+    original = type(decoder)._get_rpb_matrix
+
+    def spy(self, reference_boxes, feat_size):
+        seen.append(tuple(type(v) for v in (self.feat_hw or feat_size)))
+        return original(self, reference_boxes, feat_size)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(decoder), "_get_rpb_matrix", spy)
+        ours = Predictor(tiny, 224).outputs(image, "fuse neutrals")
+        assert seen and set(seen) == {(int, int)} and decoder.feat_hw is None  # reset after the forward
+        seen.clear()
+        mp.setattr(tiny, "_run_decoder", lambda **kw: Sam3Image._run_decoder(tiny, **kw))  # upstream's
+        upstream = Predictor(tiny, 224).outputs(image, "fuse neutrals")
+        assert seen and set(seen) == {(torch.Tensor, torch.Tensor)}
+    assert torch.equal(ours["boxes"], upstream["boxes"]) and torch.equal(ours["scores"], upstream["scores"])

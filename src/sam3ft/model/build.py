@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
@@ -126,6 +127,36 @@ def _encoder(spec: ModelSpec) -> TransformerEncoderFusion:
     )
 
 
+class _Decoder(TransformerDecoder):  # type: ignore[misc]  # sam3 ships no type information
+    """sam3's decoder, given the image feature map's (H, W) as Python ints while a forward runs.
+
+    Upstream hands each layer's box-relative position bias (H, W) as elements of the `spatial_shapes`
+    device tensor (sam3/model/decoder.py:522); its cache check and shape asserts then compare against
+    device scalars, a host wait each: 42 per training step. Same values, same coordinates.
+    """
+
+    feat_hw: tuple[int, int] | None = None
+
+    def _get_rpb_matrix(self, reference_boxes: torch.Tensor, feat_size: tuple[Any, Any]) -> torch.Tensor:
+        return super()._get_rpb_matrix(reference_boxes, self.feat_hw or feat_size)
+
+
+class _Sam3Image(Sam3Image):  # type: ignore[misc]
+    """sam3's image model; its decoder learns the feature map size from the encoder's host-side shapes."""
+
+    def _run_decoder(self, *args: Any, **kwargs: Any) -> Any:
+        decoder = self.transformer.decoder
+        sizes = kwargs["encoder_out"].get("vis_feat_sizes") if "encoder_out" in kwargs else None
+        if not isinstance(decoder, _Decoder) or not sizes or len(sizes) != 1:
+            return super()._run_decoder(*args, **kwargs)
+        ((height, width),) = sizes  # torch.Size of the single feature level, Python ints
+        decoder.feat_hw = (int(height), int(width))
+        try:
+            return super()._run_decoder(*args, **kwargs)
+        finally:
+            decoder.feat_hw = None
+
+
 def _decoder(spec: ModelSpec, coord_cache: bool) -> TransformerDecoder:
     layer = TransformerDecoderLayer(
         activation="relu",
@@ -138,7 +169,7 @@ def _decoder(spec: ModelSpec, coord_cache: bool) -> TransformerDecoder:
     )
     # resolution/stride only fill a coordinate cache, allocated on "cuda" (sam3/model/decoder.py:281);
     # they create no parameters, so leaving them out off-GPU changes no weights.
-    return TransformerDecoder(
+    return _Decoder(
         layer=layer,
         num_layers=spec.decoder_layers,
         num_queries=spec.num_queries,
@@ -249,7 +280,7 @@ def build_model(
             gamma=2,
             stable=False,
         )
-    model = Sam3Image(
+    model = _Sam3Image(
         backbone=backbone,
         transformer=transformer,
         input_geometry_encoder=_geometry_encoder(spec),
