@@ -43,13 +43,19 @@ class FirstBatches:
             epoch += 1
 
 
-def trainer_params(path: Path, recipe: str, batch: int, workers: int | None = None) -> dict[str, Any]:
+def trainer_params(
+    path: Path, recipe: str, batch: int, workers: int | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    import yaml
+
     from sam3ft import params
     from sam3ft.stages import train as stage
 
     data = params.read_params(path)
     data["trainer"].update(recipe=recipe, batch_size=batch)
     data["trainer"].update({key: None for key in params.RECIPE_KEYS})  # all from the recipe
+    for key, value in (overrides or {}).items():  # `key=value` fields of the run spec, YAML values
+        data["trainer"][key] = yaml.safe_load(value)
     if workers is not None:
         data["trainer"]["num_workers"] = workers
     return {
@@ -71,20 +77,22 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     from sam3ft.train.run import _free_port
 
     recipe, batch, *rest = args.one.split(":")
+    overrides = dict(field.split("=", 1) for field in rest if "=" in field)
+    rest = [field for field in rest if "=" not in field]
     if rest and rest[0]:
         args.steps = int(rest[0])
-    loader = rest[1] if len(rest) > 1 else "stream"
+    loader = rest[1] if len(rest) > 1 and rest[1] else "stream"
     if loader == "per-epoch":  # upstream's loader: new DataLoader (and workers) every epoch
         from sam3ft.train.data import SeededTorchDataset
 
         SeededTorchDataset.get_loader = SeededTorchDataset.per_epoch_loader  # type: ignore[method-assign]
     elif loader != "stream":
         raise SystemExit(f"{args.one}: loader must be stream or per-epoch")
-    p = trainer_params(Path(args.params), recipe, int(batch), args.workers)
+    p = trainer_params(Path(args.params), recipe, int(batch), args.workers, overrides)
     paths = p["paths"]
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
     manifest, spec = stage.load_base(base_dir, p["model"].preset)
-    out = Path(args.scratch) / f"{recipe}-{batch}"
+    out = Path(args.scratch) / args.one.replace(":", "_").replace("=", "-")
     knobs = stage.trainer_knobs(
         p, spec, manifest, base_dir, data_dir, out, stage.count_images(data_dir / "train")
     )
@@ -119,6 +127,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         figures["host_top"] = host_profile(trainer, args.hostprof)
     if args.syncs:
         figures["sync_sites"] = sync_sites(trainer)
+    if args.timeline:
+        figures["timeline"] = timeline(trainer, args.timeline)
     rows = {name: [(s, v) for n, v, s in timed_logs if n == name] for name in {n for n, _, _ in timed_logs}}
     step_s = [v for _, v in rows["Step_Stats/train/Batch Time"]]
     mem = [v for _, v in rows["Step_Stats/train/Mem (GB)"]]
@@ -132,6 +142,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "lora_rank": p["trainer"].lora_rank,
         "autocast_cache": p["trainer"].autocast_cache,
         "ddp_one_process": p["trainer"].ddp_one_process,
+        "sync_once": p["trainer"].sync_once,
+        "overrides": overrides,
         "ddp": type(trainer.model).__name__ == "DistributedDataParallel",
         "num_workers": p["trainer"].num_workers,
         "loader": loader,
@@ -188,6 +200,84 @@ def host_profile(trainer: Any, steps: int, top: int = 25) -> list[str]:
     ]
 
 
+def timeline(trainer: Any, steps: int) -> dict[str, dict[str, float]]:
+    """Per step, for each phase: host wall ms (its CPU window) and how many of those ms the GPU ran
+    kernels. A phase whose GPU ms is far below its wall ms leaves the GPU idle while the host works
+    (host-bound); the last phase before a sync shows the wait. Phases: sam3's own record_function
+    markers (_run_encoder, _run_decoder, ...) plus trunk, text, matching, loss, backward, clip,
+    optimizer and the whole step, wrapped here on this trainer instance."""
+    import functools
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def mark(name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def run(*a: Any, **k: Any) -> Any:
+            with record_function(name):
+                return fn(*a, **k)
+
+        return run
+
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    wrapped = [
+        (model.backbone, "forward_image", "trunk"),
+        (model.backbone, "forward_text", "text"),
+        (model, "_compute_matching", "matching"),
+        (trainer, "_run_step", "step"),
+        (trainer.scaler, "step", "optimizer"),
+    ]
+    originals = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in wrapped]
+    for obj, attr, name in wrapped:
+        setattr(obj, attr, mark(name, getattr(obj, attr)))
+    losses = dict(trainer.loss)
+    trainer.loss = {k: mark("loss", v) for k, v in losses.items()}
+    clipper = trainer.gradient_clipper
+    trainer.gradient_clipper = mark("clip", clipper) if clipper is not None else None
+    backward = torch.Tensor.backward
+    torch.Tensor.backward = mark("backward", backward)  # type: ignore[method-assign]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: a dry run
+    sync()
+    try:
+        # "all": the whole loop (data, step, clip, optimizer, logging)
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=activities) as prof, record_function("all"):
+            trainer.train_epoch(FirstBatches(trainer.train_dataset, steps))
+            sync()
+    finally:
+        for obj, attr, fn in originals:
+            setattr(obj, attr, fn)
+        trainer.loss, trainer.gradient_clipper = losses, clipper
+        torch.Tensor.backward = backward  # type: ignore[method-assign]
+    events = prof.events()
+    names = {"all", "trunk", "text", "matching", "loss", "backward", "clip", "optimizer", "step"}
+    names |= {e.name for e in events if e.name.startswith("SAM3Image.")}
+    # kernels, copies and memsets; not the GPU-side spans kineto draws for each record_function
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type.name == "CUDA" and not e.is_user_annotation and e.name not in names
+    )
+    merged: list[list[float]] = []  # union of kernel intervals (µs)
+    for start, end in kernels:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+
+    def busy(start: float, end: float) -> float:
+        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in merged if a < end and b > start)
+
+    out: dict[str, dict[str, float]] = {}
+    for e in events:
+        if e.device_type.name == "CPU" and e.name in names:
+            row = out.setdefault(e.name.removeprefix("SAM3Image."), {"wall_ms": 0.0, "gpu_ms": 0.0, "n": 0})
+            row["wall_ms"] += (e.time_range.end - e.time_range.start) / 1e3 / steps
+            row["gpu_ms"] += busy(e.time_range.start, e.time_range.end) / 1e3 / steps
+            row["n"] += 1 / steps
+    return {k: {m: round(v, 1) for m, v in row.items()} for k, row in out.items()}
+
+
 def sync_sites(trainer: Any, top: int = 25) -> dict[str, int]:
     """Host-device synchronisations of one step, counted by the innermost sam3 (or our) frame
     that caused them (torch's sync debug mode warns at each)."""
@@ -224,8 +314,9 @@ def main() -> None:
     parser.add_argument(
         "runs",
         nargs="*",
-        help="recipe:batch[:steps[:loader]], e.g. stock:1:50 lean:8 stock:4:12:per-epoch "
-        "(loader: stream, ours, the default; per-epoch, upstream's new loader every epoch)",
+        help="recipe:batch[:steps[:loader]][:key=value...], e.g. stock:1:50 lean:8 stock:4:12:per-epoch "
+        "lean:8:10:sync_once=false (loader: stream, ours, the default; per-epoch, upstream's new "
+        "loader every epoch; key=value: a trainer param over the recipe's)",
     )
     parser.add_argument(
         "--params", required=True, help="params file (sam3 preset, paths to fetched base/prepared)"
@@ -235,6 +326,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="then profile this many steps for GPU busy")
     parser.add_argument("--hostprof", type=int, default=0, help="then cProfile this many steps (host time)")
     parser.add_argument("--syncs", action="store_true", help="then count device syncs of one step by site")
+    parser.add_argument(
+        "--timeline", type=int, default=0, help="then profile this many steps: host ms vs GPU ms per phase"
+    )
     parser.add_argument("--scratch", default="/tmp/gpu-recipes")
     parser.add_argument("--workers", type=int, help="override trainer.num_workers (data-loader processes)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per run")
