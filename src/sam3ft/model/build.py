@@ -168,7 +168,8 @@ def _decoder(spec: ModelSpec, coord_cache: bool) -> TransformerDecoder:
         use_text_cross_attention=True,
     )
     # resolution/stride only fill a coordinate cache, allocated on "cuda" (sam3/model/decoder.py:281);
-    # they create no parameters, so leaving them out off-GPU changes no weights.
+    # they create no parameters. Without them the cache is made on the first forward, on the
+    # model's device: same values, and a model built on a GPU machine still runs on its CPU.
     return _Decoder(
         layer=layer,
         num_layers=spec.decoder_layers,
@@ -253,16 +254,15 @@ def _geometry_encoder(spec: ModelSpec) -> SequenceGeometryEncoder:
 
 
 def build_model(
-    spec: ModelSpec, bpe_path: str, training: bool = True, coord_cache: bool | None = None
+    spec: ModelSpec, bpe_path: str, training: bool = True, coord_cache: bool = False
 ) -> Sam3Image:
     """A randomly initialised SAM3 image model (seed torch first for a reproducible init).
 
     `training` adds the Hungarian matcher the training forward needs (as upstream's eval_mode=False).
-    `coord_cache` defaults to "CUDA is available" (see `_decoder`).
+    `coord_cache`: allocate the decoder's coordinate cache on CUDA now, as upstream does; by default
+    the first forward makes it on the model's device (see `_decoder`).
     """
     compat.apply()
-    if coord_cache is None:
-        coord_cache = torch.cuda.is_available()
     backbone = SAM3VLBackbone(visual=_vision(spec), text=_text(spec, bpe_path), scalp=1)
     transformer = TransformerWrapper(
         encoder=_encoder(spec), decoder=_decoder(spec, coord_cache), d_model=spec.d_model

@@ -137,6 +137,11 @@ class Predictor:
         if scope not in COMPILE_SCOPES:
             raise Sam3ftError(f"unknown compile scope {scope!r}", fix=f"use one of {list(COMPILE_SCOPES)}")
         torch_mode = None if mode == "default" else mode
+        blank = Image.new("RGB", (self.resolution, self.resolution))
+        # one eager pass first: sam3 fills caches on its first forward (the decoder's coordinates,
+        # sam3/model/decoder.py:336); made inside a CUDA graph they would live in its output buffers,
+        # which the next replay overwrites
+        self.ground(self.features(blank), ["object"])
         if scope == "all":
             # sam3/model/geometry_encoders.py:659 pins a host tensor on every call, which dynamo
             # cannot trace: that method alone stays eager (on this model instance only)
@@ -149,7 +154,6 @@ class Predictor:
             self._graphs = mode == "reduce-overhead"
         else:
             self._forward_image = torch.compile(self._forward_image, mode=torch_mode)
-        blank = Image.new("RGB", (self.resolution, self.resolution))
         try:
             self.detect(blank, ["object"])  # one prompt: more prompts compile again
         except Exception as exc:  # any compiler/backend failure: stop, do not run uncompiled
