@@ -58,10 +58,11 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
       With one process DDP's all-reduce is an identity, so the numbers are the same.
     - `sync_once: true` reads a training step's loss, its loss terms and the logged scalars from the
       device in one copy, after the backward pass is queued. Upstream's step calls `.item()` on each
-      (and its TensorBoard logger and our step logger read each logged tensor again): about 330 waits
-      for the GPU per step, each draining its queue, so the host could never run ahead. Same values,
-      same logs in the same order, and a non-finite loss still stops training before the optimizer
-      step (sam3ft.train.trainer.Trainer._run_step).
+      (and its TensorBoard logger and our step logger read each logged tensor again): 293 of a full
+      SAM3 step's 489 waits for the GPU. Same values, same logs in the same order, and a non-finite
+      loss still stops training before the optimizer step. Measured on an H100 the step was not
+      faster for it (1.443 -> 1.429 s, bench/gpu_recipes.md): these waits come after the backward,
+      when little is queued.
     """
 
     logger: Any  # sam3's Logger; a _HeldLogger while a step runs
