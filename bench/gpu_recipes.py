@@ -143,6 +143,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "autocast_cache": p["trainer"].autocast_cache,
         "ddp_one_process": p["trainer"].ddp_one_process,
         "sync_once": p["trainer"].sync_once,
+        "compile_trunk": p["trainer"].compile_trunk,
         "overrides": overrides,
         "ddp": type(trainer.model).__name__ == "DistributedDataParallel",
         "num_workers": p["trainer"].num_workers,

@@ -28,6 +28,7 @@ RECIPE_KEYS = (
     "autocast_cache",
     "ddp_one_process",
     "sync_once",
+    "compile_trunk",
 )
 T = TypeVar("T")
 
@@ -178,6 +179,9 @@ class Trainer:
     sync_once: bool = False
     """Read a training step's loss values from the GPU once, after the backward pass is queued;
     false: once per term and logger (upstream: 293 more waits per step). Same values and logs."""
+    compile_trunk: bool = False
+    """torch.compile the ViT trunk's forward (activation checkpointing inside, as sam3's own
+    `compile_mode` does) for training: compiles on the first step (minutes for the full model)."""
 
     @classmethod
     def with_recipe(cls, data: dict[str, Any]) -> dict[str, Any]:

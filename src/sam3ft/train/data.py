@@ -188,6 +188,7 @@ def build_trainable_model(
     lora_rank: int = 0,
     lora_alpha: float = 16.0,
     autocast_cache: bool = True,
+    compile_trunk: bool = False,
 ) -> torch.nn.Module:
     """The model for the trainer, with every parameter outside `trainable` groups frozen;
     `segmentation` adds the mask head to a preset built without one (tiny); LoRA adapters
@@ -198,7 +199,14 @@ def build_trainable_model(
     """
     torch.set_autocast_cache_enabled(autocast_cache)
     spec = load_spec_file(spec_path).with_mask_head(segmentation)
-    return freeze_and_adapt(build_model(spec, bpe_path), trainable, lora_rank, lora_alpha)
+    model = freeze_and_adapt(build_model(spec, bpe_path), trainable, lora_rank, lora_alpha)
+    if compile_trunk:
+        # what sam3's ViT does with its own `compile_mode` (sam3/model/vitdet.py:797): the whole
+        # forward, activation checkpointing inside; DDP's graph splitting cannot split a checkpoint
+        trunk: Any = model.get_submodule("backbone.vision_backbone.trunk")
+        trunk.forward = torch.compile(trunk.forward, fullgraph=True)
+        torch._dynamo.config.optimize_ddp = False
+    return model
 
 
 def trained_groups(trainable: list[str], segmentation: bool) -> list[str]:
