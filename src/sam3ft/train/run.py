@@ -93,14 +93,20 @@ def prepare_scratch(scratch: Path, fingerprint: dict[str, Any]) -> bool:
 
 
 def normalise_checkpoint(src: Path, dst: Path) -> None:
-    """Copy the trainer checkpoint with its wall-clock field zeroed, so equal runs hash equal.
+    """Copy the trainer checkpoint with its wall-clock field zeroed and its best-meter bookkeeping
+    dropped, so equal runs hash equal.
 
     LoRA adapters are merged into the weights they adapt. `time_elapsed` only feeds the trainer's ETA
-    display; everything else is kept bit for bit.
+    display. `best_meter_values` is sam3's record of the best validation so far, saved before that
+    epoch's validation runs: a run killed after the save and resumed misses one update, so the same
+    params gave two checkpoints (seen in tests/test_train.py's kill-and-resume test); it only serves
+    `save_best_meters`, which we leave off, and the scratch checkpoint a resume reads keeps it.
+    Everything else is kept bit for bit.
     `dst` lies in the stage's temporary output folder (atomic_dir), so a plain save is atomic enough.
     """
     ckpt = torch.load(src, map_location="cpu", weights_only=True)
     ckpt["time_elapsed"] = 0.0
+    ckpt.pop("best_meter_values", None)
     if has_lora(ckpt["model"]):  # fold adapters in: evaluate and export see sam3's own key layout
         ckpt["model"] = merge_state_dict(ckpt["model"])
         ckpt["lora_merged"] = True
