@@ -145,9 +145,9 @@ class _Sam3Image(Sam3Image):  # type: ignore[misc]
     """sam3's image model; its decoder learns the feature map size from the encoder's host-side shapes."""
 
     def _run_decoder(self, *args: Any, **kwargs: Any) -> Any:
-        decoder = self.transformer.decoder
+        decoder = self.transformer.decoder  # a _Decoder: build_model composes the two together
         sizes = kwargs["encoder_out"].get("vis_feat_sizes") if "encoder_out" in kwargs else None
-        if not isinstance(decoder, _Decoder) or not sizes or len(sizes) != 1:
+        if not sizes or len(sizes) != 1:  # several feature levels: upstream's path
             return super()._run_decoder(*args, **kwargs)
         ((height, width),) = sizes  # torch.Size of the single feature level, Python ints
         decoder.feat_hw = (int(height), int(width))
