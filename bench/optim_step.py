@@ -4,7 +4,10 @@ Parameters get the exact shapes of the `sam3` preset (built on the meta device),
 random gradients; each kind then runs `--warmup` steps and `--steps` timed ones (CUDA events).
 Isolates what `trainer.optimizer` costs per training step, apart from the forward and backward.
 
-    python bench/optim_step.py --kinds adamw,adamw_fused,adamw_bf16
+    python bench/optim_step.py --kinds adamw,adamw_fused,adamw_bf16,adamw_bf16:torch
+
+`adamw_bf16` uses its Triton kernel on CUDA; `adamw_bf16:torch` is the same optimizer on torch ops
+(its path off CUDA). `step_temp_mb`: peak memory the step allocates beyond what it holds before.
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ import torch
 
 from sam3ft.model.build import build_model, bundled_vocab, empty_weights
 from sam3ft.model.spec import load_preset
-from sam3ft.train.optim import make_optimizer
+from sam3ft.train.optim import AdamWBf16, make_optimizer
+
+
+def optimizer(params: list[torch.nn.Parameter], kind: str) -> torch.optim.Optimizer:
+    group = [{"params": params, "lr": 1e-4, "weight_decay": 0.1}]
+    if kind == "adamw_bf16:torch":
+        return AdamWBf16(group, kernel=False)
+    return make_optimizer(group, kind)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--kinds", default="adamw,adamw_fused,adamw_bf16")
+    parser.add_argument("--kinds", default="adamw,adamw_fused,adamw_bf16,adamw_bf16:torch")
     parser.add_argument("--preset", default="sam3")
     parser.add_argument("--vocab", help="BPE vocabulary (default: open_clip_torch's copy)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -41,9 +51,16 @@ def main() -> None:
         p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-3
     rows = []
     for kind in args.kinds.split(","):
-        opt = make_optimizer([{"params": params, "lr": 1e-4, "weight_decay": 0.1}], kind)
+        opt = optimizer(params, kind)
         for _ in range(args.warmup):
             opt.step()
+        temp_mb = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            opt.step()
+            temp_mb = round((torch.cuda.max_memory_allocated() - held) / 2**20, 1)
         times = []
         for _ in range(args.steps):
             if device == "cuda":
@@ -63,6 +80,7 @@ def main() -> None:
             {
                 "kind": kind,
                 "ms_per_step": round(statistics.median(times), 2),
+                "step_temp_mb": temp_mb,
                 "params": sum(p.numel() for p in params),
                 "tensors": len(params),
                 "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",

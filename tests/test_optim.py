@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from sam3ft.train import optim
 from sam3ft.train.optim import AdamWBf16, make_optimizer, stochastic_round_
+
+KERNEL_TESTS = Path(__file__).with_name("test_adamw_kernel.py")
 
 
 def _train(kind: str, steps: int, seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
@@ -94,6 +102,18 @@ def test_bf16_resume_matches_unbroken_run(monkeypatch: pytest.MonkeyPatch) -> No
 
     for a, b in zip(run(None), run(3), strict=True):
         assert torch.equal(a, b)
+
+
+def test_kernel_tests_pass_under_the_triton_interpreter() -> None:
+    """tests/test_adamw_kernel.py runs the CUDA update's Triton kernel; on a machine without CUDA,
+    Triton's interpreter runs it on the CPU. Interpretation must be on before Triton is first
+    imported (its own library kernels are decorated then), so it gets a process of its own."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(KERNEL_TESTS)]
+    run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert re.search(r"\b5 passed\b", run.stdout), run.stdout[-1000:]
+    assert "skipped" not in run.stdout
 
 
 def test_unknown_optimizer_is_named() -> None:

@@ -4,7 +4,8 @@
   cost up to one copy of the largest parameter group at step time).
 - adamw_fused: torch AdamW with the fused kernel (same math, no group-sized temporaries, fewer launches).
 - adamw_bf16: AdamW keeping both moments in bfloat16 with stochastic rounding; fp32 master weights
-  and fp32 update math. Halves optimizer memory (6.7 -> 3.4 GB for the full model).
+  and fp32 update math. Halves optimizer memory (6.7 -> 3.4 GB for the full model). On CUDA one
+  Triton kernel per param group does the update (train/adamw_kernel.py); elsewhere torch ops.
 """
 
 from __future__ import annotations
@@ -63,26 +64,72 @@ class AdamWBf16(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         seed: int = 0,
+        kernel: bool | None = None,
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.seed = seed
+        self.kernel = kernel  # the Triton update; None: where the weights are on CUDA
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _seed(self, step: int, index: int) -> int:
+        return (self.seed * 1_000_003 + step) * 100_003 + index
 
     def _generator(self, device: torch.device, step: int, index: int) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
-        return self._generators[device].manual_seed((self.seed * 1_000_003 + step) * 100_003 + index)
+        return self._generators[device].manual_seed(self._seed(step, index))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         loss = closure() if closure is not None else None
-        index = 0  # bucket number within the step: its own rounding noise
+        index = 0  # bucket (torch path) or tensor (kernel) number within the step: its own noise
         for group in self.param_groups:
+            if self._use_kernel(group):
+                index = self._kernel_update(group, index)
+                continue
             for step, bucket in self._buckets(group):
                 self._update(bucket, group, step, index)
                 index += 1
         return loss
+
+    def _use_kernel(self, group: dict[str, Any]) -> bool:
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        if not with_grad or self.kernel is False:
+            return False
+        if self.kernel is None and with_grad[0].device.type != "cuda":
+            return False
+        from sam3ft.train import adamw_kernel  # imports Triton: only where the kernel runs
+
+        return adamw_kernel.supports(with_grad, [p.grad for p in with_grad])
+
+    def _kernel_update(self, group: dict[str, Any], index: int) -> int:
+        """One kernel launch per step count in `group` (one, unless some weights missed gradients);
+        returns the next tensor index."""
+        from sam3ft.train import adamw_kernel
+
+        by_step: dict[int, list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]]] = {}
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            state = self._state(param)
+            state["step"] += 1
+            by_step.setdefault(int(state["step"].item()), []).append((param, param.grad, state, index))
+            index += 1
+        for step, items in by_step.items():
+            adamw_kernel.adamw_bf16_(
+                [p for p, _, _, _ in items],
+                [g for _, g, _, _ in items],
+                [s["exp_avg"] for _, _, s, _ in items],
+                [s["exp_avg_sq"] for _, _, s, _ in items],
+                [self._seed(step, i) for _, _, _, i in items],
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                step=step,
+            )
+        return index
 
     def _state(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]

@@ -1,0 +1,123 @@
+"""adamw_bf16's Triton update (train/adamw_kernel.py): same weights as the torch path, unbiased
+bf16 moments, bit-identical resume. Runs on CUDA where there is one; on the CPU under Triton's
+interpreter, which tests/test_optim.py starts in a process of its own (TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sam3ft.train.optim import AdamWBf16
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    pytest.skip("no CUDA; tests/test_optim.py runs these under Triton's interpreter", allow_module_level=True)
+
+
+def _one_step(kernel: bool, shapes: list[tuple[int, ...]], step: int) -> list[dict[str, torch.Tensor]]:
+    """One update of fresh tensors (the same values both ways) at optimizer step `step`."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in shapes]
+    opt = AdamWBf16(params, lr=1e-2, weight_decay=0.1, seed=5, kernel=kernel)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+        state = opt._state(p)
+        state["exp_avg"].copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        state["exp_avg_sq"].copy_(torch.rand(p.shape, generator=gen) * 0.01)
+        state["step"] += step - 1
+    opt.step()
+    return [{"param": p.detach().cpu(), **{k: t.cpu() for k, t in opt.state[p].items()}} for p in params]
+
+
+def test_update_equals_torch_path() -> None:
+    """Same weights (both update from the unrounded fp32 moments); the bf16 moments differ only in
+    which neighbour the noise picked: at most one bf16 step apart. Sizes span one program, a
+    partial one and several (BLOCK = 2048)."""
+    shapes = [(7,), (64, 32), (3000,), (5, 1000)]
+    torch_path, kernel = _one_step(False, shapes, step=4), _one_step(True, shapes, step=4)
+    for a, b in zip(torch_path, kernel, strict=True):
+        torch.testing.assert_close(b["param"], a["param"], rtol=1e-6, atol=1e-7)
+        assert b["step"].item() == a["step"].item() == 4
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert b[key].dtype == torch.bfloat16
+            ulp = a[key].float().abs() * 2**-7  # one bf16 step at that magnitude
+            assert ((b[key].float() - a[key].float()).abs() <= ulp).all()
+    assert any(not torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(torch_path, kernel, strict=True))
+
+
+def test_rounding_is_unbiased() -> None:
+    """A zero gradient decays v by beta2 = 0.999: nearest rounding would keep v at 1.0 forever."""
+    param = torch.nn.Parameter(torch.zeros(20_000, device=DEVICE))
+    param.grad = torch.zeros(20_000, device=DEVICE)
+    opt = AdamWBf16([param], lr=0.0, seed=1, kernel=True)
+    opt._state(param)["exp_avg_sq"].fill_(1.0)
+    opt.step()
+    v = opt.state[param]["exp_avg_sq"].float()
+    assert set(v.unique().tolist()) == {0.99609375, 1.0}
+    assert v.mean().item() == pytest.approx(0.999, abs=5e-4)
+
+
+def _fit(
+    kernel: bool | None, steps: int, break_at: int | None = None
+) -> tuple[list[float], list[torch.Tensor]]:
+    """A small regression with two param groups (as sam3's lr/wd groups); kernel None: torch AdamW.
+    At `break_at` the optimizer is rebuilt from its state_dict, as a resumed run does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)).to(DEVICE)
+
+    def make() -> torch.optim.Optimizer:
+        groups = [
+            {"params": list(model[0].parameters()), "lr": 1e-2, "weight_decay": 0.1},
+            {"params": list(model[2].parameters()), "lr": 3e-3, "weight_decay": 0.0},
+        ]
+        if kernel is None:
+            return torch.optim.AdamW(groups)
+        return AdamWBf16(groups, seed=3, kernel=kernel)
+
+    opt = make()
+    x, y = torch.randn(64, 16).to(DEVICE), torch.randn(64, 1).to(DEVICE)
+    losses = []
+    for step in range(steps):
+        if step == break_at:
+            state = opt.state_dict()
+            opt = make()
+            opt.load_state_dict(state)  # torch casts the moments to fp32 here
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, [p.detach().cpu() for p in model.parameters()]
+
+
+def test_training_follows_fp32_adamw() -> None:
+    """30 steps: the loss within 1% of torch's fp32 AdamW at every step."""
+    stock, _ = _fit(None, 30)
+    kernel, _ = _fit(True, 30)
+    assert kernel[-1] < 0.8 * kernel[0]  # it trains
+    for step, (a, b) in enumerate(zip(stock, kernel, strict=True)):
+        assert abs(a - b) <= 0.01 * a, f"step {step}: {a} vs {b}"
+
+
+def test_resume_is_bit_identical() -> None:
+    _, unbroken = _fit(True, 6)
+    _, resumed = _fit(True, 6, break_at=3)
+    for a, b in zip(unbroken, resumed, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_used_where_it_can_run() -> None:
+    param = torch.nn.Parameter(torch.zeros(3, device=DEVICE))
+    param.grad = torch.ones(3, device=DEVICE)
+    group = AdamWBf16([param]).param_groups[0]
+    assert AdamWBf16([param])._use_kernel(group) == (DEVICE == "cuda")  # default: CUDA weights only
+    assert not AdamWBf16([param], kernel=False)._use_kernel(group)
+    assert AdamWBf16([param], kernel=True)._use_kernel(group)
+    double = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64, device=DEVICE))
+    double.grad = torch.ones(3, dtype=torch.float64, device=DEVICE)
+    assert not AdamWBf16([double], kernel=True)._use_kernel(AdamWBf16([double]).param_groups[0])
