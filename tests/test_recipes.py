@@ -24,11 +24,13 @@ def _losses(run: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, request) -> dict[str, Path]:
     """One epoch of the bundled sample per recipe (6 steps of 4 images), same seed for all; plus stock
-    with one device read per step (must train and log exactly as stock) and lean with the ViT trunk
-    compiled (inductor on the CPU: about a minute more)."""
+    with one device read per step and lean with upstream's activation checkpointing of the text
+    encoder (each must train and log exactly as its recipe), and lean with the ViT trunk compiled
+    (inductor on the CPU: about a minute more)."""
     shipped = params.read_params(Path(request.config.rootpath) / "params.yaml")
     variants = {name: (name, {}) for name in params.recipes()}
     variants["stock+sync_once"] = ("stock", {"sync_once": True})
+    variants["lean+act_ckpt_text"] = ("lean", {"act_ckpt_text": True})
     variants["lean+compile_trunk"] = ("lean", {"compile_trunk": True})
     out = {}
     for name, (recipe, extra) in variants.items():
@@ -54,14 +56,23 @@ def test_recipes_train_from_the_same_start(runs):
         assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses))), name
 
 
-def test_sync_once_trains_and_logs_exactly_as_stock(runs):
-    """The same recipe with `sync_once: true`: every step's logged values, the epoch's loss meters and
-    the trained weights are identical (only when the host waits for the GPU moves)."""
-    stock, once = runs["stock"], runs["stock+sync_once"]
-    assert "sync_once: true" in (once / "train/run/trainer_config.yaml").read_text()
+@pytest.mark.parametrize(
+    ("recipe", "variant", "setting"),
+    [
+        # only when the host waits for the GPU moves
+        ("stock", "stock+sync_once", "sync_once: true"),
+        # lean keeps the text encoder's activations; upstream re-runs its blocks in the backward
+        ("lean", "lean+act_ckpt_text", "act_ckpt_text: true"),
+    ],
+)
+def test_variant_trains_and_logs_exactly_as_its_recipe(runs, recipe, variant, setting):
+    """Every step's logged values, the epoch's loss meters and the trained weights are identical."""
+    base, other = runs[recipe], runs[variant]
+    assert setting in (other / "train/run/trainer_config.yaml").read_text()
+    assert setting not in (base / "train/run/trainer_config.yaml").read_text()
     for rel in ("scratch/train/logs/steps.jsonl", "train/run/train_stats.json"):
-        assert (stock / rel).read_text() == (once / rel).read_text(), rel
-    a, b = _ckpt(stock)["model"], _ckpt(once)["model"]
+        assert (base / rel).read_text() == (other / rel).read_text(), rel
+    a, b = _ckpt(base)["model"], _ckpt(other)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -29,6 +29,7 @@ RECIPE_KEYS = (
     "ddp_one_process",
     "sync_once",
     "compile_trunk",
+    "act_ckpt_text",
 )
 T = TypeVar("T")
 
@@ -182,6 +183,10 @@ class Trainer:
     compile_trunk: bool = False
     """torch.compile the ViT trunk's forward (activation checkpointing inside, as sam3's own
     `compile_mode` does) for training: compiles on the first step (minutes for the full model)."""
+    act_ckpt_text: bool = True
+    """Activation checkpointing in the text encoder (as upstream); false: its activations are kept
+    and the backward pass skips re-running its blocks. Same numbers; for the full model about 7%
+    less step time for 0.07 GB more per image (bench/gpu_recipes.md, call 23)."""
 
     @classmethod
     def with_recipe(cls, data: dict[str, Any]) -> dict[str, Any]:
