@@ -43,6 +43,21 @@ class FirstBatches:
             epoch += 1
 
 
+BENCH_KEYS = ("adamw_kernel", "adamw_seed")  # run-spec keys that are the bench's, not trainer params
+
+
+def bench_only(overrides: dict[str, str]) -> None:
+    """adamw_kernel=false: adamw_bf16 on torch ops instead of its Triton kernel; adamw_seed=N:
+    another stream of adamw_bf16's rounding noise (how far runs differing only there drift apart)."""
+    from sam3ft.train.optim import AdamWBf16
+
+    if overrides.get("adamw_kernel") == "false":
+        AdamWBf16._use_kernel = lambda self, group: False  # type: ignore[method-assign]
+    if "adamw_seed" in overrides:
+        init, seed = AdamWBf16.__init__, int(overrides["adamw_seed"])
+        AdamWBf16.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "seed": seed})  # type: ignore[method-assign]
+
+
 def trainer_params(
     path: Path, recipe: str, batch: int, workers: int | None = None, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -55,7 +70,8 @@ def trainer_params(
     data["trainer"].update(recipe=recipe, batch_size=batch)
     data["trainer"].update({key: None for key in params.RECIPE_KEYS})  # all from the recipe
     for key, value in (overrides or {}).items():  # `key=value` fields of the run spec, YAML values
-        data["trainer"][key] = yaml.safe_load(value)
+        if key not in BENCH_KEYS:
+            data["trainer"][key] = yaml.safe_load(value)
     if workers is not None:
         data["trainer"]["num_workers"] = workers
     return {
@@ -78,6 +94,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
 
     recipe, batch, *rest = args.one.split(":")
     overrides = dict(field.split("=", 1) for field in rest if "=" in field)
+    bench_only(overrides)
     rest = [field for field in rest if "=" not in field]
     if rest and rest[0]:
         args.steps = int(rest[0])
@@ -144,6 +161,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "ddp_one_process": p["trainer"].ddp_one_process,
         "sync_once": p["trainer"].sync_once,
         "compile_trunk": p["trainer"].compile_trunk,
+        "act_ckpt_text": p["trainer"].act_ckpt_text,
         "overrides": overrides,
         "ddp": type(trainer.model).__name__ == "DistributedDataParallel",
         "num_workers": p["trainer"].num_workers,
@@ -317,7 +335,8 @@ def main() -> None:
         nargs="*",
         help="recipe:batch[:steps[:loader]][:key=value...], e.g. stock:1:50 lean:8 stock:4:12:per-epoch "
         "lean:8:10:sync_once=false (loader: stream, ours, the default; per-epoch, upstream's new "
-        "loader every epoch; key=value: a trainer param over the recipe's)",
+        "loader every epoch; key=value: a trainer param over the recipe's, or one of BENCH_KEYS, "
+        "see bench_only)",
     )
     parser.add_argument(
         "--params", required=True, help="params file (sam3 preset, paths to fetched base/prepared)"

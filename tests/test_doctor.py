@@ -241,7 +241,7 @@ def test_counts_match_the_models_trained_on_the_gpu():
 
 def test_vram_estimate_within_15_percent_of_every_measured_peak():
     """Every recipe and batch measured in bench/gpu_recipes.jsonl (H100, H200), with and without the
-    DDP wrapper; measured spread: within 1.6%."""
+    DDP wrapper; measured spread: -3.5% .. +1.6%."""
     spec = load_preset("sam3")
     rows = _bench_rows()
     assert {r["recipe"] for r in rows} >= {"stock", "lean", "frozen-trunk", "lora"}
@@ -249,6 +249,7 @@ def test_vram_estimate_within_15_percent_of_every_measured_peak():
         trainer = SimpleNamespace(amp=True, **{k: row[k] for k in ("optimizer", "trainable", "lora_rank")})
         trainer.autocast_cache, trainer.batch_size = row["autocast_cache"], row["batch"]
         trainer.num_gpus, trainer.num_nodes, trainer.ddp_one_process = 1, 1, row["ddp"]  # one process
+        trainer.act_ckpt_text = row.get("act_ckpt_text", True)  # rows before the switch: upstream's
         estimate, how = memory.training_peak_gb(spec, row["params"], row["trainable_params"], trainer)
         assert abs(estimate - row["peak_gb"]) <= 0.15 * row["peak_gb"], (row["recipe"], row["batch"], how)
 
@@ -281,8 +282,9 @@ def test_train_preflight_refuses_with_the_recipe_estimate(tmp_path, monkeypatch)
     spec = load_preset("sam3")
     monkeypatch.setattr(stage.shutil, "disk_usage", lambda path: SimpleNamespace(free=1e12))
     monkeypatch.setattr(stage, "cuda_memory_gb", lambda: (11.0, 12.0))  # a 12 GB card
-    with pytest.raises(ConfigError, match=r"not enough GPU memory: estimated peak ~13\.9\d GB"):
-        stage.preflight(spec, trainer, tmp_path, bundled_vocab())  # lean, batch 4: 13.9 GB (13.94 measured)
+    # lean, batch 4: 14.2 GB (13.94 measured with the text encoder checkpointed, + 0.07 GB per image)
+    with pytest.raises(ConfigError, match=r"not enough GPU memory: estimated peak ~14\.2\d GB"):
+        stage.preflight(spec, trainer, tmp_path, bundled_vocab())
     monkeypatch.setattr(stage, "cuda_memory_gb", lambda: (15.0, 16.0))
     stage.preflight(spec, trainer, tmp_path, bundled_vocab())  # fits a 16 GB card
     monkeypatch.setattr(stage.shutil, "disk_usage", lambda path: SimpleNamespace(free=20e9))

@@ -5,12 +5,13 @@ peak = fp32 weights (4 B x all params)
      + optimizer moments (8 B x trainable for adamw/adamw_fused, 4 B for adamw_bf16)
      + autocast's bf16 weight copies (2 B x all params) while trainer.autocast_cache is true
      + activations: a measured GB per image at the preset's resolution, one figure when the backward
-       pass runs through the ViT trunk (trunk trains, or LoRA adapts it), one when it stops above it
+       pass runs through the ViT trunk (trunk trains, or LoRA adapts it), one when it stops above it;
+       a little more per image when the text encoder trains without activation checkpointing
      + a small measured constant (CUDA workspaces, loss and matcher buffers).
 Without the DDP wrapper (one process, trainer.ddp_one_process: false) gradients exist only from the
 backward pass on, so the peak is the larger of: the above less the gradients (the forward pass's
-activations, large batches), and weights + gradients + moments + the optimizer's step temporaries
-(small batches: the end of the backward pass and the step).
+activations, large batches), and weights + gradients + moments + a measured working set at the end
+of the backward pass + the optimizer's step temporaries (small batches).
 The per-image figures and the constant were fitted on the stock and frozen-trunk runs of
 bench/gpu_recipes.md (H100, bf16 autocast); the other recipes' peaks there are predictions.
 """
@@ -24,14 +25,13 @@ from typing import Any
 from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec
 from sam3ft.train.data import freeze_and_adapt
-from sam3ft.train.optim import CHUNK
 
 GB = 1e9
 STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_bf16": 4}
-# fp32 temporaries of one optimizer step: adamw_bf16 holds ~6 bucket-sized ones (train/optim.py);
-# the fused kernel none. torch's foreach AdamW can hold a group-sized one: not modelled (runs with
-# it had DDP, whose peak comes earlier).
-STEP_TEMP_BYTES = {"adamw": 0, "adamw_fused": 0, "adamw_bf16": 6 * 4 * CHUNK}
+# fp32 temporaries of one optimizer step on CUDA: adamw_bf16's Triton kernel and torch's fused
+# AdamW hold none (bench/optim_step.py; adamw_bf16 on torch ops held 352 MB). torch's foreach
+# AdamW can hold a group-sized one: not modelled (runs with it had DDP, whose peak comes earlier).
+STEP_TEMP_BYTES = {"adamw": 0, "adamw_fused": 0, "adamw_bf16": 0}
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,24 @@ class Activations:
     """GB per image when trunk and text encoder are frozen."""
     constant_gb: float
     """GB independent of batch and parameters."""
+    text_kept_gb: float
+    """GB more per image when the text encoder trains with `act_ckpt_text: false`."""
+    backward_end_gb: float
+    """GB in use besides weights, gradients and moments when the backward pass ends (no DDP)."""
 
 
-MEASURED = {"sam3": Activations(trunk_backward_gb=1.77, frozen_trunk_gb=0.90, constant_gb=0.15)}
+MEASURED = {
+    # text_kept_gb: lean batch 9, 23.36 GB without the text encoder's checkpointing, 22.73 with it
+    # (call 23); backward_end_gb: lean batch 1, 10.59 GB with an optimizer step that allocates
+    # nothing (call 24). bench/gpu_recipes.md
+    "sam3": Activations(
+        trunk_backward_gb=1.77,
+        frozen_trunk_gb=0.90,
+        constant_gb=0.15,
+        text_kept_gb=0.07,
+        backward_end_gb=0.40,
+    ),
+}
 
 
 def param_counts(spec: ModelSpec, vocab: Path, trainable: list[str], lora_rank: int) -> tuple[int, int]:
@@ -68,14 +83,16 @@ def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Any) 
         return static / GB, how + "; activations of this preset not measured (a lower bound)"
     through_trunk = "trunk" in trainer.trainable or trainer.lora_rank > 0
     per_image = act.trunk_backward_gb if through_trunk else act.frozen_trunk_gb
+    if "text" in trainer.trainable and getattr(trainer, "act_ckpt_text", True) is False:
+        per_image += act.text_kept_gb
     how += f", {per_image:.2f} GB activations per image (measured)"
     if not trainer.amp:
         per_image, how = 2 * per_image, how + " x 2 for fp32 (amp off; assumed, not measured)"
     peak = static / GB + act.constant_gb + per_image * trainer.batch_size
     if uses_ddp(trainer):
         return peak, how
-    step_end = weights_grads_states + STEP_TEMP_BYTES[trainer.optimizer]
-    return max(peak - 4 * trainable / GB, step_end / GB + act.constant_gb), how + ", no DDP wrapper"
+    step_end = (weights_grads_states + STEP_TEMP_BYTES[trainer.optimizer]) / GB + act.backward_end_gb
+    return max(peak - 4 * trainable / GB, step_end + act.constant_gb), how + ", no DDP wrapper"
 
 
 def uses_ddp(trainer: Any) -> bool:
