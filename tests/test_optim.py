@@ -116,6 +116,17 @@ def test_kernel_tests_pass_under_the_triton_interpreter() -> None:
     assert "skipped" not in run.stdout
 
 
+def test_kernel_by_default_only_on_cuda_cards_with_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    assert optim.kernel_by_default(torch.device("cuda", 0))  # H100
+    capability["value"] = (8, 0)
+    assert optim.kernel_by_default(torch.device("cuda", 0))  # A100
+    capability["value"] = (7, 5)
+    assert not optim.kernel_by_default(torch.device("cuda", 0))  # T4: torch ops
+    assert not optim.kernel_by_default(torch.device("cpu"))
+
+
 def test_unknown_optimizer_is_named() -> None:
     with pytest.raises(ValueError, match="adamw_bf16"):
         make_optimizer([torch.zeros(1, requires_grad=True)], "sgd")

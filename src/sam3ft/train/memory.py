@@ -29,8 +29,9 @@ from sam3ft.train.data import freeze_and_adapt
 GB = 1e9
 STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_bf16": 4}
 # fp32 temporaries of one optimizer step on CUDA: adamw_bf16's Triton kernel and torch's fused
-# AdamW hold none (bench/optim_step.py; adamw_bf16 on torch ops held 352 MB). torch's foreach
-# AdamW can hold a group-sized one: not modelled (runs with it had DDP, whose peak comes earlier).
+# AdamW hold none (bench/optim_step.py). Not modelled: adamw_bf16 on torch ops, as on cards without
+# native bf16 such as a T4 (352 MB more, ~3% of lean's batch-1 peak); torch's foreach AdamW's
+# group-sized temporary (runs with it had DDP, whose peak comes earlier).
 STEP_TEMP_BYTES = {"adamw": 0, "adamw_fused": 0, "adamw_bf16": 0}
 
 

@@ -4,8 +4,9 @@
   cost up to one copy of the largest parameter group at step time).
 - adamw_fused: torch AdamW with the fused kernel (same math, no group-sized temporaries, fewer launches).
 - adamw_bf16: AdamW keeping both moments in bfloat16 with stochastic rounding; fp32 master weights
-  and fp32 update math. Halves optimizer memory (6.7 -> 3.4 GB for the full model). On CUDA one
-  Triton kernel per param group does the update (train/adamw_kernel.py); elsewhere torch ops.
+  and fp32 update math. Halves optimizer memory (6.7 -> 3.4 GB for the full model). On CUDA cards
+  with native bf16 one Triton kernel per param group does the update (train/adamw_kernel.py);
+  elsewhere torch ops.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def make_optimizer(params: Iterable[Any], kind: str, seed: int = 0) -> torch.opt
     if kind == "adamw_bf16":
         return AdamWBf16(params, seed=seed)
     raise ValueError(f"unknown optimizer {kind!r}; expected one of {OPTIMIZERS}")
+
+
+def kernel_by_default(device: torch.device) -> bool:
+    """Whether adamw_bf16 uses its Triton kernel on `device` unless told: CUDA cards with native
+    bf16 (compute capability 8.0 on, where it was measured); older ones (a T4) keep torch ops."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator) -> None:
@@ -69,7 +76,7 @@ class AdamWBf16(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.seed = seed
-        self.kernel = kernel  # the Triton update; None: where the weights are on CUDA
+        self.kernel = kernel  # the Triton update; None: where kernel_by_default says
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _seed(self, step: int, index: int) -> int:
@@ -97,7 +104,7 @@ class AdamWBf16(torch.optim.Optimizer):
         with_grad = [p for p in group["params"] if p.grad is not None]
         if not with_grad or self.kernel is False:
             return False
-        if self.kernel is None and with_grad[0].device.type != "cuda":
+        if self.kernel is None and not kernel_by_default(with_grad[0].device):
             return False
         from sam3ft.train import adamw_kernel  # imports Triton: only where the kernel runs
 
