@@ -11,10 +11,10 @@ import torch
 
 from sam3ft.train.optim import AdamWBf16
 
-if torch.cuda.is_available():
+if os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"  # the interpreter runs the kernel on CPU tensors, with or without a GPU
+elif torch.cuda.is_available():
     DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
 else:
     pytest.skip("no CUDA; tests/test_optim.py runs these under Triton's interpreter", allow_module_level=True)
 

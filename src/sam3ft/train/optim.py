@@ -78,6 +78,7 @@ class AdamWBf16(torch.optim.Optimizer):
         self.seed = seed
         self.kernel = kernel  # the Triton update; None: where kernel_by_default says
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._kernel_blocks: dict[Any, Any] = {}  # the kernel's launch layout per (device, shapes)
 
     def _seed(self, step: int, index: int) -> int:
         return (self.seed * 1_000_003 + step) * 100_003 + index
@@ -130,6 +131,7 @@ class AdamWBf16(torch.optim.Optimizer):
                 [s["exp_avg"] for _, _, s, _ in items],
                 [s["exp_avg_sq"] for _, _, s, _ in items],
                 [self._seed(step, i) for _, _, _, i in items],
+                self._kernel_blocks,
                 lr=group["lr"],
                 betas=group["betas"],
                 eps=group["eps"],
