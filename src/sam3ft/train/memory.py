@@ -11,7 +11,7 @@ peak = fp32 weights (4 B x all params)
 Without the DDP wrapper (one process, trainer.ddp_one_process: false) gradients exist only from the
 backward pass on, so the peak is the larger of: the above less the gradients (the forward pass's
 activations, large batches), and weights + gradients + moments + a measured working set at the end
-of the backward pass + the optimizer's step temporaries (small batches).
+of the backward pass (small batches).
 The per-image figures and the constant were fitted on the stock and frozen-trunk runs of
 bench/gpu_recipes.md (H100, bf16 autocast); the other recipes' peaks there are predictions.
 """
@@ -28,11 +28,6 @@ from sam3ft.train.data import freeze_and_adapt
 
 GB = 1e9
 STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_bf16": 4}
-# fp32 temporaries of one optimizer step on CUDA: adamw_bf16's Triton kernel and torch's fused
-# AdamW hold none (bench/optim_step.py). Not modelled: adamw_bf16 on torch ops, as on cards without
-# native bf16 such as a T4 (352 MB more, ~3% of lean's batch-1 peak); torch's foreach AdamW's
-# group-sized temporary (runs with it had DDP, whose peak comes earlier).
-STEP_TEMP_BYTES = {"adamw": 0, "adamw_fused": 0, "adamw_bf16": 0}
 
 
 @dataclass(frozen=True)
@@ -92,7 +87,11 @@ def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Any) 
     peak = static / GB + act.constant_gb + per_image * trainer.batch_size
     if uses_ddp(trainer):
         return peak, how
-    step_end = (weights_grads_states + STEP_TEMP_BYTES[trainer.optimizer]) / GB + act.backward_end_gb
+    # The optimizer step allocates nothing on CUDA with adamw_bf16's Triton kernel or torch's fused
+    # AdamW (bench/optim_step.py), so its temporaries are not a term. Not modelled: adamw_bf16 on torch
+    # ops, as on cards without native bf16 such as a T4 (352 MB more, ~3% of lean's batch-1 peak);
+    # torch's foreach AdamW's group-sized temporary (runs with it had DDP, whose peak comes earlier).
+    step_end = weights_grads_states / GB + act.backward_end_gb
     return max(peak - 4 * trainable / GB, step_end + act.constant_gb), how + ", no DDP wrapper"
 
 
