@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The CPU test files that exercise CUDA code paths when a GPU is present (CUDA graphs in predict, the
-# decoder's caches, the training step, adamw_bf16's Triton kernel), run on the lent GPU with .whl/ (wheels the GPU image lacks,
-# open_clip_torch among them), .gpu/ and data/ carried:
+# The CPU test files that exercise CUDA code paths when a GPU is present (CUDA graphs in predict,
+# the decoder's caches, the training step, adamw_bf16's Triton kernel), run on the lent GPU with
+# .whl/ (wheels the GPU image lacks, open_clip_torch among them), .gpu/ and data/ carried:
 #   bash bench/gpu_tests.sh
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
