@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,13 +44,23 @@ class FirstBatches:
             epoch += 1
 
 
-BENCH_KEYS = ("adamw_kernel", "adamw_seed")  # run-spec keys that are the bench's, not trainer params
+# run-spec keys that are the bench's, not trainer params
+BENCH_KEYS = ("adamw_kernel", "adamw_seed", "tokenizer")
 
 
 def bench_only(overrides: dict[str, str]) -> None:
     """adamw_kernel=false: adamw_bf16 on torch ops instead of its Triton kernel; adamw_seed=N:
-    another stream of adamw_bf16's rounding noise (how far runs differing only there drift apart)."""
+    another stream of adamw_bf16's rounding noise (how far runs differing only there drift apart);
+    tokenizer=upstream: sam3's tokenizer, whose ids the text encoder copies to the GPU with a host
+    wait each step, instead of model.build.DeviceTokenizer (for stock as upstream runs it)."""
     from sam3ft.train.optim import AdamWBf16
+
+    if overrides.get("tokenizer") == "upstream":
+        from sam3.model.tokenizer_ve import SimpleTokenizer
+
+        from sam3ft.model.build import DeviceTokenizer
+
+        DeviceTokenizer.__call__ = SimpleTokenizer.__call__  # type: ignore[method-assign]
 
     if overrides.get("adamw_kernel") == "false":
         AdamWBf16._use_kernel = lambda self, group: False  # type: ignore[method-assign]
@@ -145,7 +156,11 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     if args.syncs:
         figures["sync_sites"] = sync_sites(trainer)
     if args.timeline:
-        figures["timeline"] = timeline(trainer, args.timeline)
+        trace = None
+        if args.trace:
+            trace = Path(args.trace) / (args.one.replace(":", "_").replace("=", "-") + ".json.gz")
+            trace.parent.mkdir(parents=True, exist_ok=True)
+        figures["timeline"] = timeline(trainer, args.timeline, trace)
     rows = {name: [(s, v) for n, v, s in timed_logs if n == name] for name in {n for n, _, _ in timed_logs}}
     step_s = [v for _, v in rows["Step_Stats/train/Batch Time"]]
     mem = [v for _, v in rows["Step_Stats/train/Mem (GB)"]]
@@ -219,7 +234,7 @@ def host_profile(trainer: Any, steps: int, top: int = 25) -> list[str]:
     ]
 
 
-def timeline(trainer: Any, steps: int) -> dict[str, dict[str, float]]:
+def timeline(trainer: Any, steps: int, trace: Path | None = None) -> dict[str, dict[str, float]]:
     """Per step, for each phase: host wall ms (its CPU window) and how many of those ms the GPU ran
     kernels. A phase whose GPU ms is far below its wall ms leaves the GPU idle while the host works
     (host-bound); the last phase before a sync shows the wait. Phases: sam3's own record_function
@@ -268,6 +283,14 @@ def timeline(trainer: Any, steps: int) -> dict[str, dict[str, float]]:
             setattr(obj, attr, fn)
         trainer.loss, trainer.gradient_clipper = losses, clipper
         torch.Tensor.backward = backward  # type: ignore[method-assign]
+    if trace is not None:  # the whole profile as a gzipped Chrome trace, for a look by op and thread
+        import gzip
+
+        raw = trace.with_suffix("")
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
     events = prof.events()
     names = {"all", "trunk", "text", "matching", "loss", "backward", "clip", "optimizer", "step"}
     names |= {e.name for e in events if e.name.startswith("SAM3Image.")}
@@ -349,6 +372,7 @@ def main() -> None:
     parser.add_argument(
         "--timeline", type=int, default=0, help="then profile this many steps: host ms vs GPU ms per phase"
     )
+    parser.add_argument("--trace", help="with --timeline: also write each run's Chrome trace here (.json.gz)")
     parser.add_argument("--scratch", default="/tmp/gpu-recipes")
     parser.add_argument("--workers", type=int, help="override trainer.num_workers (data-loader processes)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per run")

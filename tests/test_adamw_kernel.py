@@ -122,3 +122,46 @@ def test_used_where_it_can_run() -> None:
     double = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64, device=DEVICE))
     double.grad = torch.ones(3, dtype=torch.float64, device=DEVICE)
     assert not AdamWBf16([double], kernel=True)._use_kernel(AdamWBf16([double]).param_groups[0])
+
+
+def test_groups_and_step_counts_share_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two groups (other lr and weight decay) and a weight one step behind (it missed a gradient)
+    update in one launch per step, each with its group's lr and its own step's bias correction."""
+    from sam3ft.train import adamw_kernel
+
+    launches = []
+
+    class Counted:
+        def __getitem__(self, grid: tuple[int]):
+            launches.append(grid)
+            return kernel[grid]
+
+    kernel = adamw_kernel._adamw_bf16
+    monkeypatch.setattr(adamw_kernel, "_adamw_bf16", Counted())
+
+    shapes = ((300,), (50, 3), (4000,))
+
+    def run(use_kernel: bool) -> tuple[list[torch.Tensor], AdamWBf16]:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in shapes]
+        groups = [
+            {"params": params[:2], "lr": 1e-2, "weight_decay": 0.1},
+            {"params": params[2:], "lr": 3e-3, "weight_decay": 0.0},
+        ]
+        opt = AdamWBf16(groups, seed=2, kernel=use_kernel)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = None if (step == 1 and i == 1) else torch.randn(p.shape, generator=gen).to(DEVICE)
+            opt.step()
+        return [p.detach().cpu() for p in params], opt
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in shapes]  # as run() draws them
+    torch_path, _ = run(False)
+    assert not launches
+    kernel_path, opt = run(True)
+    assert len(launches) == 3  # one per step, all groups and step counts together
+    assert [opt.state[p]["step"].item() for g in opt.param_groups for p in g["params"]] == [3, 2, 3]
+    for first, a, b in zip(start, torch_path, kernel_path, strict=True):
+        moved = (a - first).norm()  # rounding noise differs between the paths: ~2**-8 of the move
+        assert (b - a).norm() <= 0.01 * moved, f"{(b - a).norm()} vs a move of {moved}"

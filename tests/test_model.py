@@ -135,3 +135,30 @@ def test_decoder_gets_the_feature_size_as_ints_and_the_same_boxes(tiny):
         upstream = Predictor(tiny, 224).outputs(image, "fuse neutrals")
         assert seen and set(seen) == {(torch.Tensor, torch.Tensor)}
     assert torch.equal(ours["boxes"], upstream["boxes"]) and torch.equal(ours["scores"], upstream["scores"])
+
+
+def test_token_ids_wait_on_the_text_encoders_device_once_per_caption_list():
+    """The text encoder's ids come from a cache on its own device, so `.to(device)` in sam3's forward
+    (text_encoder_ve.py:297) copies nothing and waits for no queued kernel; same ids as sam3's tokenizer."""
+    from sam3.model.tokenizer_ve import SimpleTokenizer
+
+    model = build_model(load_preset("tiny"), str(bundled_vocab()), training=False)
+    text = model.backbone.language_backbone
+    tokenizer = text.tokenizer
+    captions = ["fuse neutrals", "a breaker"]
+    ids = tokenizer(captions, context_length=text.context_length)
+    upstream = SimpleTokenizer(bpe_path=str(bundled_vocab()))(captions, context_length=text.context_length)
+    assert ids.dtype == torch.long and torch.equal(ids, upstream)
+    assert tokenizer(list(captions), context_length=text.context_length) is ids  # cached per caption list
+    assert not torch.equal(tokenizer(["a breaker"], context_length=text.context_length), ids[:1])
+    model.to("meta")  # ids follow the encoder to wherever its weights are
+    assert tokenizer(captions, context_length=text.context_length).device.type == "meta"
+    if torch.cuda.is_available():
+        model.to_empty(device="cuda")
+        torch.cuda.set_sync_debug_mode("error")  # any host wait raises
+        try:
+            for _ in range(2):  # a new caption list (pinned copy), then the cached one
+                assert tokenizer(captions, context_length=text.context_length).is_cuda
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(tokenizer(captions, context_length=text.context_length).cpu(), upstream)

@@ -85,9 +85,39 @@ def _vision(spec: ModelSpec) -> Sam3DualViTDetNeck:
     )
 
 
+class DeviceTokenizer(SimpleTokenizer):  # type: ignore[misc]  # sam3 ships no type information
+    """sam3's tokenizer whose token ids already lie on the text encoder's device, kept per caption list.
+
+    VETextEncoder.forward moves the ids with a plain `.to(device)` (sam3/model/text_encoder_ve.py:297).
+    From pageable memory that copy waits for every kernel queued before it: in training, the whole
+    image trunk's forward, and the GPU then idles while the host queues the text encoder. A cached
+    id tensor is already there (`.to` returns it); a new one goes through pinned memory, without a wait.
+    """
+
+    MAX_CACHED = 256  # caption lists; a dataset's batches repeat few of them
+
+    def __init__(self, bpe_path: str) -> None:
+        super().__init__(bpe_path=bpe_path)
+        self.embedding: nn.Module | None = None  # the text encoder's token embedding: ids go to its device
+        self._ids: dict[tuple[tuple[str, ...], int | None, torch.device], torch.Tensor] = {}
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        device = self.embedding.weight.device if self.embedding is not None else torch.device("cpu")
+        key = ((texts,) if isinstance(texts, str) else tuple(texts), context_length, device)
+        ids = self._ids.get(key)
+        if ids is None:
+            ids = super().__call__(texts, context_length)  # (captions, context_length) int64, CPU
+            pinned = ids.pin_memory() if device.type == "cuda" else ids
+            ids = pinned.to(device, non_blocking=True)  # from pinned memory: no host wait
+            if len(self._ids) >= self.MAX_CACHED:
+                self._ids.clear()
+            self._ids[key] = ids
+        return ids
+
+
 def _text(spec: ModelSpec, bpe_path: str) -> VETextEncoder:
     encoder = VETextEncoder(
-        tokenizer=SimpleTokenizer(bpe_path=bpe_path),
+        tokenizer=DeviceTokenizer(bpe_path),
         d_model=spec.d_model,
         width=spec.text_width,
         heads=spec.text_heads,
@@ -98,6 +128,7 @@ def _text(spec: ModelSpec, bpe_path: str) -> VETextEncoder:
     transformer = encoder.encoder
     nn.init.normal_(transformer.positional_embedding, std=0.01)
     nn.init.normal_(transformer.text_projection, std=transformer.width**-0.5)
+    encoder.tokenizer.embedding = transformer.token_embedding
     return encoder
 
 

@@ -1,4 +1,4 @@
-"""AdamWBf16's update as one Triton kernel launch per parameter group (CUDA).
+"""AdamWBf16's update as one Triton kernel launch per optimizer step (CUDA).
 
 The torch path in train/optim.py concatenates each bucket's slices into fp32 temporaries and runs
 ~20 kernels per bucket. Here each element is read once (fp32 weight and grad, bf16 moments) and
@@ -9,6 +9,8 @@ fp32 AdamW: 12.8 ms).
 
 The tensors of a launch are addressed through a table of raw pointers, as apex's multi-tensor
 apply does: program i handles BLOCK elements of tensor `block_tensor[i]` from `block_start[i]`.
+Hyper-parameters come per tensor from a second table, so every param group (sam3 makes one per
+lr/weight-decay pair, 73 for the full model) and step count share the one launch.
 The rounding noise is Philox from a per-tensor seed (the optimizer derives it from its seed, the
 step and the tensor's index), so a resumed run draws the same noise as an unbroken one. It is not
 the same noise as the torch path's generator.
@@ -17,6 +19,7 @@ the same noise as the torch path's generator.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -36,21 +39,22 @@ def _round_bf16(x, noise):
 @triton.jit
 def _adamw_bf16(
     table,  # int64 (5, T): addresses of weight, grad, exp_avg, exp_avg_sq; then the noise seed
+    hyper,  # float32 (7, T): the rows of HYPER
     sizes,  # int64 (T,): elements per tensor
     block_tensor,  # int32 (programs,)
     block_start,  # int32 (programs,)
     n_tensors,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    decay,  # the weight's multiplier 1 - lr * weight_decay
-    bias1,  # 1 - beta1 ** step
-    bias2_sqrt,  # sqrt(1 - beta2 ** step)
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
+    lr = tl.load(hyper + t)
+    beta1 = tl.load(hyper + n_tensors + t)
+    beta2 = tl.load(hyper + 2 * n_tensors + t)
+    eps = tl.load(hyper + 3 * n_tensors + t)
+    decay = tl.load(hyper + 4 * n_tensors + t)
+    bias1 = tl.load(hyper + 5 * n_tensors + t)
+    bias2_sqrt = tl.load(hyper + 6 * n_tensors + t)
     offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
     mask = offs < tl.load(sizes + t)
     p_ptr = tl.load(table + t).to(tl.pointer_type(tl.float32))
@@ -72,6 +76,16 @@ def _adamw_bf16(
     denom = tl.sqrt(v) / bias2_sqrt + eps
     p = p + (m / denom) * (-lr / bias1)
     tl.store(p_ptr + offs, p, mask=mask)
+
+
+HYPER = ("lr", "beta1", "beta2", "eps", "1 - lr * weight_decay", "1 - beta1**step", "sqrt(1 - beta2**step)")
+
+
+def hyper(group: dict[str, Any], step: int) -> tuple[float, ...]:
+    """The HYPER row of a tensor in param group `group` at optimizer step `step`."""
+    beta1, beta2 = group["betas"]
+    lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
+    return lr, beta1, beta2, group["eps"], decay, 1 - beta1**step, (1 - beta2**step) ** 0.5
 
 
 Blocks = dict[tuple[torch.device, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -108,37 +122,22 @@ def adamw_bf16_(
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
     seeds: Sequence[int],
+    hypers: Sequence[tuple[float, ...]],
     blocks: Blocks,
-    *,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    step: int,
 ) -> None:
-    """One AdamW step, in place, for tensors that share hyper-parameters and step count; `blocks`
-    keeps the launch layout between steps."""
+    """One AdamW step, in place, for all these tensors in one launch; `hypers` holds each tensor's
+    HYPER row, `blocks` keeps the launch layout between steps."""
     device = params[0].device
     sizes = tuple(p.numel() for p in params)
     size_table, block_tensor, block_start = _blocks(blocks, device, sizes)
     addresses = [t.data_ptr() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts]
     table = torch.tensor([*addresses, *seeds], dtype=torch.int64)
-    if device.type == "cuda":  # pinned: the copy joins the stream's queue without a host wait
-        table = table.pin_memory()
+    # (7, T); float32 as Triton's float arguments were: the same values, the same math
+    hyper_table = torch.tensor(hypers, dtype=torch.float32).T.contiguous()
+    if device.type == "cuda":  # pinned: the copies join the stream's queue without a host wait
+        table, hyper_table = table.pin_memory(), hyper_table.pin_memory()
     table = table.to(device, non_blocking=True)  # grads are new tensors every step: a new table
-    beta1, beta2 = betas
+    hyper_table = hyper_table.to(device, non_blocking=True)
     _adamw_bf16[(len(block_tensor),)](
-        table,
-        size_table,
-        block_tensor,
-        block_start,
-        len(params),
-        lr,
-        beta1,
-        beta2,
-        eps,
-        1 - lr * weight_decay,
-        1 - beta1**step,
-        (1 - beta2**step) ** 0.5,
-        BLOCK=BLOCK,
+        table, hyper_table, size_table, block_tensor, block_start, len(params), BLOCK=BLOCK
     )

@@ -5,7 +5,7 @@
 - adamw_fused: torch AdamW with the fused kernel (same math, no group-sized temporaries, fewer launches).
 - adamw_bf16: AdamW keeping both moments in bfloat16 with stochastic rounding; fp32 master weights
   and fp32 update math. Halves optimizer memory (6.7 -> 3.4 GB for the full model). On CUDA cards
-  with native bf16 one Triton kernel per param group does the update (train/adamw_kernel.py);
+  with native bf16 one Triton kernel launch per step does the update (train/adamw_kernel.py);
   elsewhere torch ops.
 """
 
@@ -20,6 +20,9 @@ import torch
 from sam3ft.params import OPTIMIZERS  # the names params.yaml accepts; each one is built below
 
 CHUNK = 1 << 24  # elements per update bucket: fp32 temporaries of 64 MB each
+
+
+_KernelItem = tuple[torch.Tensor, dict[str, Any], int, tuple[float, ...]]  # weight, state, seed, hyper row
 
 
 def make_optimizer(params: Iterable[Any], kind: str, seed: int = 0) -> torch.optim.Optimizer:
@@ -92,13 +95,26 @@ class AdamWBf16(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         loss = closure() if closure is not None else None
         index = 0  # bucket (torch path) or tensor (kernel) number within the step: its own noise
+        launch: list[_KernelItem] = []
         for group in self.param_groups:
             if self._use_kernel(group):
-                index = self._kernel_update(group, index)
+                index = self._kernel_items(group, index, launch)
                 continue
             for step, bucket in self._buckets(group):
                 self._update(bucket, group, step, index)
                 index += 1
+        if launch:  # every kernel group's tensors in one launch
+            from sam3ft.train import adamw_kernel
+
+            adamw_kernel.adamw_bf16_(
+                [p for p, _, _, _ in launch],
+                [p.grad for p, _, _, _ in launch],
+                [s["exp_avg"] for _, s, _, _ in launch],
+                [s["exp_avg_sq"] for _, s, _, _ in launch],
+                [seed for _, _, seed, _ in launch],
+                [row for _, _, _, row in launch],
+                self._kernel_blocks,
+            )
         return loss
 
     def _use_kernel(self, group: dict[str, Any]) -> bool:
@@ -111,33 +127,22 @@ class AdamWBf16(torch.optim.Optimizer):
 
         return adamw_kernel.supports(with_grad, [p.grad for p in with_grad])
 
-    def _kernel_update(self, group: dict[str, Any], index: int) -> int:
-        """One kernel launch per step count in `group` (one, unless some weights missed gradients);
-        returns the next tensor index."""
+    def _kernel_items(self, group: dict[str, Any], index: int, launch: list[_KernelItem]) -> int:
+        """Count the step of `group`'s weights with gradients and add them to `launch` with their noise
+        seed and hyper-parameters; returns the next tensor index."""
         from sam3ft.train import adamw_kernel
 
-        by_step: dict[int, list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]]] = {}
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            state = self._state(param)
-            state["step"] += 1
-            by_step.setdefault(int(state["step"].item()), []).append((param, param.grad, state, index))
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [self._state(p) for p in params]
+        counts = [state["step"] for state in states]
+        torch._foreach_add_(counts, 1.0)  # CPU scalars: one call, not one per tensor
+        rows: dict[int, tuple[float, ...]] = {}  # per step count (one, unless some missed gradients)
+        for param, state, step in zip(params, states, torch.stack(counts).tolist(), strict=True):
+            step = int(step)
+            if step not in rows:
+                rows[step] = adamw_kernel.hyper(group, step)
+            launch.append((param, state, self._seed(step, index), rows[step]))
             index += 1
-        for step, items in by_step.items():
-            adamw_kernel.adamw_bf16_(
-                [p for p, _, _, _ in items],
-                [g for _, g, _, _ in items],
-                [s["exp_avg"] for _, _, s, _ in items],
-                [s["exp_avg_sq"] for _, _, s, _ in items],
-                [self._seed(step, i) for _, _, _, i in items],
-                self._kernel_blocks,
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                step=step,
-            )
         return index
 
     def _state(self, param: torch.Tensor) -> dict[str, Any]:
