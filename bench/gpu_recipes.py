@@ -177,6 +177,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "sync_once": p["trainer"].sync_once,
         "compile_trunk": p["trainer"].compile_trunk,
         "act_ckpt_text": p["trainer"].act_ckpt_text,
+        "batched_loss": p["trainer"].batched_loss,
         "overrides": overrides,
         "ddp": type(trainer.model).__name__ == "DistributedDataParallel",
         "num_workers": p["trainer"].num_workers,

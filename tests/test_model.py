@@ -162,3 +162,24 @@ def test_token_ids_wait_on_the_text_encoders_device_once_per_caption_list():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(tokenizer(captions, context_length=text.context_length).cpu(), upstream)
+
+
+def test_compiled_encoder_and_decoder_layers_detect_the_same(tiny):
+    """`compile_layers` (train/data.compile_parts) compiles each DETR encoder and decoder layer; in
+    eval mode (validation) the detections equal eager's up to float reassociation. Training with
+    it is trained in tests/test_recipes.py."""
+    import copy
+
+    from sam3ft.train.data import compile_parts
+
+    compiled = copy.deepcopy(tiny)
+    compile_parts(compiled, trunk=False, layers=True)
+    layers = [*compiled.transformer.encoder.layers, *compiled.transformer.decoder.layers]
+    assert len(layers) == 3 and all(  # tiny: 1 encoder and 2 decoder layers
+        hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in layers
+    )
+    image = Image.new("RGB", (320, 200), (120, 80, 40))
+    eager = Predictor(tiny, 224).outputs(image, "fuse neutrals")
+    ours = Predictor(compiled, 224).outputs(image, "fuse neutrals")
+    torch.testing.assert_close(ours["boxes"], eager["boxes"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ours["scores"], eager["scores"], rtol=1e-4, atol=1e-5)

@@ -120,6 +120,7 @@ def _save_or_explain(save: Callable[..., Any]) -> Callable[..., Any]:
 def apply() -> None:
     """Install every workaround that applies to this machine."""
     import sam3.train.trainer as trainer_module
+    from sam3.train.loss import loss_fns
 
     if "env" not in _APPLIED:
         from sam3.train.utils import train_utils
@@ -129,6 +130,8 @@ def apply() -> None:
             trainer_module.Trainer._save_checkpoint
         )
         train_utils.MemMeter.update = _mem_meter_update  # type: ignore[method-assign]
+        # per call: CPU tensors take the PyTorch branch, also on a machine with a GPU
+        loss_fns.sigmoid_focal_loss = _focal_loss_plain_off_gpu(loss_fns.sigmoid_focal_loss)
         _APPLIED.add("env")
     if torch.cuda.is_available():
         # sam3#530: the text encoder's forward runs under sdpa_kernel([MATH, EFFICIENT, FLASH]) but its
@@ -140,11 +143,9 @@ def apply() -> None:
     if "cpu" in _APPLIED:
         return
     from sam3.model.geometry_encoders import SequenceGeometryEncoder
-    from sam3.train.loss import loss_fns
 
     # sam3/model/geometry_encoders.py:659: unconditional .pin_memory() in box encoding.
     SequenceGeometryEncoder._encode_boxes = _without_pin_memory(  # type: ignore[method-assign]
         SequenceGeometryEncoder._encode_boxes
     )
-    loss_fns.sigmoid_focal_loss = _focal_loss_plain_off_gpu(loss_fns.sigmoid_focal_loss)
     _APPLIED.add("cpu")

@@ -29,7 +29,9 @@ RECIPE_KEYS = (
     "ddp_one_process",
     "sync_once",
     "compile_trunk",
+    "compile_layers",
     "act_ckpt_text",
+    "batched_loss",
 )
 T = TypeVar("T")
 
@@ -183,10 +185,18 @@ class Trainer:
     compile_trunk: bool = False
     """torch.compile the ViT trunk's forward (activation checkpointing inside, as sam3's own
     `compile_mode` does) for training: compiles on the first step (minutes for the full model)."""
+    compile_layers: bool = False
+    """torch.compile each layer of the DETR encoder and decoder for training (they stay
+    checkpointed): their small kernels cost host time, not GPU time. Compiles on the first step;
+    inductor draws the layers' dropout masks from its own generator (other masks, same seed)."""
     act_ckpt_text: bool = True
     """Activation checkpointing in the text encoder (as upstream); false: its activations are kept
     and the backward pass skips re-running its blocks. Same numbers; for the full model about 7%
     less step time for 0.07 GB more per image (bench/gpu_recipes.md, call 23)."""
+    batched_loss: bool = False
+    """Compute sam3's box and classification loss terms for all decoder layers at once
+    (train/loss.py) instead of once per layer and query set (upstream: 12 passes for SAM3). Same
+    terms and logs up to float summation order; ~1750 fewer small GPU kernels per step."""
 
     @classmethod
     def with_recipe(cls, data: dict[str, Any]) -> dict[str, Any]:

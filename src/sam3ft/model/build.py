@@ -98,11 +98,11 @@ class DeviceTokenizer(SimpleTokenizer):  # type: ignore[misc]  # sam3 ships no t
 
     def __init__(self, bpe_path: str) -> None:
         super().__init__(bpe_path=bpe_path)
-        self.embedding: nn.Module | None = None  # the text encoder's token embedding: ids go to its device
+        self.embedding: nn.Embedding | None = None  # the text encoder's token embedding: ids go to its device
         self._ids: dict[tuple[tuple[str, ...], int | None, torch.device], torch.Tensor] = {}
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
-        device = self.embedding.weight.device if self.embedding is not None else torch.device("cpu")
+        device = torch.device("cpu") if self.embedding is None else self.embedding.weight.device
         key = ((texts,) if isinstance(texts, str) else tuple(texts), context_length, device)
         ids = self._ids.get(key)
         if ids is None:

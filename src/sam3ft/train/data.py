@@ -189,6 +189,7 @@ def build_trainable_model(
     lora_alpha: float = 16.0,
     autocast_cache: bool = True,
     compile_trunk: bool = False,
+    compile_layers: bool = False,
     act_ckpt_text: bool = True,
 ) -> torch.nn.Module:
     """The model for the trainer, with every parameter outside `trainable` groups frozen;
@@ -201,18 +202,33 @@ def build_trainable_model(
     torch.set_autocast_cache_enabled(autocast_cache)
     spec = load_spec_file(spec_path).with_mask_head(segmentation)
     model = freeze_and_adapt(build_model(spec, bpe_path), trainable, lora_rank, lora_alpha)
-    if compile_trunk:
-        # what sam3's ViT does with its own `compile_mode` (sam3/model/vitdet.py:797): the whole
-        # forward, activation checkpointing inside; DDP's graph splitting cannot split a checkpoint
-        trunk: Any = model.get_submodule("backbone.vision_backbone.trunk")
-        trunk.forward = torch.compile(trunk.forward, fullgraph=True)
-        torch._dynamo.config.optimize_ddp = False
+    compile_parts(model, trunk=compile_trunk, layers=compile_layers)
     if not act_ckpt_text:
         # upstream re-runs the text blocks in the backward pass, in Python: full model, lean batch 9
         # on an H100, 1.335 -> 1.247 s per step for 0.63 GB more peak (bench/gpu_recipes.md, call 23)
         text: Any = model.get_submodule("backbone.language_backbone.encoder.transformer")
         text.grad_checkpointing = False
     return model
+
+
+def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
+    """torch.compile the ViT trunk's forward and/or each DETR encoder and decoder layer's forward,
+    in place. Both run under activation checkpointing in training, compiled in the forward pass and
+    again in the backward's recompute."""
+    if trunk:
+        # what sam3's ViT does with its own `compile_mode` (sam3/model/vitdet.py:797): the whole
+        # forward, activation checkpointing inside
+        vit: Any = model.get_submodule("backbone.vision_backbone.trunk")
+        vit.forward = torch.compile(vit.forward, fullgraph=True)
+    if layers:
+        # sam3 calls each through activation_ckpt_wrapper (sam3/model/act_ckpt_utils.py); the
+        # decoder layers' Python options (dac, masks) cause graph breaks, so not fullgraph
+        for name in ("transformer.encoder.layers", "transformer.decoder.layers"):
+            stack: Any = model.get_submodule(name)  # a ModuleList
+            for layer in stack:
+                layer.forward = torch.compile(layer.forward)
+    if trunk or layers:
+        torch._dynamo.config.optimize_ddp = False  # DDP's graph splitting cannot split a checkpoint
 
 
 def trained_groups(trainable: list[str], segmentation: bool) -> list[str]:

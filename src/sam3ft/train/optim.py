@@ -108,7 +108,7 @@ class AdamWBf16(torch.optim.Optimizer):
 
             adamw_kernel.adamw_bf16_(
                 [p for p, _, _, _ in launch],
-                [p.grad for p, _, _, _ in launch],
+                [p.grad for p, _, _, _ in launch if p.grad is not None],
                 [s["exp_avg"] for _, s, _, _ in launch],
                 [s["exp_avg_sq"] for _, s, _, _ in launch],
                 [seed for _, _, seed, _ in launch],
