@@ -85,7 +85,7 @@ class Sam3Loss(Sam3LossWrapper):  # type: ignore[misc]  # sam3 ships no type inf
         ]
         entries = [e for pair in per_output for e in pair]
         match = _Matches(entries, targets)
-        weight = torch.tensor([e.weight for e in entries], device=match.logits.device)  # (E,)
+        weight = _to_device([e.weight for e in entries], torch.float32, match.logits.device)  # (E,)
         boxes, ce, *others = self.loss_fns_find
         terms = [_box_terms(match, num_boxes), _ce_terms(ce, entries, match, targets)]
         total = torch.zeros((), device=match.logits.device)
@@ -147,6 +147,15 @@ def _o2m_loss(fn: Any, entry: _Entry) -> bool:
     if isinstance(fn, Masks):
         return "pred_masks" in entry.out
     return not isinstance(fn, Det2TrkAssoc)
+
+
+def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of Python values on `device` without a host wait: `torch.tensor(..., device=cuda)`
+    copies from pageable memory and waits for every kernel queued before it."""
+    made = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        made = made.pin_memory()
+    return made.to(device, non_blocking=True)
 
 
 def _outputs(nested_out: dict[str, Any]) -> list[tuple[dict[str, Any], str, bool]]:
@@ -262,7 +271,7 @@ def _presence_terms(
         gamma=ce.presence_gamma,
         reduce=False,
     ).view_as(logits)
-    at = torch.tensor(has, device=device)
+    at = _to_device(has, torch.long, device)
     loss = loss.index_put((at,), each.mean(2).sum(1) / keep_loss.shape[0])
     hit = ((logits.sigmoid() > 0.5).float() == targets).float().mean(dim=(1, 2))
     acc = acc.index_put((at,), hit)
