@@ -22,7 +22,8 @@ from sam3ft.params import OPTIMIZERS  # the names params.yaml accepts; each one 
 CHUNK = 1 << 24  # elements per update bucket: fp32 temporaries of 64 MB each
 
 
-_KernelItem = tuple[torch.Tensor, dict[str, Any], int, tuple[float, ...]]  # weight, state, seed, hyper row
+# weight, its grad, its state, noise seed, hyper row
+_KernelItem = tuple[torch.Tensor, torch.Tensor, dict[str, Any], int, tuple[float, ...]]
 
 
 def make_optimizer(params: Iterable[Any], kind: str, seed: int = 0) -> torch.optim.Optimizer:
@@ -107,12 +108,12 @@ class AdamWBf16(torch.optim.Optimizer):
             from sam3ft.train import adamw_kernel
 
             adamw_kernel.adamw_bf16_(
-                [p for p, _, _, _ in launch],
-                [p.grad for p, _, _, _ in launch if p.grad is not None],
-                [s["exp_avg"] for _, s, _, _ in launch],
-                [s["exp_avg_sq"] for _, s, _, _ in launch],
-                [seed for _, _, seed, _ in launch],
-                [row for _, _, _, row in launch],
+                [p for p, _, _, _, _ in launch],
+                [g for _, g, _, _, _ in launch],
+                [s["exp_avg"] for _, _, s, _, _ in launch],
+                [s["exp_avg_sq"] for _, _, s, _, _ in launch],
+                [seed for _, _, _, seed, _ in launch],
+                [row for _, _, _, _, row in launch],
                 self._kernel_blocks,
             )
         return loss
@@ -132,16 +133,16 @@ class AdamWBf16(torch.optim.Optimizer):
         seed and hyper-parameters; returns the next tensor index."""
         from sam3ft.train import adamw_kernel
 
-        params = [p for p in group["params"] if p.grad is not None]
-        states = [self._state(p) for p in params]
+        pairs = [(p, p.grad) for p in group["params"] if p.grad is not None]
+        states = [self._state(p) for p, _ in pairs]
         counts = [state["step"] for state in states]
         torch._foreach_add_(counts, 1.0)  # CPU scalars: one call, not one per tensor
         rows: dict[int, tuple[float, ...]] = {}  # per step count (one, unless some missed gradients)
-        for param, state, step in zip(params, states, torch.stack(counts).tolist(), strict=True):
+        for (param, grad), state, step in zip(pairs, states, torch.stack(counts).tolist(), strict=True):
             step = int(step)
             if step not in rows:
                 rows[step] = adamw_kernel.hyper(group, step)
-            launch.append((param, state, self._seed(step, index), rows[step]))
+            launch.append((param, grad, state, self._seed(step, index), rows[step]))
             index += 1
         return index
 
