@@ -190,6 +190,8 @@ class _Matches:
         self.count = len(entries)
         self.targets_boxes = targets["boxes"][self.target]  # (M, 4) cxcywh
         self.targets_xyxy = targets["boxes_xyxy"][self.target]
+        pairs = (self.entry, self.batch, self.query)
+        self.src_boxes, self.src_xyxy = self.boxes[pairs], self.boxes_xyxy[pairs]  # (M, 4) matched
 
     def per_entry(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of per-pair `values` (M,) for each entry: (E,)."""
@@ -200,10 +202,8 @@ class _Matches:
 
 def _box_terms(match: _Matches, num_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
     """Boxes.get_loss (sam3/train/loss/loss_fns.py:531) for every entry: L1 and GIoU over matched pairs."""
-    src = match.boxes[match.entry, match.batch, match.query]
-    src_xyxy = match.boxes_xyxy[match.entry, match.batch, match.query]
-    l1 = F.l1_loss(src, match.targets_boxes, reduction="none").sum(-1)
-    giou = 1 - box_ops.fast_diag_generalized_box_iou(src_xyxy, match.targets_xyxy)
+    l1 = F.l1_loss(match.src_boxes, match.targets_boxes, reduction="none").sum(-1)
+    giou = 1 - box_ops.fast_diag_generalized_box_iou(match.src_xyxy, match.targets_xyxy)
     return {"loss_bbox": match.per_entry(l1) / num_boxes, "loss_giou": match.per_entry(giou) / num_boxes}
 
 
@@ -218,8 +218,7 @@ def _ce_terms(
     with torch.no_grad():
         target_classes = torch.zeros_like(logits, dtype=torch.float)
         target_classes[pairs] = 1
-        src_xyxy = match.boxes_xyxy[pairs]
-        iou = box_ops.fast_diag_box_iou(src_xyxy, match.targets_xyxy)
+        iou = box_ops.fast_diag_box_iou(match.src_xyxy, match.targets_xyxy)
         t = torch.clamp(prob[pairs] ** ce.alpha * iou ** (1 - ce.alpha), 0.01).detach()
         positive_target_classes = target_classes.clone()
         positive_target_classes[pairs] = t
