@@ -162,6 +162,12 @@ def test_token_ids_wait_on_the_text_encoders_device_once_per_caption_list():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(tokenizer(captions, context_length=text.context_length).cpu(), upstream)
+        # a compiled forward calls the tokenizer as it is: traced, its pinned copy failed in dynamo
+        # ("NYI: aten._pin_memory.default", bench/gpu_recipes.md call 35)
+        fresh = ["a fuse box"]
+        traced = torch.compile(lambda: tokenizer(fresh, context_length=text.context_length), backend="eager")
+        expected = SimpleTokenizer(bpe_path=str(bundled_vocab()))(fresh, context_length=text.context_length)
+        assert torch.equal(traced().cpu(), expected)
 
 
 def test_compiled_encoder_and_decoder_layers_detect_the_same(tiny):

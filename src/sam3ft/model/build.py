@@ -101,6 +101,7 @@ class DeviceTokenizer(SimpleTokenizer):  # type: ignore[misc]  # sam3 ships no t
         self.embedding: nn.Embedding | None = None  # the text encoder's token embedding: ids go to its device
         self._ids: dict[tuple[tuple[str, ...], int | None, torch.device], torch.Tensor] = {}
 
+    @torch.compiler.disable  # a host-side cache: a compiled forward calls it as it is
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
         device = torch.device("cpu") if self.embedding is None else self.embedding.weight.device
         key = ((texts,) if isinstance(texts, str) else tuple(texts), context_length, device)
