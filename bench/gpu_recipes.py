@@ -63,6 +63,8 @@ def bench_only(overrides: dict[str, str]) -> None:
 
         DeviceTokenizer.__call__ = SimpleTokenizer.__call__  # type: ignore[method-assign]
 
+    if "eager" in overrides and overrides.get("compile") != "model":
+        raise SystemExit("eager=... names parts to leave out of compile=model; add compile=model")
     if "compile" in overrides or "cudagraphs" in overrides:
         eager = [name for name in overrides.get("eager", "").split(",") if name]
         compile_experiment(overrides.get("compile", "parts"), overrides.get("cudagraphs") == "true", eager)
@@ -78,7 +80,7 @@ def compile_experiment(what: str, cudagraphs: bool, eager: list[str]) -> None:
     device or builds data-dependent shapes) instead of the parts that `compile_trunk` and
     `compile_layers` pick, with the submodules named in eager=a,b left out; cudagraphs=true: compile
     in mode "reduce-overhead" (CUDA graphs of each compiled graph, forward and backward), with a
-    step mark before each training step. Either way the first step runs eager (see `steps`)."""
+    step mark before each training step. Either way the first step runs eager (see `wrap_steps`)."""
     import torch
 
     from sam3ft.train import data
@@ -110,14 +112,14 @@ def compile_experiment(what: str, cudagraphs: bool, eager: list[str]) -> None:
         torch._dynamo.config.optimize_ddp = False
 
     data.compile_parts = compile_parts  # type: ignore[assignment]
-    steps(first_eager=True, mark=cudagraphs)
+    wrap_steps(mark=cudagraphs)
 
 
-def steps(first_eager: bool, mark: bool) -> None:
-    """Wrap the trainer's step: `first_eager` runs the first one without compiling, so sam3 fills
+def wrap_steps(mark: bool) -> None:
+    """Wrap the trainer's step: the first one runs without compiling, so sam3 fills
     its lazy device caches (position encodings, sam3/model/position_encoding.py:123; the decoder's
     box coordinates, sam3/model/decoder.py:336) outside any CUDA graph, whose next replay would
-    overwrite them (call 37); `mark` tells CUDA graph trees where each step begins."""
+    overwrite them (calls 37, 38); `mark` tells CUDA graph trees where each step begins."""
     import functools
 
     import torch
@@ -131,7 +133,7 @@ def steps(first_eager: bool, mark: bool) -> None:
     def step(self: Any, *a: Any, **k: Any) -> Any:
         nonlocal done
         done += 1
-        if first_eager and done == 1:
+        if done == 1:
             with torch.compiler.set_stance("force_eager"):
                 return run_step(self, *a, **k)
         if mark:
