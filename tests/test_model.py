@@ -147,7 +147,8 @@ def test_token_ids_wait_on_the_text_encoders_device_once_per_caption_list():
     tokenizer = text.tokenizer
     captions = ["fuse neutrals", "a breaker"]
     ids = tokenizer(captions, context_length=text.context_length)
-    upstream = SimpleTokenizer(bpe_path=str(bundled_vocab()))(captions, context_length=text.context_length)
+    reference = SimpleTokenizer(bpe_path=str(bundled_vocab()))
+    upstream = reference(captions, context_length=text.context_length)
     assert ids.dtype == torch.long and torch.equal(ids, upstream)
     assert tokenizer(list(captions), context_length=text.context_length) is ids  # cached per caption list
     assert not torch.equal(tokenizer(["a breaker"], context_length=text.context_length), ids[:1])
@@ -166,8 +167,7 @@ def test_token_ids_wait_on_the_text_encoders_device_once_per_caption_list():
         # ("NYI: aten._pin_memory.default", bench/gpu_recipes.md call 35)
         fresh = ["a fuse box"]
         traced = torch.compile(lambda: tokenizer(fresh, context_length=text.context_length), backend="eager")
-        expected = SimpleTokenizer(bpe_path=str(bundled_vocab()))(fresh, context_length=text.context_length)
-        assert torch.equal(traced().cpu(), expected)
+        assert torch.equal(traced().cpu(), reference(fresh, context_length=text.context_length))
 
 
 def test_compiled_encoder_and_decoder_layers_detect_the_same(tiny):

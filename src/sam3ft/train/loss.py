@@ -190,8 +190,8 @@ class _Matches:
         self.count = len(entries)
         self.targets_boxes = targets["boxes"][self.target]  # (M, 4) cxcywh
         self.targets_xyxy = targets["boxes_xyxy"][self.target]
-        pairs = (self.entry, self.batch, self.query)
-        self.src_boxes, self.src_xyxy = self.boxes[pairs], self.boxes_xyxy[pairs]  # (M, 4) matched
+        self.pairs = (self.entry, self.batch, self.query)  # index of each matched query in (E, B, Q)
+        self.src_boxes, self.src_xyxy = self.boxes[self.pairs], self.boxes_xyxy[self.pairs]  # (M, 4)
 
     def per_entry(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of per-pair `values` (M,) for each entry: (E,)."""
@@ -214,7 +214,7 @@ def _ce_terms(
     images (no weak loss, presence on)."""
     logits = match.logits  # (E, B, Q)
     prob = logits.sigmoid()
-    pairs = (match.entry, match.batch, match.query)
+    pairs = match.pairs
     with torch.no_grad():
         target_classes = torch.zeros_like(logits, dtype=torch.float)
         target_classes[pairs] = 1
