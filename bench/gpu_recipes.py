@@ -24,24 +24,33 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class FirstBatches:
-    """The first `n` batches of the train set, over as many epochs as it takes (a loader with len)."""
+class Batches:
+    """The train set's batches as one stream over as many epochs as it takes. `take(n)` hands the
+    next n to a `train_epoch` call (a loader with len), so the profiled steps after the timed ones
+    continue the same loader: a new one would fork its workers inside the profiled window."""
 
-    def __init__(self, dataset: Any, n: int) -> None:
-        self.dataset, self.n = dataset, n
+    def __init__(self, dataset: Any) -> None:
+        self.stream = self._epochs(dataset)
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Any:
-        epoch, given = 0, 0
+    @staticmethod
+    def _epochs(dataset: Any) -> Any:
+        epoch = 0
         while True:
-            for batch in self.dataset.get_loader(epoch=epoch):
-                if given == self.n:
-                    return
-                yield batch
-                given += 1
+            yield from dataset.get_loader(epoch=epoch)
             epoch += 1
+
+    def take(self, n: int) -> Any:
+        stream = self.stream
+
+        class Next:
+            def __len__(self) -> int:
+                return n
+
+            def __iter__(self) -> Any:
+                for _ in range(n):
+                    yield next(stream)
+
+        return Next()
 
 
 # run-spec keys that are the bench's, not trainer params
@@ -143,6 +152,42 @@ def wrap_steps(mark: bool) -> None:
     Trainer._run_step = step  # type: ignore[method-assign]
 
 
+def compile_cache(path: Path, slow_s: float = 20.0) -> None:
+    """Carry torch.compile's work from one device call to the next: load the artifacts (inductor's
+    kernels and graphs, AOTAutograd's) saved at `path` by an earlier run, and save them again
+    (gzipped) after every step slower than `slow_s`, that is one that compiled something, so a run
+    cut off by the call's limit still leaves what it compiled. Dynamo traces again either way."""
+    import functools
+    import gzip
+
+    import torch
+
+    from sam3ft.train.trainer import Trainer
+
+    if path.exists():
+        info = torch.compiler.load_cache_artifacts(gzip.decompress(path.read_bytes()))
+        print(f"compile cache: loaded {path} ({path.stat().st_size >> 20} MiB): {info}", file=sys.stderr)
+    run_step = Trainer._run_step
+    steps = 0
+
+    @functools.wraps(run_step)
+    def step(self: Any, *a: Any, **k: Any) -> Any:
+        nonlocal steps
+        t0 = time.perf_counter()
+        out = run_step(self, *a, **k)
+        took, steps = time.perf_counter() - t0, steps + 1
+        print(f"step {steps}: {took:.1f} s", file=sys.stderr, flush=True)
+        saved = torch.compiler.save_cache_artifacts() if took > slow_s else None
+        if saved is not None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(gzip.compress(saved[0], compresslevel=6))
+            tmp.replace(path)
+            print(f"compile cache: saved {path} ({path.stat().st_size >> 20} MiB)", file=sys.stderr)
+        return out
+
+    Trainer._run_step = step  # type: ignore[method-assign]
+
+
 def trainer_params(
     path: Path, recipe: str, batch: int, workers: int | None = None, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -180,6 +225,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     recipe, batch, *rest = args.one.split(":")
     overrides = dict(field.split("=", 1) for field in rest if "=" in field)
     bench_only(overrides)
+    if args.compile_cache:
+        compile_cache(Path(args.compile_cache))
     rest = [field for field in rest if "=" not in field]
     if rest and rest[0]:
         args.steps = int(rest[0])
@@ -220,21 +267,31 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     module = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     n_params = sum(q.numel() for q in module.parameters())
     n_train = sum(q.numel() for q in module.parameters() if q.requires_grad)
-    trainer.train_epoch(FirstBatches(trainer.train_dataset, args.steps))
+    batches = Batches(trainer.train_dataset)
+    trainer.train_epoch(batches.take(args.steps))
+    # each measuring pass below is an epoch of its own, so the schedulers' `where` keeps rising
+    # (restarting it at 0 with the step count still rising can divide by zero in sam3's
+    # InverseSquareRootParamScheduler)
+    trainer.max_epochs = trainer.epoch + 5
+
+    def more(n: int) -> Any:
+        trainer.epoch += 1
+        return batches.take(n)
+
     timed_logs = list(logged)  # the profiled steps below run slower: not part of the timing
     figures: dict[str, Any] = {}
     if args.profile:
-        figures["gpu_busy"] = gpu_busy(trainer, args.profile)
+        figures["gpu_busy"] = gpu_busy(trainer, more(args.profile))
     if args.hostprof:
-        figures["host_top"] = host_profile(trainer, args.hostprof)
+        figures["host_top"] = host_profile(trainer, more(args.hostprof))
     if args.syncs:
-        figures["sync_sites"] = sync_sites(trainer)
+        figures["sync_sites"] = sync_sites(trainer, more(1))
     if args.timeline:
         trace = None
         if args.trace:
             trace = Path(args.trace) / (args.one.replace(":", "_").replace("=", "-") + ".json.gz")
             trace.parent.mkdir(parents=True, exist_ok=True)
-        figures["timeline"] = timeline(trainer, args.timeline, trace)
+        figures["timeline"] = timeline(trainer, more(args.timeline), trace)
     rows = {name: [(s, v) for n, v, s in timed_logs if n == name] for name in {n for n, _, _ in timed_logs}}
     step_s = [v for _, v in rows["Step_Stats/train/Batch Time"]]
     mem = [v for _, v in rows["Step_Stats/train/Mem (GB)"]]
@@ -262,6 +319,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "build_s": round(build_s, 1),
         "steps": len(step_s),
         "s_per_step": round(statistics.median(timed), 3),
+        "step_s": [round(v, 3) for v in step_s],
         "images_per_s": round(int(batch) / statistics.median(timed), 2),
         "data_s_per_step": round(statistics.median(data_s), 3) if data_s else None,
         "peak_gb": round(max(mem), 2),
@@ -273,23 +331,23 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def gpu_busy(trainer: Any, steps: int) -> float:
-    """Share of wall time the GPU spends in kernels over `steps` more steps (torch profiler)."""
+def gpu_busy(trainer: Any, batches: Any) -> float:
+    """Share of wall time the GPU spends in kernels over the steps of `batches` (torch profiler)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        trainer.train_epoch(FirstBatches(trainer.train_dataset, steps))
+        trainer.train_epoch(batches)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
     return round(kernel_us / 1e6 / wall, 3)
 
 
-def host_profile(trainer: Any, steps: int, top: int = 25) -> list[str]:
-    """Where the host spends a step: cProfile over `steps` more steps, the top functions by own
+def host_profile(trainer: Any, batches: Any, top: int = 25) -> list[str]:
+    """Where the host spends a step: cProfile over the steps of `batches`, the top functions by own
     time, as 'seconds per step  calls per step  file:line(function)'."""
     import cProfile
     import pstats
@@ -299,18 +357,19 @@ def host_profile(trainer: Any, steps: int, top: int = 25) -> list[str]:
     torch.cuda.synchronize()
     prof = cProfile.Profile()
     prof.enable()
-    trainer.train_epoch(FirstBatches(trainer.train_dataset, steps))
+    trainer.train_epoch(batches)
     torch.cuda.synchronize()
     prof.disable()
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    steps = len(batches)
     return [
         f"{tt / steps:.4f}s {nc / steps:.0f}x {Path(f).name}:{line}({fn})"
         for (f, line, fn), (_, nc, tt, _, _) in rows
     ]
 
 
-def timeline(trainer: Any, steps: int, trace: Path | None = None) -> dict[str, dict[str, float]]:
+def timeline(trainer: Any, batches: Any, trace: Path | None = None) -> dict[str, dict[str, float]]:
     """Per step, for each phase: host wall ms (its CPU window) and how many of those ms the GPU ran
     kernels. A phase whose GPU ms is far below its wall ms leaves the GPU idle while the host works
     (host-bound); the last phase before a sync shows the wait. Phases: sam3's own record_function
@@ -346,13 +405,14 @@ def timeline(trainer: Any, steps: int, trace: Path | None = None) -> dict[str, d
     trainer.gradient_clipper = mark("clip", clipper) if clipper is not None else None
     backward = torch.Tensor.backward
     torch.Tensor.backward = mark("backward", backward)  # type: ignore[method-assign]
+    steps = len(batches)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: a dry run
     sync()
     try:
         # "all": the whole loop (data, step, clip, optimizer, logging)
         activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
         with profile(activities=activities) as prof, record_function("all"):
-            trainer.train_epoch(FirstBatches(trainer.train_dataset, steps))
+            trainer.train_epoch(batches)
             sync()
     finally:
         for obj, attr, fn in originals:
@@ -396,7 +456,7 @@ def timeline(trainer: Any, steps: int, trace: Path | None = None) -> dict[str, d
     return {k: {m: round(v, 1) for m, v in row.items()} for k, row in out.items()}
 
 
-def sync_sites(trainer: Any, top: int = 25) -> dict[str, int]:
+def sync_sites(trainer: Any, batches: Any, top: int = 25) -> dict[str, int]:
     """Host-device synchronisations of one step, counted by the innermost sam3 (or our) frame
     that caused them (torch's sync debug mode warns at each)."""
     import collections
@@ -418,7 +478,7 @@ def sync_sites(trainer: Any, top: int = 25) -> dict[str, int]:
     warnings.simplefilter("always")
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        trainer.train_epoch(FirstBatches(trainer.train_dataset, 1))
+        trainer.train_epoch(batches)
     finally:
         torch.cuda.set_sync_debug_mode("default")
         warnings.showwarning = original
@@ -452,6 +512,9 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/gpu-recipes")
     parser.add_argument("--workers", type=int, help="override trainer.num_workers (data-loader processes)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per run")
+    parser.add_argument(
+        "--compile-cache", help="torch.compile artifacts: loaded if the file exists, saved after compiling"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="-", help="JSON lines file ('-': stdout)")
     args = parser.parse_args()
