@@ -73,3 +73,24 @@ def test_segmentation_is_accepted(tmp_path, shipped_params):
     shipped_params["trainer"]["segmentation"] = True
     path = write_params(tmp_path / "params.yaml", shipped_params)
     assert params.load(["trainer"], path)["trainer"].segmentation is True
+
+
+@pytest.mark.parametrize(
+    ("trainer", "fix"),
+    [
+        ({"compile_trunk": True}, "set those two false"),
+        ({"compile_layers": True}, "set those two false"),
+        ({"num_gpus": 2}, "false with 2 training processes"),
+    ],
+)
+def test_compile_model_refuses_what_it_was_not_checked_with(tmp_path, shipped_params, trainer, fix):
+    """The whole forward compiled replaces the compiled parts and is measured in one process only;
+    the same settings without it load."""
+    shipped_params["trainer"].update(trainer)
+    path = write_params(tmp_path / "params.yaml", shipped_params)
+    assert params.load(["trainer"], path)["trainer"].compile_model is False
+    shipped_params["trainer"]["compile_model"] = True
+    write_params(path, shipped_params)
+    with pytest.raises(ConfigError, match=r"trainer\.compile_model=True is invalid") as err:
+        params.load(["trainer"], path)
+    assert fix in err.value.fix

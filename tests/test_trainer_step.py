@@ -1,6 +1,6 @@
 """`sync_once`: our training step against sam3's own `Trainer._run_step`, on the same model, batches and
 loss terms: same gradients, same logged values in the same order, same meters, and a non-finite
-loss still stops the run before any weight could move."""
+loss still stops the run before any weight could move. `compile_model`: the first step eager."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def _trainer(cls: type, sync_once: bool, scale: float = 1.0, accum: int = 1) -> 
     model.no_sync = contextlib.nullcontext
     trainer.model = model
     trainer.sync_once = sync_once
+    trainer.compile_model, trainer._eager_step_done = False, False
     trainer.scale = scale
     trainer.steps = {"train": 0}
     trainer.logger = Recorder()
@@ -110,6 +111,33 @@ def test_non_finite_loss_stops_before_any_weight_moves():
     # raise_on_error=False returns with no gradients, as upstream does
     trainer._run_step(_batches(1)[0], "train", loss_mts, extra_mts, raise_on_error=False)
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("sync_once", [False, True])
+def test_compile_model_runs_the_first_step_eager(sync_once):
+    """With `compile_model` the process's first training step runs under dynamo's force_eager stance
+    (sam3 fills its lazy device caches then, outside any CUDA graph): a forward compiled with a
+    backend that records each graph is traced at the second step, not the first, and later steps
+    reuse the graph. The weights' gradients equal an eager trainer's at every step."""
+    graphs: list[Any] = []
+
+    def record(graph: torch.fx.GraphModule, inputs: Any) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled, eager = _trainer(Trainer, sync_once), _trainer(Trainer, sync_once)
+    compiled.compile_model = True
+    compiled.model.forward = torch.compile(compiled.model.forward, backend=record)
+    traced = []
+    for batch in _batches(3):
+        for trainer in (compiled, eager):
+            trainer._run_step(batch, "train", *_meters())
+        traced.append(len(graphs))
+        for a, b in zip(compiled.model.parameters(), eager.model.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad)
+    torch._dynamo.reset()
+    assert traced == [0, 1, 1]
 
 
 def test_host_floats_are_exact_for_every_dtype():

@@ -30,6 +30,7 @@ RECIPE_KEYS = (
     "sync_once",
     "compile_trunk",
     "compile_layers",
+    "compile_model",
     "act_ckpt_text",
     "batched_loss",
 )
@@ -189,6 +190,12 @@ class Trainer:
     """torch.compile each layer of the DETR encoder and decoder for training (they stay
     checkpointed): their small kernels cost host time, not GPU time. Compiles on the first step;
     inductor draws the layers' dropout masks from its own generator (other masks, same seed)."""
+    compile_model: bool = False
+    """torch.compile the model's whole training forward with CUDA graphs (mode reduce-overhead;
+    train/data.compile_training_forward): the first step runs eager, the second compiles (3-4
+    minutes for the full model), validation stays eager. Full model, lean, batch 1 on an H100:
+    2.58x eager's images/s at the same peak memory (bench/gpu_recipes.md, seventh session). One
+    training process only; instead of compile_trunk and compile_layers, not with them."""
     act_ckpt_text: bool = True
     """Activation checkpointing in the text encoder (as upstream); false: its activations are kept
     and the backward pass skips re-running its blocks. Same numbers; for the full model about 7%
@@ -279,6 +286,20 @@ class Trainer:
             "trainer.lora_rank",
             self.lora_rank,
             "0 while 'trunk' is in trainer.trainable (LoRA adapts a frozen trunk; drop 'trunk' to use it)",
+        )
+        _check(
+            not (self.compile_model and (self.compile_trunk or self.compile_layers)),
+            "trainer.compile_model",
+            self.compile_model,
+            "false with trainer.compile_trunk or trainer.compile_layers true (it compiles the whole "
+            "forward; set those two false)",
+        )
+        _check(
+            not (self.compile_model and self.world_size > 1),
+            "trainer.compile_model",
+            self.compile_model,
+            f"false with {self.world_size} training processes (checked on one GPU only), or train "
+            "on one GPU (trainer.num_gpus: 1, trainer.num_nodes: 1)",
         )
         _check(
             not (self.amp and self.accelerator == "cpu"),

@@ -190,6 +190,7 @@ def build_trainable_model(
     autocast_cache: bool = True,
     compile_trunk: bool = False,
     compile_layers: bool = False,
+    compile_model: bool = False,
     act_ckpt_text: bool = True,
 ) -> torch.nn.Module:
     """The model for the trainer, with every parameter outside `trainable` groups frozen;
@@ -203,6 +204,8 @@ def build_trainable_model(
     spec = load_spec_file(spec_path).with_mask_head(segmentation)
     model = freeze_and_adapt(build_model(spec, bpe_path), trainable, lora_rank, lora_alpha)
     compile_parts(model, trunk=compile_trunk, layers=compile_layers)
+    if compile_model:
+        compile_training_forward(model)
     if not act_ckpt_text:
         # upstream re-runs the text blocks in the backward pass, in Python: full model, lean batch 9
         # on an H100, 1.335 -> 1.247 s per step for 0.63 GB more peak (bench/gpu_recipes.md, call 23)
@@ -229,6 +232,35 @@ def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
                 layer.forward = torch.compile(layer.forward)
     if trunk or layers:
         torch._dynamo.config.optimize_ddp = False  # DDP's graph splitting cannot split a checkpoint
+
+
+def compile_training_forward(model: torch.nn.Module) -> None:
+    """torch.compile the model's whole forward for training, in mode "reduce-overhead": on CUDA
+    every compiled graph, forward and backward, replays as a CUDA graph, which takes the host's
+    kernel launches out of the step (full model, batch 1: bench/gpu_recipes.md, seventh session).
+
+    - Validation (eval mode) runs the eager forward: a compiled one would compile again.
+    - The Hungarian matching stays eager: sam3's matcher runs scipy on host copies, and dynamo
+      fails tracing its index building (sam3/train/matcher.py:651).
+    - The geometry encoder stays eager: compiled, its box-pooling conv failed inductor's stride
+      check in the backward on the CPU.
+    - The trainer must run the first training step eager (`Trainer(compile_model=True)`): sam3
+      fills device caches lazily on the first forward (sam3/model/position_encoding.py:123,
+      sam3/model/decoder.py:336), and one filled inside a CUDA graph is overwritten by the next
+      replay (calls 37, 38).
+    """
+    eager = model.forward
+    compiled = torch.compile(eager, mode="reduce-overhead")
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return (compiled if model.training else eager)(*args, **kwargs)
+
+    model.forward = forward  # type: ignore[method-assign]
+    matching: Any = model._compute_matching
+    model._compute_matching = torch.compiler.disable(matching)  # type: ignore[method-assign]
+    geometry: Any = model.get_submodule("geometry_encoder")
+    geometry.forward = torch.compiler.disable(geometry.forward)
+    torch._dynamo.config.optimize_ddp = False  # DDP's graph splitting cannot split a checkpoint
 
 
 def trained_groups(trainable: list[str], segmentation: bool) -> list[str]:

@@ -1,5 +1,6 @@
-"""sam3's Trainer with two switches more: a single training process may skip the DDP wrapper, and a
-training step may read its loss values from the device once instead of once per loss term."""
+"""sam3's Trainer with three switches more: a single training process may skip the DDP wrapper, a
+training step may read its loss values from the device once instead of once per loss term, and a
+model whose training forward is compiled with CUDA graphs gets its first step eager."""
 
 from __future__ import annotations
 
@@ -63,13 +64,26 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
       loss still stops training before the optimizer step. Measured on an H100 the step was not
       faster for it (1.443 -> 1.429 s, bench/gpu_recipes.md): these waits come after the backward,
       when little is queued.
+    - `compile_model: true` goes with a model built with the same switch
+      (`data.compile_training_forward`): the process's first training step runs eager, so sam3
+      fills its lazy device caches outside any CUDA graph, and every later step tells CUDA graph
+      trees where it begins (outputs of the previous step's graphs may then be overwritten).
     """
 
     logger: Any  # sam3's Logger; a _HeldLogger while a step runs
 
-    def __init__(self, *, ddp_one_process: bool = True, sync_once: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ddp_one_process: bool = True,
+        sync_once: bool = False,
+        compile_model: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.ddp_one_process = ddp_one_process
         self.sync_once = sync_once
+        self.compile_model = compile_model
+        self._eager_step_done = False
         super().__init__(**kwargs)
 
     def _setup_ddp_distributed_training(self, distributed_conf: Any, accelerator: str) -> None:
@@ -87,7 +101,29 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         extra_loss_mts: dict[str, AverageMeter],
         raise_on_error: bool = True,
     ) -> None:
-        """Upstream's forward/backward (sam3/train/trainer.py `_run_step`) with one device read per
+        """Upstream's forward/backward (sam3/train/trainer.py `_run_step`), the first one eager with
+        `compile_model` (see the class)."""
+        args = (batch, phase, loss_mts, extra_loss_mts, raise_on_error)
+        if not self.compile_model:
+            self._forward_backward(*args)
+        elif not self._eager_step_done:
+            with torch.compiler.set_stance("force_eager"):
+                self._forward_backward(*args)
+            self._eager_step_done = True
+        else:
+            if torch.cuda.is_available():
+                torch.compiler.cudagraph_mark_step_begin()
+            self._forward_backward(*args)
+
+    def _forward_backward(
+        self,
+        batch: Any,
+        phase: str,
+        loss_mts: dict[str, AverageMeter],
+        extra_loss_mts: dict[str, AverageMeter],
+        raise_on_error: bool,
+    ) -> None:
+        """One training step's forwards and backwards; with `sync_once`, one device read per
         micro-batch: loss, extra loss terms and every tensor logged in `_step`, after the backward."""
         if not self.sync_once:
             super()._run_step(batch, phase, loss_mts, extra_loss_mts, raise_on_error)
