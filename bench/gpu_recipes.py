@@ -54,7 +54,7 @@ class Batches:
 
 
 # run-spec keys that are the bench's, not trainer params
-BENCH_KEYS = ("adamw_kernel", "adamw_seed", "tokenizer", "compile", "cudagraphs", "eager")
+BENCH_KEYS = ("adamw_kernel", "adamw_seed", "tokenizer", "cudagraphs")
 
 
 def bench_only(overrides: dict[str, str]) -> None:
@@ -62,7 +62,9 @@ def bench_only(overrides: dict[str, str]) -> None:
     another stream of adamw_bf16's rounding noise (how far runs differing only there drift apart);
     tokenizer=upstream: sam3's tokenizer, whose ids the text encoder copies to the GPU with a host
     wait each step, instead of model.build.DeviceTokenizer (for stock as upstream runs it);
-    compile=, cudagraphs=, eager=: see compile_experiment."""
+    cudagraphs=true: see parts_with_cudagraphs. (The whole forward compiled with CUDA graphs, the
+    sixth and seventh sessions' `compile=model:cudagraphs=true:eager=geometry_encoder`, is the
+    trainer param `compile_model=true` now.)"""
     from sam3ft.train.optim import AdamWBf16
 
     if overrides.get("tokenizer") == "upstream":
@@ -72,11 +74,8 @@ def bench_only(overrides: dict[str, str]) -> None:
 
         DeviceTokenizer.__call__ = SimpleTokenizer.__call__  # type: ignore[method-assign]
 
-    if "eager" in overrides and overrides.get("compile") != "model":
-        raise SystemExit("eager=... names parts to leave out of compile=model; add compile=model")
-    if "compile" in overrides or "cudagraphs" in overrides:
-        eager = [name for name in overrides.get("eager", "").split(",") if name]
-        compile_experiment(overrides.get("compile", "parts"), overrides.get("cudagraphs") == "true", eager)
+    if overrides.get("cudagraphs") == "true":
+        parts_with_cudagraphs()
     if overrides.get("adamw_kernel") == "false":
         AdamWBf16._use_kernel = lambda self, group: False  # type: ignore[method-assign]
     if "adamw_seed" in overrides:
@@ -84,72 +83,29 @@ def bench_only(overrides: dict[str, str]) -> None:
         AdamWBf16.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "seed": seed})  # type: ignore[method-assign]
 
 
-def compile_experiment(what: str, cudagraphs: bool, eager: list[str]) -> None:
-    """compile=model: torch.compile the model's whole forward (graph breaks where sam3 reads the
-    device or builds data-dependent shapes) instead of the parts that `compile_trunk` and
-    `compile_layers` pick, with the submodules named in eager=a,b left out; cudagraphs=true: compile
-    in mode "reduce-overhead" (CUDA graphs of each compiled graph, forward and backward), with a
-    step mark before each training step. Either way the first step runs eager (see `wrap_steps`)."""
-    import torch
-
-    from sam3ft.train import data
-
-    if what not in ("parts", "model"):
-        raise SystemExit(f"compile={what}: parts or model")
-    mode = "reduce-overhead" if cudagraphs else None
-    parts, compile_fn = data.compile_parts, torch.compile
-
-    def compile_mode(fn: Any, **kwargs: Any) -> Any:
-        return compile_fn(fn, mode=mode, **kwargs)
-
-    def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
-        if what == "parts":
-            torch.compile = compile_mode  # type: ignore[assignment]
-            try:
-                parts(model, trunk, layers)
-            finally:
-                torch.compile = compile_fn
-            return
-        model.forward = compile_mode(model.forward)  # type: ignore[method-assign]
-        # the Hungarian matching runs on the host (scipy); dynamo fails tracing its index
-        # building (sam3/train/matcher.py:651, torch.as_tensor of a list of 0-d tensors)
-        matching: Any = model._compute_matching
-        model._compute_matching = torch._dynamo.disable(matching)  # type: ignore[method-assign]
-        for name in eager:
-            part: Any = model.get_submodule(name)
-            part.forward = torch._dynamo.disable(part.forward)
-        torch._dynamo.config.optimize_ddp = False
-
-    data.compile_parts = compile_parts  # type: ignore[assignment]
-    wrap_steps(mark=cudagraphs)
-
-
-def wrap_steps(mark: bool) -> None:
-    """Wrap the trainer's step: the first one runs without compiling, so sam3 fills
-    its lazy device caches (position encodings, sam3/model/position_encoding.py:123; the decoder's
-    box coordinates, sam3/model/decoder.py:336) outside any CUDA graph, whose next replay would
-    overwrite them (calls 37, 38); `mark` tells CUDA graph trees where each step begins."""
+def parts_with_cudagraphs() -> None:
+    """The parts that `compile_trunk` and `compile_layers` pick, compiled in mode "reduce-overhead"
+    (CUDA graphs of each compiled graph, forward and backward); the first step eager and a step mark
+    before each later one, as `Trainer(compile_model=True)` does."""
     import functools
 
     import torch
 
+    from sam3ft.train import data
     from sam3ft.train.trainer import Trainer
 
-    run_step = Trainer._run_step
-    done = 0
+    parts, compile_fn = data.compile_parts, torch.compile
 
-    @functools.wraps(run_step)
-    def step(self: Any, *a: Any, **k: Any) -> Any:
-        nonlocal done
-        done += 1
-        if done == 1:
-            with torch.compiler.set_stance("force_eager"):
-                return run_step(self, *a, **k)
-        if mark:
-            torch.compiler.cudagraph_mark_step_begin()
-        return run_step(self, *a, **k)
+    def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
+        torch.compile = functools.partial(compile_fn, mode="reduce-overhead")  # type: ignore[assignment]
+        try:
+            parts(model, trunk, layers)
+        finally:
+            torch.compile = compile_fn
 
-    Trainer._run_step = step  # type: ignore[method-assign]
+    data.compile_parts = compile_parts  # type: ignore[assignment]
+    init = Trainer.__init__
+    Trainer.__init__ = lambda self, **k: init(self, **{**k, "compile_model": True})  # type: ignore[method-assign]
 
 
 def compile_cache(path: Path, slow_s: float = 20.0) -> None:
