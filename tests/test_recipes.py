@@ -114,8 +114,8 @@ def test_compiled_training_forward_trains_what_eager_lean_trains(runs, tmp_path,
     (train/data.compile_training_forward, the trainer's eager first step), and every step's loss
     equals eager lean's. The stage runs in this process, so that torch.compile can be given a backend
     that records each graph and runs it through AOT autograd with eager kernels ("aot_eager", the
-    path inductor takes, without its code generation: inductor takes over ten minutes on this CPU;
-    dynamo's plain "eager" backend, without AOT autograd, gave other gradients)."""
+    path inductor takes, without its code generation, to keep the suite short; dynamo's plain
+    "eager" backend, without AOT autograd, gave other gradients)."""
     import torch._dynamo
     from torch._dynamo.backends.registry import lookup_backend
 
