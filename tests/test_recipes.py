@@ -4,6 +4,7 @@ what it says: bf16 moments, frozen trunk, LoRA adapters merged into sam3's own k
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -132,11 +133,17 @@ def test_compiled_training_forward_trains_what_eager_lean_trains(runs, tmp_path,
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None: compile_fn(fn, backend=record))
     shipped = params.read_params(Path(request.config.rootpath) / "params.yaml")
     path = workspace(tmp_path, shipped, max_epochs=1, batch_size=4, recipe="lean", compile_model=True)
+    # what the stage sets for its process, put back for the tests after this one
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", torch._dynamo.config.optimize_ddp)
+    threads, autocast_cache = torch.get_num_threads(), torch.is_autocast_cache_enabled()
     torch._dynamo.reset()
     try:
         stage.run(params.load(stage.SECTIONS, path))
     finally:
         torch._dynamo.reset()
+        torch.set_num_threads(threads)
+        torch.set_autocast_cache_enabled(autocast_cache)
     config = (tmp_path / "train/run/trainer_config.yaml").read_text()
     assert config.count("compile_model: true") == 3  # the knob, the trainer, the model's builder
     # the forward's graphs between the breaks (the matching, the geometry encoder stay eager)
