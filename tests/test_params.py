@@ -93,4 +93,4 @@ def test_compile_model_refuses_what_it_was_not_checked_with(tmp_path, shipped_pa
     write_params(path, shipped_params)
     with pytest.raises(ConfigError, match=r"trainer\.compile_model=True is invalid") as err:
         params.load(["trainer"], path)
-    assert fix in err.value.fix
+    assert err.value.fix is not None and fix in err.value.fix
