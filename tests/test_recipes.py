@@ -135,7 +135,8 @@ def test_compiled_training_forward_trains_what_eager_lean_trains(runs, tmp_path,
     path = workspace(tmp_path, shipped, max_epochs=1, batch_size=4, recipe="lean", compile_model=True)
     # what the stage sets for its process, put back for the tests after this one
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", torch._dynamo.config.optimize_ddp)
+    # (not monkeypatch.setattr: undoing it deletes a key of dynamo's config module)
+    optimize_ddp = torch._dynamo.config.optimize_ddp
     threads, autocast_cache = torch.get_num_threads(), torch.is_autocast_cache_enabled()
     torch._dynamo.reset()
     try:
@@ -144,6 +145,7 @@ def test_compiled_training_forward_trains_what_eager_lean_trains(runs, tmp_path,
         torch._dynamo.reset()
         torch.set_num_threads(threads)
         torch.set_autocast_cache_enabled(autocast_cache)
+        torch._dynamo.config.optimize_ddp = optimize_ddp
     config = (tmp_path / "train/run/trainer_config.yaml").read_text()
     assert config.count("compile_model: true") == 3  # the knob, the trainer, the model's builder
     # the forward's graphs between the breaks (the matching, the geometry encoder stay eager)
