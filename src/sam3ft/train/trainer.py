@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -93,6 +93,21 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         # the training loop calls model.no_sync() between accumulated micro-batches (trainer.py:936)
         self.model.no_sync = contextlib.nullcontext
 
+    @contextlib.contextmanager
+    def _step_stance(self) -> Iterator[None]:
+        """With `compile_model`: the process's first training step runs eager (dynamo's force_eager
+        stance), every later one is marked as a new step for CUDA graph trees; else nothing."""
+        if not self.compile_model:
+            yield
+        elif not self._eager_step_done:
+            with torch.compiler.set_stance("force_eager"):
+                yield
+            self._eager_step_done = True
+        else:
+            if torch.cuda.is_available():
+                torch.compiler.cudagraph_mark_step_begin()
+            yield
+
     def _run_step(
         self,
         batch: Any,
@@ -101,70 +116,50 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         extra_loss_mts: dict[str, AverageMeter],
         raise_on_error: bool = True,
     ) -> None:
-        """Upstream's forward/backward (sam3/train/trainer.py `_run_step`), the first one eager with
-        `compile_model` (see the class)."""
-        args = (batch, phase, loss_mts, extra_loss_mts, raise_on_error)
-        if not self.compile_model:
-            self._forward_backward(*args)
-        elif not self._eager_step_done:
-            with torch.compiler.set_stance("force_eager"):
-                self._forward_backward(*args)
-            self._eager_step_done = True
-        else:
-            if torch.cuda.is_available():
-                torch.compiler.cudagraph_mark_step_begin()
-            self._forward_backward(*args)
-
-    def _forward_backward(
-        self,
-        batch: Any,
-        phase: str,
-        loss_mts: dict[str, AverageMeter],
-        extra_loss_mts: dict[str, AverageMeter],
-        raise_on_error: bool,
-    ) -> None:
-        """One training step's forwards and backwards; with `sync_once`, one device read per
-        micro-batch: loss, extra loss terms and every tensor logged in `_step`, after the backward."""
-        if not self.sync_once:
-            super()._run_step(batch, phase, loss_mts, extra_loss_mts, raise_on_error)
-            return
-        self.optim.zero_grad(set_to_none=True)  # None, not 0: Adam would move weights on zero grads
-        accum_steps = self.gradient_accumulation_steps
-        if accum_steps > 1:
-            if not isinstance(batch, list) or len(batch) != accum_steps:
-                raise ValueError(f"expected a list of {accum_steps} batches for gradient accumulation")
-            chunks = batch
-        else:
-            chunks = [batch]
-        amp = self.optim_conf.amp
-        for i, chunk in enumerate(chunks):
-            ddp_context = self.model.no_sync() if i < len(chunks) - 1 else contextlib.nullcontext()
-            held = _HeldLogger(self.logger)
-            self.logger = held
-            try:
-                with ddp_context:
-                    with torch.amp.autocast(
-                        device_type="cuda", enabled=amp.enabled, dtype=get_amp_type(amp.amp_dtype)
-                    ):
-                        loss_dict, batch_size, extra_losses = self._step(chunk, self.model, phase)
-                    ((loss_key, loss),) = loss_dict.items()
-                    self.scaler.scale(loss).backward()
-            finally:
-                self.logger = held.logger
-            names = list(extra_losses)
-            values = host_floats([loss, *extra_losses.values(), *(data for _, data, _ in held.held)])
-            for (name, _, step), value in zip(held.held, values[1 + len(names) :], strict=True):
-                self.logger.log(name, value, step)  # upstream logs them before its finite check too
-            if not math.isfinite(values[0]):
-                # upstream checks before the backward; the gradients of this step never reach a weight
-                self.optim.zero_grad(set_to_none=True)
-                message = f"Loss is {values[0]}, attempting to stop training"
-                logging.error(message)
-                if raise_on_error:
-                    raise FloatingPointError(message)
+        """Upstream's forward/backward (sam3/train/trainer.py `_run_step`) under `_step_stance`;
+        with `sync_once`, one device read per micro-batch: loss, extra loss terms and every tensor
+        logged in `_step`, after the backward."""
+        with self._step_stance():
+            if not self.sync_once:
+                super()._run_step(batch, phase, loss_mts, extra_loss_mts, raise_on_error)
                 return
-            loss_mts[loss_key].update(values[0], batch_size)
-            for name, value in zip(names, values[1 : 1 + len(names)], strict=True):
-                if name not in extra_loss_mts:
-                    extra_loss_mts[name] = AverageMeter(name, self.device, ":.2e")
-                extra_loss_mts[name].update(value, batch_size)
+            self.optim.zero_grad(set_to_none=True)  # None, not 0: Adam would move weights on zero grads
+            accum_steps = self.gradient_accumulation_steps
+            if accum_steps > 1:
+                if not isinstance(batch, list) or len(batch) != accum_steps:
+                    raise ValueError(f"expected a list of {accum_steps} batches for gradient accumulation")
+                chunks = batch
+            else:
+                chunks = [batch]
+            amp = self.optim_conf.amp
+            for i, chunk in enumerate(chunks):
+                ddp_context = self.model.no_sync() if i < len(chunks) - 1 else contextlib.nullcontext()
+                held = _HeldLogger(self.logger)
+                self.logger = held
+                try:
+                    with ddp_context:
+                        with torch.amp.autocast(
+                            device_type="cuda", enabled=amp.enabled, dtype=get_amp_type(amp.amp_dtype)
+                        ):
+                            loss_dict, batch_size, extra_losses = self._step(chunk, self.model, phase)
+                        ((loss_key, loss),) = loss_dict.items()
+                        self.scaler.scale(loss).backward()
+                finally:
+                    self.logger = held.logger
+                names = list(extra_losses)
+                values = host_floats([loss, *extra_losses.values(), *(data for _, data, _ in held.held)])
+                for (name, _, step), value in zip(held.held, values[1 + len(names) :], strict=True):
+                    self.logger.log(name, value, step)  # upstream logs them before its finite check too
+                if not math.isfinite(values[0]):
+                    # upstream checks before the backward; the gradients of this step never reach a weight
+                    self.optim.zero_grad(set_to_none=True)
+                    message = f"Loss is {values[0]}, attempting to stop training"
+                    logging.error(message)
+                    if raise_on_error:
+                        raise FloatingPointError(message)
+                    return
+                loss_mts[loss_key].update(values[0], batch_size)
+                for name, value in zip(names, values[1 : 1 + len(names)], strict=True):
+                    if name not in extra_loss_mts:
+                        extra_loss_mts[name] = AverageMeter(name, self.device, ":.2e")
+                    extra_loss_mts[name].update(value, batch_size)
