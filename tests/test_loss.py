@@ -194,3 +194,17 @@ def test_settings_it_cannot_batch_are_named() -> None:
     with pytest.raises(ConfigError, match=r"\['IABCEMdetr', 'Boxes'\]; batched: Boxes, IABCEMdetr, then any"):
         Sam3Loss(batched=True, **settings)
     Sam3Loss(batched=False, **settings)  # upstream's path takes any settings
+
+
+def test_the_aux_layers_one_to_many_queries_are_matched_in_one_call() -> None:
+    settings = _settings()
+    matcher = settings["matcher"]
+    calls = []
+    forward = matcher.forward
+    matcher.forward = lambda *a, **k: calls.append(len(a[0]["pred_logits"])) or forward(*a, **k)
+    out, targets, _ = _batch(0, [2, 1])
+    for each in [out, *out["aux_outputs"]]:
+        each["indices"] = forward(each, targets)
+    Sam3Loss(batched=True, **settings).compute_loss(out, targets)
+    # the final layer's one-to-many queries go to the one-to-many matcher; the aux layers' to this one
+    assert calls == [(LAYERS - 1) * 2]  # one call, the aux layers' outputs stacked over the batch of 2

@@ -202,8 +202,10 @@ class Trainer:
     less step time for 0.07 GB more per image (bench/gpu_recipes.md, call 23)."""
     batched_loss: bool = False
     """Compute sam3's box and classification loss terms for all decoder layers at once
-    (train/loss.py) instead of once per layer and query set (upstream: 12 passes for SAM3). Same
-    terms and logs up to float summation order; ~1750 fewer small GPU kernels per step."""
+    (train/loss.py) instead of once per layer and query set (upstream: 12 passes for SAM3), and
+    match the layers' outputs in one Hungarian matcher call per matcher (train/matching.py;
+    upstream: 11 calls, two host waits each). Same terms and logs up to float summation order, the
+    same matches; ~1750 fewer small GPU kernels per step."""
 
     @classmethod
     def with_recipe(cls, data: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from sam3ft.model.build import build_model
 from sam3ft.model.lora import add_lora
 from sam3ft.model.spec import load_spec_file
+from sam3ft.train.matching import stack_model_matching
 
 # Parameter-name prefixes of the groups `trainer.trainable` can list. Every parameter of a SAM3
 # image model belongs to a group (tests/test_train.py checks it on the full model); a parameter is
@@ -192,10 +193,12 @@ def build_trainable_model(
     compile_layers: bool = False,
     compile_model: bool = False,
     act_ckpt_text: bool = True,
+    stacked_matching: bool = False,
 ) -> torch.nn.Module:
     """The model for the trainer, with every parameter outside `trainable` groups frozen;
     `segmentation` adds the mask head to a preset built without one (tiny); LoRA adapters
-    (trainable) go on the trunk's attention when `lora_rank` > 0.
+    (trainable) go on the trunk's attention when `lora_rank` > 0; `stacked_matching` matches all
+    decoder layers' outputs in one matcher call (train/matching.py).
 
     `autocast_cache` is process-wide: sam3's trainer builds its autocast contexts without
     `cache_enabled`, so they take torch's global default, which is set here, in the training process.
@@ -204,6 +207,8 @@ def build_trainable_model(
     spec = load_spec_file(spec_path).with_mask_head(segmentation)
     model = freeze_and_adapt(build_model(spec, bpe_path), trainable, lora_rank, lora_alpha)
     compile_parts(model, trunk=compile_trunk, layers=compile_layers)
+    if stacked_matching:
+        stack_model_matching(model)
     if compile_model:
         compile_training_forward(model)
     if not act_ckpt_text:

@@ -5,9 +5,9 @@ layer, each auxiliary layer, and each of those again for the one-to-many queries
 SAM3's 6 layers. That is ~1750 small kernels per step and as many autograd nodes, each queued from
 Python while the GPU waits (bench/gpu_recipes.md, call 28: 64 ms of host time for 3 ms of GPU
 work). The batched path stacks the outputs and computes every term with the same formulas on
-(outputs, batch, queries) tensors, so one kernel serves all layers. The matchers still run per
-output, as upstream's. Same terms under the same names in the same order; the values differ from
-upstream's only by float summation order (tests/test_loss.py).
+(outputs, batch, queries) tensors, so one kernel serves all layers; the outputs that share a
+matcher are matched in one call (train/matching.py). Same terms under the same names in the same
+order; the values differ from upstream's only by float summation order (tests/test_loss.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from sam3.train.loss.loss_fns import CORE_LOSS_KEY, Boxes, Det2TrkAssoc, IABCEMd
 from sam3.train.loss.sam3_loss import Sam3LossWrapper
 
 from sam3ft.errors import ConfigError
+from sam3ft.train.matching import Indices, match_outputs
 
 
 def _unbatchable(wrapper: Sam3LossWrapper) -> list[str]:
@@ -51,7 +52,7 @@ class _Entry:
     its one-to-many queries (their keys without the `_o2m` suffix)."""
 
     out: dict[str, Any]
-    indices: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (batch, query, target or None)
+    indices: Indices
     suffix: str  # of the logged names: "", "_aux_0", ..., then "_o2m" for one-to-many
     weight: float  # o2m_weight for one-to-many queries, else 1
     is_aux: bool
@@ -79,9 +80,11 @@ class Sam3Loss(Sam3LossWrapper):  # type: ignore[misc]  # sam3 ships no type inf
         ):
             return super().compute_loss(nested_out, targets)  # type: ignore[no-any-return]
         num_boxes = self._get_num_boxes(targets)
+        outputs = _outputs(nested_out)
+        o2m_indices = self._o2m_matching(outputs, nested_out, targets)
         per_output = [
-            self._entries(out, suffix, is_aux, nested_out, targets)
-            for out, suffix, is_aux in _outputs(nested_out)
+            self._entries(out, suffix, is_aux, o2m)
+            for (out, suffix, is_aux), o2m in zip(outputs, o2m_indices, strict=True)
         ]
         entries = [e for pair in per_output for e in pair]
         match = _Matches(entries, targets)
@@ -118,28 +121,45 @@ class Sam3Loss(Sam3LossWrapper):  # type: ignore[misc]  # sam3 ships no type inf
         losses[CORE_LOSS_KEY] = total
         return losses
 
-    def _entries(
+    def _o2m_matching(
         self,
-        out: dict[str, Any],
-        suffix: str,
-        is_aux: bool,
+        outputs: list[tuple[dict[str, Any], str, bool]],
         nested_out: dict[str, Any],
         targets: dict[str, Any],
-    ) -> list[_Entry]:
-        """An output's one-to-one queries and, where it has them, its one-to-many queries with their
-        matching (sam3/train/loss/sam3_loss.py:107)."""
-        entries = [_Entry(out, out["indices"], suffix, 1.0, is_aux, o2m=False)]
-        if "pred_logits_o2m" in out:
-            o2m_out = {k[: -len("_o2m")]: v for k, v in out.items() if k.endswith("_o2m")}
-            matcher = self.o2m_matcher if self.use_o2m_matcher_on_o2m_aux or not is_aux else self.matcher
-            indices = matcher(
-                o2m_out,
+    ) -> list[Indices | None]:
+        """Each output's one-to-many queries matched as upstream matches them
+        (sam3/train/loss/sam3_loss.py:107), None where an output has none; the outputs that share a
+        matcher in one call (train/matching.py)."""
+        groups: dict[int, tuple[Any, list[int]]] = {}
+        for n, (out, _, is_aux) in enumerate(outputs):
+            if "pred_logits_o2m" in out:
+                matcher = self.o2m_matcher if self.use_o2m_matcher_on_o2m_aux or not is_aux else self.matcher
+                groups.setdefault(id(matcher), (matcher, []))[1].append(n)
+        found: list[Indices | None] = [None] * len(outputs)
+        for matcher, members in groups.values():
+            matched = match_outputs(
+                matcher,
+                [_o2m_out(outputs[n][0]) for n in members],
                 targets,
                 out_is_valid=nested_out.get("o2m_out_is_valid"),
                 target_is_valid_padded=nested_out.get("o2m_target_is_valid_padded"),
             )
-            entries.append(_Entry(o2m_out, indices, suffix + "_o2m", self.o2m_weight, is_aux, o2m=True))
+            for n, indices in zip(members, matched, strict=True):
+                found[n] = indices
+        return found
+
+    def _entries(self, out: dict[str, Any], suffix: str, is_aux: bool, o2m: Indices | None) -> list[_Entry]:
+        """An output's one-to-one queries and, where it has them, its one-to-many queries with their
+        matching `o2m`."""
+        entries = [_Entry(out, out["indices"], suffix, 1.0, is_aux, o2m=False)]
+        if o2m is not None:
+            entries.append(_Entry(_o2m_out(out), o2m, suffix + "_o2m", self.o2m_weight, is_aux, o2m=True))
         return entries
+
+
+def _o2m_out(out: dict[str, Any]) -> dict[str, Any]:
+    """An output's one-to-many queries under the one-to-one keys (their `_o2m` suffix dropped)."""
+    return {k[: -len("_o2m")]: v for k, v in out.items() if k.endswith("_o2m")}
 
 
 def _o2m_loss(fn: Any, entry: _Entry) -> bool:
