@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -68,15 +69,24 @@ STEPS_FILE = "steps.jsonl"  # deterministic per-step scalars (losses, lr), one J
 _LOSS = "Step_Losses/Losses/train_all_loss"
 
 
+PER_STEP = ("Step_", "Optim/")  # prefixes of the names sam3's trainer logs at every step
+
+
 class StepLogger:
-    """The trainer's per-step logger (`logging.tensorboard_writer`): TensorBoard as upstream, plus
+    """The trainer's per-step logger (`logging.tensorboard_writer`): TensorBoard as upstream, but
+    the per-step scalars of every `tensorboard_every`-th step only, plus
 
     - `steps.jsonl`: loss, each loss component and lr per param group, at every optimizer step;
       deterministic, turned into tracked dvclive plots after training (last value per step wins, so
-      steps redone after a resume leave no duplicates);
+      steps redone after a resume leave no duplicates); written once per step;
     - a live, untracked dvclive folder with the machine-dependent figures (images/s, peak memory,
       step time), kept out of tracked outputs so that equal params give byte-equal outputs;
     - a progress bar with ETA on stderr.
+
+    A SAM3 step logs ~190 scalars (36 loss terms, lr and weight decay of 73 param groups). Each
+    costs TensorBoard ~0.2 ms of the training process's host time (a protobuf, and a pure-Python
+    CRC in its writer thread, holding the GIL): ~40 ms per step, while the GPU waits
+    (bench/gpu_recipes.md, eighth session).
     """
 
     def __init__(
@@ -86,16 +96,20 @@ class StepLogger:
         telemetry_dir: str,
         images_per_step: int,
         total_steps: int,
+        tensorboard_every: int = 1,
         **tensorboard: Any,
     ) -> None:
         from sam3.train.utils.logger import make_tensorboard_logger
 
         self.tb = make_tensorboard_logger(log_dir=log_dir, **tensorboard)  # writes on rank 0 only
+        self.tensorboard_every = tensorboard_every
         self.rank0 = os.environ.get("RANK", "0") == "0"
         if not self.rank0:  # other ranks train; only rank 0 writes files (as sam3's trainer does)
             return
         Path(steps_file).parent.mkdir(parents=True, exist_ok=True)
         self.steps = open(steps_file, "a")  # noqa: SIM115 - open for the whole run
+        self.pending: list[str] = []  # this step's steps.jsonl lines
+        atexit.register(self.flush_steps)  # a step that stopped training before its end
         self.telemetry = open_live(telemetry_dir, resume=True)
         self.images_per_step = images_per_step
         self.bar = tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -107,13 +121,13 @@ class StepLogger:
         self.tb.log_hparams(hparams, meters)
 
     def log(self, name: str, data: Any, step: int) -> None:
-        self.tb.log(name, data, step)
+        if step % self.tensorboard_every == 0 or not name.startswith(PER_STEP):
+            self.tb.log(name, data, step)
         if not self.rank0:
             return
         value = float(data.detach()) if hasattr(data, "detach") else float(data)
         if name.startswith(_LOSS) or (name.startswith("Optim/") and name.endswith("/lr")):
-            self.steps.write(json.dumps({"step": step, "name": _step_name(name), "value": value}) + "\n")
-            self.steps.flush()
+            self.pending.append(json.dumps({"step": step, "name": _step_name(name), "value": value}) + "\n")
         if name == _LOSS:
             self.bar.n = step + 1
             self.bar.set_postfix(loss=f"{value:.3g}", refresh=False)
@@ -122,10 +136,18 @@ class StepLogger:
             self.telemetry.step = step
             self.telemetry.log_metric("train/images_per_s", self.images_per_step / value)
             self.telemetry.log_metric("train/step_s", value)
-        elif name == "Step_Stats/train/Mem (GB)":
+        elif name == "Step_Stats/train/Mem (GB)":  # after the step's losses and lr (sam3's train_epoch)
             self.telemetry.step = step
             self.telemetry.log_metric("train/peak_mem_gb", value)
             self.telemetry.next_step()
+            self.flush_steps()
+
+    def flush_steps(self) -> None:
+        """This step's steps.jsonl lines to disk (one write, one flush)."""
+        if self.pending:
+            self.steps.write("".join(self.pending))
+            self.steps.flush()
+            self.pending.clear()
 
 
 def _step_name(name: str) -> str:
