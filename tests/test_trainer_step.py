@@ -1,6 +1,7 @@
 """`sync_once`: our training step against sam3's own `Trainer._run_step`, on the same model, batches and
-loss terms: same gradients, same logged values in the same order, same meters, and a non-finite
-loss still stops the run before any weight could move. `compile_model`: the first step eager."""
+loss terms: same gradients, same logged values in the same order, same meters, whether a step's values
+are read at its end or in the next step; a non-finite loss still stops the run, before any weight could
+move or before the next optimizer step. `compile_model`: the first step eager."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def _trainer(cls: type, sync_once: bool, scale: float = 1.0, accum: int = 1) -> 
     trainer.model = model
     trainer.sync_once = sync_once
     trainer.compile_model, trainer._eager_step_done = False, False
+    trainer._queued, trainer._steps_left = [], 0  # as Trainer.__init__ sets them
     trainer.scale = scale
     trainer.steps = {"train": 0}
     trainer.logger = Recorder()
@@ -75,10 +77,13 @@ def _as_float(data: Any) -> float:
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_one_read_per_step_gives_upstreams_grads_logs_and_meters(accum):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_one_read_per_step_gives_upstreams_grads_logs_and_meters(accum, deferred):
+    """`deferred`: as in train_epoch, each step's values are read in the next step, the last at once."""
     runs = {}
     for name, cls, sync_once in (("upstream", Sam3Trainer, False), ("ours", Trainer, True)):
         trainer = _trainer(cls, sync_once, accum=accum)
+        trainer._steps_left = 3 if deferred else 0
         loss_mts, extra_mts = _meters()
         grads = []
         for step in range(3):
@@ -89,6 +94,9 @@ def test_one_read_per_step_gives_upstreams_grads_logs_and_meters(accum):
                 trainer, chunks, "train", loss_mts, extra_mts
             )
             grads.append([p.grad.clone() for p in trainer.model.parameters()])
+            if name == "ours":  # logged so far: all steps but this one when deferred, but the last
+                read = step if deferred and step < 2 else step + 1
+                assert {s for _, _, s in trainer.logger.calls} == set(range(read * accum))  # per chunk
         runs[name] = (trainer.logger.calls, loss_mts, extra_mts, grads)
     (up_logs, up_loss, up_extra, up_grads), (logs, loss, extra, grads) = runs["upstream"], runs["ours"]
     assert all(not isinstance(data, torch.Tensor) for _, data, _ in logs)  # already read, once
@@ -99,6 +107,20 @@ def test_one_read_per_step_gives_upstreams_grads_logs_and_meters(accum):
     assert set(extra) == {"Losses/train_all_loss_a", "Losses/train_all_loss_b", "Losses/train_all_count"}
     for a, b in zip(up_grads, grads, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_non_finite_loss_read_in_the_next_step_stops_before_its_backward():
+    trainer = _trainer(Trainer, sync_once=True, scale=float("nan"))
+    trainer._steps_left = 3  # as in train_epoch
+    loss_mts, extra_mts = _meters()
+    trainer._run_step(_batches(1)[0], "train", loss_mts, extra_mts)
+    assert all(p.grad is not None for p in trainer.model.parameters())  # not read yet
+    with pytest.raises(FloatingPointError, match="Loss is nan"):
+        trainer._run_step(_batches(2)[1], "train", loss_mts, extra_mts)
+    # raised after the second step's forward, before its backward: no gradients to step with
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert loss_mts["Losses/train_all_loss"].count == 0
+    assert [name for name, _, _ in trainer.logger.calls][-1] == "Step_Losses/core"  # step 0's, logged
 
 
 def test_non_finite_loss_stops_before_any_weight_moves():

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,19 +17,51 @@ from sam3.train.trainer import Trainer as Sam3Trainer
 from sam3.train.utils.train_utils import AverageMeter, get_amp_type
 
 
-def host_floats(values: Sequence[Any]) -> list[float]:
-    """Python floats of scalar tensors and numbers, with a single device-to-host copy for all tensors.
+class HostFloats:
+    """Python floats of scalar tensors and numbers, copied from the device in one copy that is queued
+    now and read later (`get`), without waiting for work queued after it.
 
     float64 on the way keeps each value exact (float32, bfloat16 and ints below 2**53 convert
     without rounding), so the floats equal `float(t.item())` of each tensor.
     """
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if not tensors:
-        return [float(v) for v in values]
-    device = tensors[0].device
-    stacked = torch.stack([t.detach().reshape(()).to(device=device, dtype=torch.float64) for t in tensors])
-    fetched = iter(stacked.tolist())  # the one wait for the device
-    return [next(fetched) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+    def __init__(self, values: Sequence[Any]) -> None:
+        self.values = [v if isinstance(v, torch.Tensor) else float(v) for v in values]
+        tensors = [v.detach().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+        self.event: torch.cuda.Event | None = None
+        self.host: torch.Tensor | None = None
+        if not tensors:
+            return
+        stacked = torch.stack([t.to(device=tensors[0].device, dtype=torch.float64) for t in tensors])
+        if stacked.is_cuda:  # into pinned memory, so the copy joins the stream's queue
+            self.host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
+            self.host.copy_(stacked, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = stacked
+
+    def get(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()  # the one wait, for this copy only
+        fetched = iter(self.host.tolist() if self.host is not None else [])
+        return [next(fetched) if isinstance(v, torch.Tensor) else v for v in self.values]
+
+
+def host_floats(values: Sequence[Any]) -> list[float]:
+    """Python floats of scalar tensors and numbers, with a single device-to-host copy for all tensors."""
+    return HostFloats(values).get()
+
+
+@dataclass
+class _Queued:
+    """One micro-batch's loss, extra loss terms and held logs, on their way to the host."""
+
+    loss_key: str
+    batch_size: int
+    names: list[str]  # of the extra loss terms
+    held: list[tuple[str, torch.Tensor, int]]
+    values: HostFloats  # loss, extra terms, held logs
 
 
 class _HeldLogger:
@@ -58,12 +91,14 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
       pass too; without it, gradients exist only from the backward pass on (set_to_none frees them).
       With one process DDP's all-reduce is an identity, so the numbers are the same.
     - `sync_once: true` reads a training step's loss, its loss terms and the logged scalars from the
-      device in one copy, after the backward pass is queued. Upstream's step calls `.item()` on each
-      (and its TensorBoard logger and our step logger read each logged tensor again): 293 of a full
-      SAM3 step's 489 waits for the GPU. Same values, same logs in the same order, and a non-finite
-      loss still stops training before the optimizer step. Measured on an H100 the step was not
-      faster for it (1.443 -> 1.429 s, bench/gpu_recipes.md): these waits come after the backward,
-      when little is queued.
+      device in one copy, queued after the backward pass and read in the next step, once that
+      step's forward is queued (its Hungarian matching waits for the GPU anyway), or at once in an
+      epoch's last step. Upstream's step calls `.item()` on each (and its TensorBoard logger and
+      our step logger read each logged tensor again): 293 of a full SAM3 step's 489 waits for the
+      GPU, and the last of them leaves the GPU idle while the host clips, steps the optimizer and
+      loads the next batch. Same values, same logs in the same order per step (a step's losses
+      logged after its learning rates). A non-finite loss still stops training, one step later:
+      before the next optimizer step and before any checkpoint, so no saved weight ever took it.
     - `compile_model: true` goes with a model built with the same switch
       (`data.compile_training_forward`): the process's first training step runs eager, so sam3
       fills its lazy device caches outside any CUDA graph, and every later step tells CUDA graph
@@ -84,7 +119,16 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         self.sync_once = sync_once
         self.compile_model = compile_model
         self._eager_step_done = False
+        self._queued: list[_Queued] = []  # the previous step's values (sync_once)
+        self._steps_left = 0  # in this epoch; 0: read each step's values at its end
         super().__init__(**kwargs)
+
+    def train_epoch(self, train_loader: Any) -> Any:
+        self._steps_left = len(train_loader)
+        try:
+            return super().train_epoch(train_loader)
+        finally:
+            self._steps_left = 0
 
     def _setup_ddp_distributed_training(self, distributed_conf: Any, accelerator: str) -> None:
         if self.ddp_one_process or dist.get_world_size() > 1:
@@ -117,8 +161,8 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         raise_on_error: bool = True,
     ) -> None:
         """Upstream's forward/backward (sam3/train/trainer.py `_run_step`) under `_step_stance`;
-        with `sync_once`, one device read per micro-batch: loss, extra loss terms and every tensor
-        logged in `_step`, after the backward."""
+        with `sync_once`, one device read per step: loss, extra loss terms and every tensor logged
+        in `_step`, queued after the backward, read after the next step's forward."""
         with self._step_stance():
             if not self.sync_once:
                 super()._run_step(batch, phase, loss_mts, extra_loss_mts, raise_on_error)
@@ -132,6 +176,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
             else:
                 chunks = [batch]
             amp = self.optim_conf.amp
+            queued: list[_Queued] = []
             for i, chunk in enumerate(chunks):
                 ddp_context = self.model.no_sync() if i < len(chunks) - 1 else contextlib.nullcontext()
                 held = _HeldLogger(self.logger)
@@ -143,23 +188,44 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
                         ):
                             loss_dict, batch_size, extra_losses = self._step(chunk, self.model, phase)
                         ((loss_key, loss),) = loss_dict.items()
+                        if i == 0:  # the previous step's values, copied by now
+                            self._read_queued(loss_mts, extra_loss_mts)
                         self.scaler.scale(loss).backward()
                 finally:
                     self.logger = held.logger
-                names = list(extra_losses)
-                values = host_floats([loss, *extra_losses.values(), *(data for _, data, _ in held.held)])
-                for (name, _, step), value in zip(held.held, values[1 + len(names) :], strict=True):
-                    self.logger.log(name, value, step)  # upstream logs them before its finite check too
-                if not math.isfinite(values[0]):
-                    # upstream checks before the backward; the gradients of this step never reach a weight
-                    self.optim.zero_grad(set_to_none=True)
-                    message = f"Loss is {values[0]}, attempting to stop training"
-                    logging.error(message)
-                    if raise_on_error:
-                        raise FloatingPointError(message)
-                    return
-                loss_mts[loss_key].update(values[0], batch_size)
-                for name, value in zip(names, values[1 : 1 + len(names)], strict=True):
-                    if name not in extra_loss_mts:
-                        extra_loss_mts[name] = AverageMeter(name, self.device, ":.2e")
-                    extra_loss_mts[name].update(value, batch_size)
+                values = HostFloats([loss, *extra_losses.values(), *(data for _, data, _ in held.held)])
+                queued.append(_Queued(loss_key, batch_size, list(extra_losses), held.held, values))
+            self._queued = queued
+            self._steps_left -= 1
+            # at once: in an epoch's last step, outside train_epoch, and where a non-finite loss
+            # must skip the step without stopping
+            if self._steps_left <= 0 or not raise_on_error:
+                self._read_queued(loss_mts, extra_loss_mts, raise_on_error)
+
+    def _read_queued(
+        self,
+        loss_mts: dict[str, AverageMeter],
+        extra_loss_mts: dict[str, AverageMeter],
+        raise_on_error: bool = True,
+    ) -> None:
+        """Log the queued step's values and add them to the meters; a non-finite loss raises, or
+        with `raise_on_error` false drops the step's gradients (upstream skips its backward)."""
+        queued, self._queued = self._queued, []
+        for each in queued:
+            values = each.values.get()
+            for (name, _, step), value in zip(each.held, values[1 + len(each.names) :], strict=True):
+                self.logger.log(name, value, step)  # upstream logs them before its finite check too
+            if not math.isfinite(values[0]):
+                # the gradients of a step read at its end never reach a weight; of a step read in
+                # the next one, they did, and training stops before the next optimizer step
+                self.optim.zero_grad(set_to_none=True)
+                message = f"Loss is {values[0]}, attempting to stop training"
+                logging.error(message)
+                if raise_on_error:
+                    raise FloatingPointError(message)
+                return
+            loss_mts[each.loss_key].update(values[0], each.batch_size)
+            for name, value in zip(each.names, values[1 : 1 + len(each.names)], strict=True):
+                if name not in extra_loss_mts:
+                    extra_loss_mts[name] = AverageMeter(name, self.device, ":.2e")
+                extra_loss_mts[name].update(value, each.batch_size)
