@@ -165,3 +165,49 @@ def test_groups_and_step_counts_share_one_launch(monkeypatch: pytest.MonkeyPatch
     for first, a, b in zip(start, torch_path, kernel_path, strict=True):
         moved = (a - first).norm()  # rounding noise differs between the paths: ~2**-8 of the move
         assert (b - a).norm() <= 0.01 * moved, f"{(b - a).norm()} vs a move of {moved}"
+
+
+def _scaled_step(inf: bool, unscale: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """One GradScaler step as sam3's trainer takes it (scale, backward, unscale_ before clipping,
+    step, update) next to a plain step on copies; `inf` puts an inf into one gradient."""
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=gen) for s in ((300,), (20, 7))]
+    scaled = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in start]
+    plain = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in start]
+    weights = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in start]
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**16)
+    opt = AdamWBf16(scaled, lr=1e-2, seed=4, kernel=True)
+    scaler.scale(sum((p * w).sum() for p, w in zip(scaled, weights, strict=True))).backward()
+    if inf:
+        scaled[1].grad[3, 2] = float("inf")
+    if unscale:
+        scaler.unscale_(opt)
+    sync_mode = torch.cuda.get_sync_debug_mode() if DEVICE == "cuda" else None
+    if DEVICE == "cuda":
+        torch.cuda.set_sync_debug_mode("error")  # found_inf stays on the device
+    try:
+        scaler.step(opt)
+    finally:
+        if sync_mode is not None:
+            torch.cuda.set_sync_debug_mode(sync_mode)
+    scaler.update()
+    reference = AdamWBf16(plain, lr=1e-2, seed=4, kernel=True)
+    for p, w in zip(plain, weights, strict=True):
+        p.grad = w.clone()
+    reference.step()
+    return [p.detach().cpu() for p in scaled], [p.detach().cpu() for p in plain], scaler.get_scale()
+
+
+@pytest.mark.parametrize("unscale", [True, False])
+def test_grad_scaler_hands_over_found_inf_and_scale(unscale: bool) -> None:
+    """Finite gradients: the same weights as an unscaled step (scaling by 2**16 is exact), whether
+    GradScaler unscaled them first (sam3 does, before clipping) or the optimizer does. An inf: the
+    kernel leaves every weight as it was, and GradScaler halves its scale, as with torch's fused AdamW."""
+    ours, plain, scale = _scaled_step(inf=False, unscale=unscale)
+    assert all(torch.equal(a, b) for a, b in zip(ours, plain, strict=True))
+    assert scale == 2.0**16
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=gen) for s in ((300,), (20, 7))]
+    ours, _, scale = _scaled_step(inf=True, unscale=unscale)
+    assert all(torch.equal(a, b) for a, b in zip(ours, start, strict=True))
+    assert scale == 2.0**15

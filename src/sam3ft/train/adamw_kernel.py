@@ -43,6 +43,7 @@ def _adamw_bf16(
     sizes,  # int64 (T,): elements per tensor
     block_tensor,  # int32 (programs,)
     block_start,  # int32 (programs,)
+    found_inf,  # float32 (): nonzero skips the whole update (GradScaler's found_inf, on the device)
     n_tensors,
     BLOCK: tl.constexpr,
 ):
@@ -56,7 +57,8 @@ def _adamw_bf16(
     bias1 = tl.load(hyper + 5 * n_tensors + t)
     bias2_sqrt = tl.load(hyper + 6 * n_tensors + t)
     offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(sizes + t)
+    keep = (tl.load(found_inf) == 0.0).to(tl.int64)  # 0: no element of any tensor is touched
+    mask = offs < tl.load(sizes + t) * keep
     p_ptr = tl.load(table + t).to(tl.pointer_type(tl.float32))
     g_ptr = tl.load(table + n_tensors + t).to(tl.pointer_type(tl.float32))
     m_ptr = tl.load(table + 2 * n_tensors + t).to(tl.pointer_type(tl.bfloat16))
@@ -101,11 +103,19 @@ def _blocks(cache: Blocks, device: torch.device, sizes: tuple[int, ...]) -> tupl
         first = torch.cumsum(counts, 0) - counts  # each tensor's first program
         start = (torch.arange(len(tensor)) - first[tensor]) * BLOCK
         cache[key] = (
-            torch.tensor(sizes, dtype=torch.int64, device=device),
-            tensor.to(device, torch.int32),
-            start.to(device, torch.int32),
+            _to_device(torch.tensor(sizes, dtype=torch.int64), device),
+            _to_device(tensor.to(torch.int32), device),
+            _to_device(start.to(torch.int32), device),
         )
     return cache[key]
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device`; to CUDA through pinned memory, so the copy joins the stream's queue
+    without a host wait (a copy from pageable memory waits for every queued kernel)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def supports(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> bool:
@@ -124,20 +134,22 @@ def adamw_bf16_(
     seeds: Sequence[int],
     hypers: Sequence[tuple[float, ...]],
     blocks: Blocks,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step, in place, for all these tensors in one launch; `hypers` holds each tensor's
-    HYPER row, `blocks` keeps the launch layout between steps."""
+    HYPER row, `blocks` keeps the launch layout between steps; a nonzero `found_inf` (a device
+    scalar) leaves every tensor as it was."""
     device = params[0].device
+    if found_inf is None:
+        found_inf = torch.zeros((), device=device)
     sizes = tuple(p.numel() for p in params)
     size_table, block_tensor, block_start = _blocks(blocks, device, sizes)
     addresses = [t.data_ptr() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts]
     table = torch.tensor([*addresses, *seeds], dtype=torch.int64)
     # (7, T); float32 as Triton's float arguments were: the same values, the same math
     hyper_table = torch.tensor(hypers, dtype=torch.float32).T.contiguous()
-    if device.type == "cuda":  # pinned: the copies join the stream's queue without a host wait
-        table, hyper_table = table.pin_memory(), hyper_table.pin_memory()
-    table = table.to(device, non_blocking=True)  # grads are new tensors every step: a new table
-    hyper_table = hyper_table.to(device, non_blocking=True)
+    table = _to_device(table, device)  # grads are new tensors every step: a new table
+    hyper_table = _to_device(hyper_table, device)
     _adamw_bf16[(len(block_tensor),)](
-        table, hyper_table, size_table, block_tensor, block_start, len(params), BLOCK=BLOCK
+        table, hyper_table, size_table, block_tensor, block_start, found_inf.float(), len(params), BLOCK=BLOCK
     )

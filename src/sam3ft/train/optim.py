@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from sam3.train.optim.optimizer import GradientClipper as Sam3GradientClipper
 
 from sam3ft.params import OPTIMIZERS  # the names params.yaml accepts; each one is built below
 
@@ -35,6 +36,21 @@ def make_optimizer(params: Iterable[Any], kind: str, seed: int = 0) -> torch.opt
     if kind == "adamw_bf16":
         return AdamWBf16(params, seed=seed)
     raise ValueError(f"unknown optimizer {kind!r}; expected one of {OPTIMIZERS}")
+
+
+class GradientClipper(Sam3GradientClipper):  # type: ignore[misc]  # sam3 ships no type information
+    """sam3's GradientClipper (clip_grad_norm_ over the model's gradients) over the trainable
+    parameters listed at the first call instead of walking `model.parameters()` at every step:
+    for the full model that walk visits ~3000 modules, ~10 ms of host time per step while the GPU
+    waits (bench/gpu_recipes.md, eighth session). Same tensors in the same order, the same norm."""
+
+    def __call__(self, model: torch.nn.Module) -> None:
+        if self.max_norm is None:
+            return
+        if getattr(self, "_model", None) is not model:
+            self._model = model
+            self._params = [p for p in model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(self._params, max_norm=self.max_norm, norm_type=self.norm_type)
 
 
 def kernel_by_default(device: torch.device) -> bool:
@@ -65,7 +81,15 @@ class AdamWBf16(torch.optim.Optimizer):
 
     The rounding noise comes from (seed, step, bucket), so a run resumed from a checkpoint draws
     the same noise as an unbroken one.
+
+    GradScaler (sam3's trainer enables it under bf16 autocast too) hands this optimizer its
+    `found_inf` and `grad_scale` as device tensors (`_step_supports_amp_scaling`), as it does to
+    torch's fused AdamW, instead of reading found_inf on the host before every step. The kernel
+    skips the update on the device; a skipped step still counts in the bias correction (torch's
+    fused AdamW takes it back on the device; the counts here live on the host).
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -95,10 +119,18 @@ class AdamWBf16(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         loss = closure() if closure is not None else None
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step for this call
+        grad_scale = getattr(self, "grad_scale", None)  # None once GradScaler.unscale_ ran
+        if grad_scale is not None:
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, grad_scale.reciprocal())
+        kernel = [self._use_kernel(group) for group in self.param_groups]
+        if found_inf is not None and not all(kernel) and found_inf.item():  # torch ops: a host check
+            return loss
         index = 0  # bucket (torch path) or tensor (kernel) number within the step: its own noise
         launch: list[_KernelItem] = []
-        for group in self.param_groups:
-            if self._use_kernel(group):
+        for group, use_kernel in zip(self.param_groups, kernel, strict=True):
+            if use_kernel:
                 index = self._kernel_items(group, index, launch)
                 continue
             for step, bucket in self._buckets(group):
@@ -115,6 +147,7 @@ class AdamWBf16(torch.optim.Optimizer):
                 [seed for _, _, _, seed, _ in launch],
                 [row for _, _, _, _, row in launch],
                 self._kernel_blocks,
+                found_inf,
             )
         return loss
 
