@@ -40,16 +40,16 @@ def match_outputs(
     if out_is_valid is not None:
         valid["out_is_valid"] = out_is_valid.repeat(layers, 1)  # the matcher repeats only the targets
     rows, queries, found = matcher(stacked, targets, repeat_batch=layers, **valid)
-    # pairs come sorted by row (layer, image); each layer's pair count is the one read here
-    counts = torch.bincount(rows, minlength=layers * batch).view(layers, batch).sum(1).tolist()
+    # pairs come sorted by row (layer, image): each layer's first pair, in the one read here
+    # (torch.bincount would read the device twice more, for its output size)
+    bounds = torch.arange(layers + 1, device=rows.device) * batch
+    firsts = torch.searchsorted(rows, bounds).tolist()  # layers + 1: the last is the pair count
     n_targets = len(targets["boxes"])  # packed: the matcher offsets layer l's target indices by l * this
     split: list[Indices] = []
-    start = 0
-    for layer, count in enumerate(counts):
-        at = slice(start, start + count)
+    for layer in range(layers):
+        at = slice(firsts[layer], firsts[layer + 1])
         target = found[at] - layer * n_targets if found is not None else None
         split.append((rows[at] - layer * batch, queries[at], target))
-        start += count
     return split
 
 
