@@ -304,33 +304,41 @@ def gpu_busy(trainer: Any, batches: Any) -> float:
 
 def host_profile(trainer: Any, batches: Any, top: int = 25) -> list[str]:
     """Where the host spends a step: cProfile over the steps of `batches`, the top functions by own
-    time, as 'seconds per step  calls per step  file:line(function)'."""
+    time, then by time with callees, as 'seconds per step  calls per step  file:line(function)'."""
     import cProfile
     import pstats
 
     import torch
 
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: a dry run
+    sync()
     prof = cProfile.Profile()
     prof.enable()
     trainer.train_epoch(batches)
-    torch.cuda.synchronize()
+    sync()
     prof.disable()
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
-    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     steps = len(batches)
-    return [
-        f"{tt / steps:.4f}s {nc / steps:.0f}x {Path(f).name}:{line}({fn})"
-        for (f, line, fn), (_, nc, tt, _, _) in rows
-    ]
+
+    def listed(column: int) -> list[str]:
+        rows = sorted(stats.items(), key=lambda kv: kv[1][column], reverse=True)[:top]
+        return [
+            f"{row[column] / steps:.4f}s {row[1] / steps:.0f}x {Path(f).name}:{line}({fn})"
+            for (f, line, fn), row in rows
+        ]
+
+    # own time first, then time including callees ("cum"), e.g. the optimizer's whole step
+    return [*listed(2), "cum:", *listed(3)]
 
 
 def timeline(trainer: Any, batches: Any, trace: Path | None = None) -> dict[str, dict[str, float]]:
     """Per step, for each phase: host wall ms (its CPU window) and how many of those ms the GPU ran
     kernels. A phase whose GPU ms is far below its wall ms leaves the GPU idle while the host works
     (host-bound); the last phase before a sync shows the wait. Phases: sam3's own record_function
-    markers (_run_encoder, _run_decoder, ...) plus trunk, text, matching, loss, backward, clip,
-    optimizer and the whole step, wrapped here on this trainer instance."""
+    markers (_run_encoder, _run_decoder, ...) plus forward, trunk, text, matching (the model's
+    matcher), loss, backward, clip, optimizer and the whole step, wrapped here on this trainer
+    instance. With `compile_model` the trunk and text are not wrapped (dynamo would compile the
+    forward again) and sam3's markers inside the compiled forward are gone."""
     import functools
 
     import torch
@@ -346,12 +354,13 @@ def timeline(trainer: Any, batches: Any, trace: Path | None = None) -> dict[str,
 
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     wrapped = [
-        (model.backbone, "forward_image", "trunk"),
-        (model.backbone, "forward_text", "text"),
-        (model, "_compute_matching", "matching"),
+        (model, "forward", "forward"),
+        (model.matcher, "forward", "matching"),
         (trainer, "_run_step", "step"),
         (trainer.scaler, "step", "optimizer"),
     ]
+    if not getattr(trainer, "compile_model", False):
+        wrapped += [(model.backbone, "forward_image", "trunk"), (model.backbone, "forward_text", "text")]
     originals = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in wrapped]
     for obj, attr, name in wrapped:
         setattr(obj, attr, mark(name, getattr(obj, attr)))
@@ -384,7 +393,7 @@ def timeline(trainer: Any, batches: Any, trace: Path | None = None) -> dict[str,
             shutil.copyfileobj(src, dst)
         raw.unlink()
     events = prof.events()
-    names = {"all", "trunk", "text", "matching", "loss", "backward", "clip", "optimizer", "step"}
+    names = {"all", "forward", "trunk", "text", "matching", "loss", "backward", "clip", "optimizer", "step"}
     names |= {e.name for e in events if e.name.startswith("SAM3Image.")}
     # kernels, copies and memsets; not the GPU-side spans kineto draws for each record_function
     kernels = sorted(
