@@ -181,8 +181,10 @@ class Trainer:
     """Wrap the model in DDP even when one process trains (as upstream); false: same numbers, and
     gradients are allocated only from the backward pass on (3.3 GB less for the full model)."""
     sync_once: bool = False
-    """Read a training step's loss values from the GPU once, after the backward pass is queued;
-    false: once per term and logger (upstream: 293 more waits per step). Same values and logs."""
+    """Read a training step's loss values from the GPU once, copied after the backward pass and
+    read in the next step; false: once per term and logger (upstream: 293 more waits per step).
+    Same values and logs; a non-finite loss stops training one step later, before the next
+    optimizer step."""
     compile_trunk: bool = False
     """torch.compile the ViT trunk's forward (activation checkpointing inside, as sam3's own
     `compile_mode` does) for training: compiles on the first step (minutes for the full model)."""
@@ -192,9 +194,9 @@ class Trainer:
     inductor draws the layers' dropout masks from its own generator (other masks, same seed)."""
     compile_model: bool = False
     """torch.compile the model's whole training forward with CUDA graphs (mode reduce-overhead;
-    train/data.compile_training_forward): the first step runs eager, the second compiles (3-4
+    train/data.compile_training_forward): the first step runs eager, the second compiles (4-5
     minutes for the full model), validation stays eager. Full model, lean, batch 1 on an H100:
-    2.58x eager's images/s at the same peak memory (bench/gpu_recipes.md, seventh session). One
+    3.78x eager's images/s at the same peak memory (bench/gpu_recipes.md, eighth session). One
     training process only; instead of compile_trunk and compile_layers, not with them."""
     act_ckpt_text: bool = True
     """Activation checkpointing in the text encoder (as upstream); false: its activations are kept
