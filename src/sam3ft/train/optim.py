@@ -128,14 +128,16 @@ class AdamWBf16(torch.optim.Optimizer):
         if found_inf is not None and not all(kernel) and found_inf.item():  # torch ops: a host check
             return loss
         index = 0  # bucket (torch path) or tensor (kernel) number within the step: its own noise
-        launch: list[_KernelItem] = []
+        kernel_groups: list[tuple[dict[str, Any], int]] = []  # (group, index of its first tensor)
         for group, use_kernel in zip(self.param_groups, kernel, strict=True):
             if use_kernel:
-                index = self._kernel_items(group, index, launch)
+                kernel_groups.append((group, index))
+                index += sum(p.grad is not None for p in group["params"])
                 continue
             for step, bucket in self._buckets(group):
                 self._update(bucket, group, step, index)
                 index += 1
+        launch = self._kernel_items(kernel_groups)
         if launch:  # every kernel group's tensors in one launch
             from sam3ft.train import adamw_kernel
 
@@ -161,23 +163,29 @@ class AdamWBf16(torch.optim.Optimizer):
 
         return adamw_kernel.supports(with_grad, [p.grad for p in with_grad])
 
-    def _kernel_items(self, group: dict[str, Any], index: int, launch: list[_KernelItem]) -> int:
-        """Count the step of `group`'s weights with gradients and add them to `launch` with their noise
-        seed and hyper-parameters; returns the next tensor index."""
+    def _kernel_items(self, groups: list[tuple[dict[str, Any], int]]) -> list[_KernelItem]:
+        """Count the step of the weights with gradients of `groups` (each with the index of its
+        first tensor) and list them for the launch with their noise seed and hyper-parameters."""
         from sam3ft.train import adamw_kernel
 
-        pairs = [(p, p.grad) for p in group["params"] if p.grad is not None]
-        states = [self._state(p) for p, _ in pairs]
-        counts = [state["step"] for state in states]
-        torch._foreach_add_(counts, 1.0)  # CPU scalars: one call, not one per tensor
-        rows: dict[int, tuple[float, ...]] = {}  # per step count (one, unless some missed gradients)
-        for (param, grad), state, step in zip(pairs, states, torch.stack(counts).tolist(), strict=True):
+        listed = [
+            (group, at + n, p, self._state(p))
+            for group, at in groups
+            for n, p in enumerate(p for p in group["params"] if p.grad is not None)
+        ]
+        if not listed:
+            return []
+        counts = [state["step"] for _, _, _, state in listed]
+        torch._foreach_add_(counts, 1.0)  # CPU scalars: one call for all, not one per tensor or group
+        rows: dict[tuple[int, int], tuple[float, ...]] = {}  # per group and step count
+        launch: list[_KernelItem] = []
+        for (group, index, param, state), step in zip(listed, torch.stack(counts).tolist(), strict=True):
             step = int(step)
-            if step not in rows:
-                rows[step] = adamw_kernel.hyper(group, step)
-            launch.append((param, grad, state, self._seed(step, index), rows[step]))
-            index += 1
-        return index
+            row = rows.get((id(group), step))
+            if row is None:
+                row = rows[id(group), step] = adamw_kernel.hyper(group, step)
+            launch.append((param, param.grad, state, self._seed(step, index), row))
+        return launch
 
     def _state(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]
@@ -185,10 +193,14 @@ class AdamWBf16(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0)  # on the CPU: reading it costs no device sync
             state["exp_avg"] = torch.zeros_like(param, dtype=torch.bfloat16)
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.bfloat16)
-        for key in ("exp_avg", "exp_avg_sq"):  # Optimizer.load_state_dict casts states to fp32
-            if state[key].dtype != torch.bfloat16:
-                state[key] = state[key].to(torch.bfloat16)
         return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # Optimizer.load_state_dict casts states to the weights' fp32
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and state[key].dtype != torch.bfloat16:
+                    state[key] = state[key].to(torch.bfloat16)
 
     def _buckets(self, group: dict[str, Any]) -> Iterable[tuple[int, list[list[torch.Tensor]]]]:
         """(step, pieces) with at most CHUNK elements per bucket; a piece is the flat slices
