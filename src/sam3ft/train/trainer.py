@@ -26,7 +26,8 @@ class HostFloats:
     """
 
     def __init__(self, values: Sequence[Any]) -> None:
-        self.values = [v if isinstance(v, torch.Tensor) else float(v) for v in values]
+        # None where a tensor's value will be: no reference to the tensors is kept
+        self.values = [None if isinstance(v, torch.Tensor) else float(v) for v in values]
         tensors = [v.detach().reshape(()) for v in values if isinstance(v, torch.Tensor)]
         self.event: torch.cuda.Event | None = None
         self.host: torch.Tensor | None = None
@@ -45,7 +46,7 @@ class HostFloats:
         if self.event is not None:
             self.event.synchronize()  # the one wait, for this copy only
         fetched = iter(self.host.tolist() if self.host is not None else [])
-        return [next(fetched) if isinstance(v, torch.Tensor) else v for v in self.values]
+        return [next(fetched) if v is None else v for v in self.values]
 
 
 def host_floats(values: Sequence[Any]) -> list[float]:
@@ -60,7 +61,7 @@ class _Queued:
     loss_key: str
     batch_size: int
     names: list[str]  # of the extra loss terms
-    held: list[tuple[str, torch.Tensor, int]]
+    held: list[tuple[str, int]]  # name and step of each held log
     values: HostFloats  # loss, extra terms, held logs
 
 
@@ -194,7 +195,8 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
                 finally:
                     self.logger = held.logger
                 values = HostFloats([loss, *extra_losses.values(), *(data for _, data, _ in held.held)])
-                queued.append(_Queued(loss_key, batch_size, list(extra_losses), held.held, values))
+                logs = [(name, step) for name, _, step in held.held]
+                queued.append(_Queued(loss_key, batch_size, list(extra_losses), logs, values))
             self._queued = queued
             self._steps_left -= 1
             # at once: in an epoch's last step, outside train_epoch, and where a non-finite loss
@@ -213,7 +215,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         queued, self._queued = self._queued, []
         for each in queued:
             values = each.values.get()
-            for (name, _, step), value in zip(each.held, values[1 + len(each.names) :], strict=True):
+            for (name, step), value in zip(each.held, values[1 + len(each.names) :], strict=True):
                 self.logger.log(name, value, step)  # upstream logs them before its finite check too
             if not math.isfinite(values[0]):
                 # the gradients of a step read at its end never reach a weight; of a step read in
