@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sam3ft.train.transfer import to_device
+
 BLOCK = 2048  # elements per program
 
 
@@ -103,19 +105,11 @@ def _blocks(cache: Blocks, device: torch.device, sizes: tuple[int, ...]) -> tupl
         first = torch.cumsum(counts, 0) - counts  # each tensor's first program
         start = (torch.arange(len(tensor)) - first[tensor]) * BLOCK
         cache[key] = (
-            _to_device(torch.tensor(sizes, dtype=torch.int64), device),
-            _to_device(tensor.to(torch.int32), device),
-            _to_device(start.to(torch.int32), device),
+            to_device(torch.tensor(sizes, dtype=torch.int64), device),
+            to_device(tensor.to(torch.int32), device),
+            to_device(start.to(torch.int32), device),
         )
     return cache[key]
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` on `device`; to CUDA through pinned memory, so the copy joins the stream's queue
-    without a host wait (a copy from pageable memory waits for every queued kernel)."""
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 def supports(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> bool:
@@ -148,8 +142,8 @@ def adamw_bf16_(
     table = torch.tensor([*addresses, *seeds], dtype=torch.int64)
     # (7, T); float32 as Triton's float arguments were: the same values, the same math
     hyper_table = torch.tensor(hypers, dtype=torch.float32).T.contiguous()
-    table = _to_device(table, device)  # grads are new tensors every step: a new table
-    hyper_table = _to_device(hyper_table, device)
+    table = to_device(table, device)  # grads are new tensors every step: a new table
+    hyper_table = to_device(hyper_table, device)
     _adamw_bf16[(len(block_tensor),)](
         table, hyper_table, size_table, block_tensor, block_start, found_inf.float(), len(params), BLOCK=BLOCK
     )

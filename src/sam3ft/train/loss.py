@@ -24,6 +24,7 @@ from sam3.train.loss.sam3_loss import Sam3LossWrapper
 
 from sam3ft.errors import ConfigError
 from sam3ft.train.matching import Indices, match_outputs
+from sam3ft.train.transfer import to_device
 
 
 def _unbatchable(wrapper: Sam3LossWrapper) -> list[str]:
@@ -88,7 +89,8 @@ class Sam3Loss(Sam3LossWrapper):  # type: ignore[misc]  # sam3 ships no type inf
         ]
         entries = [e for pair in per_output for e in pair]
         match = _Matches(entries, targets)
-        weight = _to_device([e.weight for e in entries], torch.float32, match.logits.device)  # (E,)
+        weights = torch.tensor([e.weight for e in entries], dtype=torch.float32)
+        weight = to_device(weights, match.logits.device)  # (E,)
         boxes, ce, *others = self.loss_fns_find
         terms = [_box_terms(match, num_boxes), _ce_terms(ce, entries, match, targets)]
         total = torch.zeros((), device=match.logits.device)
@@ -167,15 +169,6 @@ def _o2m_loss(fn: Any, entry: _Entry) -> bool:
     if isinstance(fn, Masks):
         return "pred_masks" in entry.out
     return not isinstance(fn, Det2TrkAssoc)
-
-
-def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small tensor of Python values on `device` without a host wait: `torch.tensor(..., device=cuda)`
-    copies from pageable memory and waits for every kernel queued before it."""
-    made = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        made = made.pin_memory()
-    return made.to(device, non_blocking=True)
 
 
 def _outputs(nested_out: dict[str, Any]) -> list[tuple[dict[str, Any], str, bool]]:
@@ -290,7 +283,7 @@ def _presence_terms(
         gamma=ce.presence_gamma,
         reduce=False,
     ).view_as(logits)
-    at = _to_device(has, torch.long, device)
+    at = to_device(torch.tensor(has, dtype=torch.long), device)
     loss = loss.index_put((at,), each.mean(2).sum(1) / keep_loss.shape[0])
     hit = ((logits.sigmoid() > 0.5).float() == targets).float().mean(dim=(1, 2))
     acc = acc.index_put((at,), hit)
