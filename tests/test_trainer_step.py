@@ -13,7 +13,7 @@ import pytest
 import torch
 from sam3.train.trainer import Trainer as Sam3Trainer
 
-from sam3ft.train.trainer import Trainer, host_floats
+from sam3ft.train.trainer import HostFloats, Trainer
 
 
 class Recorder:
@@ -171,5 +171,5 @@ def test_host_floats_are_exact_for_every_dtype():
         2.5,
         3,
     ]
-    assert host_floats(values) == [v.item() if isinstance(v, torch.Tensor) else float(v) for v in values]
-    assert host_floats([1, 2.0]) == [1.0, 2.0]
+    assert HostFloats(values).get() == [v.item() if isinstance(v, torch.Tensor) else float(v) for v in values]
+    assert HostFloats([1, 2.0]).get() == [1.0, 2.0]

@@ -49,11 +49,6 @@ class HostFloats:
         return [next(fetched) if v is None else v for v in self.values]
 
 
-def host_floats(values: Sequence[Any]) -> list[float]:
-    """Python floats of scalar tensors and numbers, with a single device-to-host copy for all tensors."""
-    return HostFloats(values).get()
-
-
 @dataclass
 class _Queued:
     """One micro-batch's loss, extra loss terms and held logs, on their way to the host."""
