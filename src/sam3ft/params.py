@@ -206,7 +206,7 @@ class Trainer:
     """Compute sam3's box and classification loss terms for all decoder layers at once
     (train/loss.py) instead of once per layer and query set (upstream: 12 passes for SAM3), and
     match the layers' outputs in one Hungarian matcher call per matcher (train/matching.py;
-    upstream: 11 calls, two host waits each). Same terms and logs up to float summation order, the
+    upstream: 11 calls, four host waits each). Same terms and logs up to float summation order, the
     same matches; ~1750 fewer small GPU kernels per step."""
 
     @classmethod

@@ -184,7 +184,8 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
                         ):
                             loss_dict, batch_size, extra_losses = self._step(chunk, self.model, phase)
                         ((loss_key, loss),) = loss_dict.items()
-                        if i == 0:  # the previous step's values, copied by now
+                        if i == 0:  # the previous step's values, copied by now (floats: the held
+                            # logger passes them straight on)
                             self._read_queued(loss_mts, extra_loss_mts)
                         self.scaler.scale(loss).backward()
                 finally:
