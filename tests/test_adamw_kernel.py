@@ -211,3 +211,85 @@ def test_grad_scaler_hands_over_found_inf_and_scale(unscale: bool) -> None:
     ours, _, scale = _scaled_step(inf=True, unscale=unscale)
     assert all(torch.equal(a, b) for a, b in zip(ours, start, strict=True))
     assert scale == 2.0**15
+
+
+def _clipped_steps(
+    handover: bool, inf_at: int | None = None, steps: int = 3
+) -> tuple[list[torch.Tensor], list[float]]:
+    """`steps` steps as sam3's trainer takes them (scale, backward, unscale_, clip to 0.5, step,
+    update) with adamw_bf16 on its kernel; `handover`: through DeviceGradScaler and a clipper that
+    hands the clipping to the optimizer, else torch's GradScaler and clip_grad_norm_. `inf_at`: the
+    step whose gradients get an inf. Returns the weights and the scale after each step."""
+    from sam3ft.train.optim import DeviceGradScaler, GradientClipper
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.Linear(64, 3)).to(DEVICE)
+    groups = [
+        {"params": list(model[0].parameters()), "lr": 1e-2, "weight_decay": 0.1},
+        {"params": list(model[1].parameters()), "lr": 3e-3, "weight_decay": 0.0},
+    ]
+    opt = AdamWBf16(groups, seed=6, kernel=True)
+    scaler = (DeviceGradScaler if handover else torch.amp.GradScaler)(DEVICE, init_scale=2.0**12)
+    clipper = GradientClipper(max_norm=0.5)
+    clipper.optimizer = opt if handover else None
+    x, y = torch.randn(32, 40).to(DEVICE), torch.randn(32, 3).to(DEVICE)
+    scales = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y) * 50).backward()
+        if step == inf_at:
+            model[1].weight.grad[1, 2] = float("inf")
+        sync_mode = torch.cuda.get_sync_debug_mode() if DEVICE == "cuda" else None
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("error")  # unscaling, clipping, the step: no host wait
+        try:
+            scaler.unscale_(opt)
+            clipper(model=model)
+            handed = opt._handed  # what the step takes over: both passes, or neither
+            expected = (True, 0.5) if handover else (False, None)
+            assert (handed.inv_scale is not None, handed.max_norm) == expected
+            scaler.step(opt)
+            scaler.update()
+        finally:
+            if sync_mode is not None:
+                torch.cuda.set_sync_debug_mode(sync_mode)
+        scales.append(scaler.get_scale())
+    return [p.detach().cpu() for p in model.parameters()], scales
+
+
+def test_unscaling_and_clipping_in_the_update_equal_torchs_passes() -> None:
+    """DeviceGradScaler and the clipper hand their passes to the kernel: the weights of torch's
+    unscale_ + clip_grad_norm_ (the norm is summed in another order: within float rounding)."""
+    torch_passes, scales = _clipped_steps(handover=False)
+    in_kernel, scales_kernel = _clipped_steps(handover=True)
+    for a, b in zip(torch_passes, in_kernel, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert scales == scales_kernel == [2.0**12] * 3
+
+
+def test_an_inf_handed_to_the_update_skips_the_step_and_halves_the_scale() -> None:
+    """An inf in step 1's gradients: that step leaves every weight as it was (the kernel writes
+    GradScaler's found_inf, which its update reads), as torch's passes do."""
+    torch_passes, scales = _clipped_steps(handover=False, inf_at=1)
+    in_kernel, scales_kernel = _clipped_steps(handover=True, inf_at=1)
+    assert scales == scales_kernel == [2.0**12, 2.0**11, 2.0**11]
+    for a, b in zip(torch_passes, in_kernel, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    skipped, _ = _clipped_steps(handover=True, inf_at=2)  # the last step skipped: the weights of two
+    two_steps, _ = _clipped_steps(handover=True, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(skipped, two_steps, strict=True))
+
+
+def test_clipping_stays_with_torch_where_the_weights_differ() -> None:
+    """A clipper over weights the optimizer does not hold (here: one more) clips itself."""
+    from sam3ft.train.optim import GradientClipper
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)).to(DEVICE)
+    opt = AdamWBf16(list(model[0].parameters()), kernel=True)
+    clipper = GradientClipper(max_norm=1e-3)
+    clipper.optimizer = opt
+    (model(torch.randn(8, 4).to(DEVICE)) ** 2).sum().backward()
+    clipper(model=model)
+    total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert total <= 1e-3 * (1 + 1e-4)  # clipped in place, by torch
+    assert opt._handed.max_norm is None

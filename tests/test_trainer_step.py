@@ -173,3 +173,26 @@ def test_host_floats_are_exact_for_every_dtype():
     ]
     assert HostFloats(values).get() == [v.item() if isinstance(v, torch.Tensor) else float(v) for v in values]
     assert HostFloats([1, 2.0]).get() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_scaler_and_clipper_may_hand_their_passes_to_the_optimizer(monkeypatch, enabled):
+    """Our Trainer swaps in DeviceGradScaler (same enabled state) and tells the clipper which optimizer
+    may clip in its step (tests/test_adamw_kernel.py: the same weights as torch's passes)."""
+    from sam3ft.train.optim import AdamWBf16, DeviceGradScaler, GradientClipper
+
+    optimizer = AdamWBf16([torch.nn.Parameter(torch.zeros(3))])
+
+    def setup(self: Any) -> None:
+        self.device = torch.device("cpu")
+        self.scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+        self.gradient_clipper = GradientClipper(max_norm=0.1)
+
+    monkeypatch.setattr(Sam3Trainer, "_setup_components", setup)
+    monkeypatch.setattr(Sam3Trainer, "_construct_optimizers", lambda self: setattr(
+        self, "optim", SimpleNamespace(optimizer=optimizer)))  # fmt: skip
+    trainer = object.__new__(Trainer)
+    trainer._setup_components()
+    trainer._construct_optimizers()
+    assert type(trainer.scaler) is DeviceGradScaler and trainer.scaler.is_enabled() == enabled
+    assert trainer.gradient_clipper.optimizer is optimizer

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from sam3.train.optim.optimizer import GradientClipper as Sam3GradientClipper
+from torch.amp.grad_scaler import OptState
 
 from sam3ft.params import OPTIMIZERS  # the names params.yaml accepts; each one is built below
 
 CHUNK = 1 << 24  # elements per update bucket: fp32 temporaries of 64 MB each
-
-
-# weight, its grad, its state, noise seed, hyper row
-_KernelItem = tuple[torch.Tensor, torch.Tensor, dict[str, Any], int, tuple[float, ...]]
 
 
 def make_optimizer(params: Iterable[Any], kind: str, seed: int = 0) -> torch.optim.Optimizer:
@@ -44,13 +42,41 @@ class GradientClipper(Sam3GradientClipper):  # type: ignore[misc]  # sam3 ships 
     for the full model that walk visits ~3000 modules, ~10 ms of host time per step while the GPU
     waits (bench/gpu_recipes.md, eighth session). Same tensors in the same order, the same norm."""
 
+    optimizer: torch.optim.Optimizer | None = None  # set by our Trainer: one that may clip in its step
+
     def __call__(self, model: torch.nn.Module) -> None:
         if self.max_norm is None:
             return
         if getattr(self, "_model", None) is not model:
             self._model = model
             self._params = [p for p in model.parameters() if p.requires_grad]
+        handover = getattr(self.optimizer, "clip_on_device", None)
+        if self.norm_type == 2 and handover is not None and handover(self.max_norm, self._params):
+            return  # adamw_bf16's kernel clips as it updates: no pass over the gradients here
         torch.nn.utils.clip_grad_norm_(self._params, max_norm=self.max_norm, norm_type=self.norm_type)
+
+
+class DeviceGradScaler(torch.amp.GradScaler):
+    """torch's GradScaler, whose unscale_ leaves the division by the scale and the inf check to an
+    optimizer that does both inside its update (`unscale_on_device`: adamw_bf16 on its kernel), instead
+    of a pass over every gradient with per-tensor host work. Its found_inf is written by that step,
+    before `update` reads it; other optimizers are unscaled as torch does."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        handover = getattr(optimizer, "unscale_on_device", None)
+        state = self._per_optimizer_states[id(optimizer)]
+        scale = self._scale
+        if not (self._enabled and state["stage"] is OptState.READY and scale is not None and handover):
+            super().unscale_(optimizer)  # torch's, with its errors for a second call
+            return
+        self._check_scale_growth_tracker("unscale_")
+        inv_scale = scale.double().reciprocal().float()  # as torch computes it
+        found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
+        if not handover(inv_scale, found_inf):
+            super().unscale_(optimizer)
+            return
+        state["found_inf_per_device"] = {found_inf.device: found_inf}
+        state["stage"] = OptState.UNSCALED
 
 
 def kernel_by_default(device: torch.device) -> bool:
@@ -69,6 +95,20 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Gen
     noise = torch.randint(0, 1 << 16, src.shape, device=src.device, dtype=torch.int32, generator=generator)
     # adding noise to the low 16 bits then truncating them = rounding up with the dropped share
     dst.copy_(((bits + noise) & -65536).view(torch.float32))
+
+
+@dataclass
+class _Handover:
+    """What GradScaler.unscale_ (through DeviceGradScaler) and the clipper left to the next step."""
+
+    inv_scale: torch.Tensor | None = None  # multiplies every gradient
+    found_inf: torch.Tensor | None = None  # GradScaler's, for the step to write
+    max_norm: float | None = None  # clip the unscaled gradients to this L2 norm
+    on_kernel: bool | None = None  # whether every weight with a gradient updates in the kernel
+
+    @property
+    def active(self) -> bool:
+        return self.inv_scale is not None or self.max_norm is not None
 
 
 class AdamWBf16(torch.optim.Optimizer):
@@ -106,7 +146,9 @@ class AdamWBf16(torch.optim.Optimizer):
         self.seed = seed
         self.kernel = kernel  # the Triton update; None: where kernel_by_default says
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._kernel_blocks: dict[Any, Any] = {}  # the kernel's launch layout per (device, shapes)
+        self._layout: Any = None  # the kernel's launch tables for the weights of the last step
+        self._handed = _Handover()  # what GradScaler and the clipper left to this step
+        self._clip_params: tuple[int, bool] | None = None  # (id of the clipper's list, same weights)
 
     def _seed(self, step: int, index: int) -> int:
         return (self.seed * 1_000_003 + step) * 100_003 + index
@@ -116,15 +158,53 @@ class AdamWBf16(torch.optim.Optimizer):
             self._generators[device] = torch.Generator(device=device)
         return self._generators[device].manual_seed(self._seed(step, index))
 
+    def _all_on_kernel(self) -> bool:
+        """Whether every weight with a gradient updates in the kernel (and some do); asked once a step."""
+        if self._handed.on_kernel is None:
+            groups = [g for g in self.param_groups if any(p.grad is not None for p in g["params"])]
+            self._handed.on_kernel = bool(groups) and all(self._use_kernel(g) for g in groups)
+        return self._handed.on_kernel
+
+    def unscale_on_device(self, inv_scale: torch.Tensor, found_inf: torch.Tensor) -> bool:
+        """Take over GradScaler.unscale_ (DeviceGradScaler asks): the next step multiplies every
+        gradient by `inv_scale` inside the update and writes `found_inf` (1: some gradient is not
+        finite, the step skipped). Only where every weight updates in the kernel."""
+        if not self._all_on_kernel():
+            return False
+        self._handed.inv_scale, self._handed.found_inf = inv_scale, found_inf
+        return True
+
+    def clip_on_device(self, max_norm: float, params: list[torch.Tensor]) -> bool:
+        """Take over clip_grad_norm_(params, max_norm) with the L2 norm: the next step clips inside
+        the update. Only where `params` are this optimizer's trainable weights (then the norm is over
+        the same gradients) and every weight with a gradient updates in the kernel."""
+        if self._clip_params is None or self._clip_params[0] != id(params):
+            mine = {id(p) for g in self.param_groups for p in g["params"] if p.requires_grad}
+            self._clip_params = (id(params), mine == {id(p) for p in params})
+        if not (self._clip_params[1] and self._all_on_kernel()):
+            return False
+        self._handed.max_norm = max_norm
+        return True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._handed = _Handover()  # a step that never came does not hand its scale on
+        super().zero_grad(set_to_none)
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         loss = closure() if closure is not None else None
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step for this call
         grad_scale = getattr(self, "grad_scale", None)  # None once GradScaler.unscale_ ran
+        handed, self._handed = self._handed, _Handover()
+        if handed.inv_scale is not None:
+            found_inf = None  # GradScaler computed it from the found_inf this step has yet to write
         if grad_scale is not None:
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             torch._foreach_mul_(grads, grad_scale.reciprocal())
-        kernel = [self._use_kernel(group) for group in self.param_groups]
+        if handed.active:  # then every group with gradients was found to update in the kernel
+            kernel = [any(p.grad is not None for p in group["params"]) for group in self.param_groups]
+        else:
+            kernel = [self._use_kernel(group) for group in self.param_groups]
         if found_inf is not None and not all(kernel) and found_inf.item():  # torch ops: a host check
             return loss
         index = 0  # bucket (torch path) or tensor (kernel) number within the step: its own noise
@@ -137,20 +217,8 @@ class AdamWBf16(torch.optim.Optimizer):
             for step, bucket in self._buckets(group):
                 self._update(bucket, group, step, index)
                 index += 1
-        launch = self._kernel_items(kernel_groups)
-        if launch:  # every kernel group's tensors in one launch
-            from sam3ft.train import adamw_kernel
-
-            adamw_kernel.adamw_bf16_(
-                [p for p, _, _, _, _ in launch],
-                [g for _, g, _, _, _ in launch],
-                [s["exp_avg"] for _, _, s, _, _ in launch],
-                [s["exp_avg_sq"] for _, _, s, _, _ in launch],
-                [seed for _, _, _, seed, _ in launch],
-                [row for _, _, _, _, row in launch],
-                self._kernel_blocks,
-                found_inf,
-            )
+        if kernel_groups:  # every kernel group's tensors in one launch
+            self._kernel_step(kernel_groups, found_inf, handed)
         return loss
 
     def _use_kernel(self, group: dict[str, Any]) -> bool:
@@ -163,29 +231,43 @@ class AdamWBf16(torch.optim.Optimizer):
 
         return adamw_kernel.supports(with_grad, [p.grad for p in with_grad])
 
-    def _kernel_items(self, groups: list[tuple[dict[str, Any], int]]) -> list[_KernelItem]:
+    def _kernel_step(
+        self, groups: list[tuple[dict[str, Any], int]], found_inf: torch.Tensor | None, handed: _Handover
+    ) -> None:
         """Count the step of the weights with gradients of `groups` (each with the index of its
-        first tensor) and list them for the launch with their noise seed and hyper-parameters."""
+        first tensor) and update them in one launch, with their group's hyper-parameters at their
+        step count and their own noise seed."""
         from sam3ft.train import adamw_kernel
 
-        listed = [
-            (group, at + n, p, self._state(p))
-            for group, at in groups
-            for n, p in enumerate(p for p in group["params"] if p.grad is not None)
-        ]
-        if not listed:
-            return []
-        counts = [state["step"] for _, _, _, state in listed]
-        torch._foreach_add_(counts, 1.0)  # CPU scalars: one call for all, not one per tensor or group
-        rows: dict[tuple[int, int], tuple[float, ...]] = {}  # per group and step count
-        launch: list[_KernelItem] = []
-        for (group, index, param, state), step in zip(listed, torch.stack(counts).tolist(), strict=True):
-            step = int(step)
-            row = rows.get((id(group), step))
-            if row is None:
-                row = rows[id(group), step] = adamw_kernel.hyper(group, step)
-            launch.append((param, param.grad, state, self._seed(step, index), row))
-        return launch
+        params = [p for group, _ in groups for p in group["params"] if p.grad is not None]
+        key = (tuple(map(id, params)), tuple(at for _, at in groups))
+        if self._layout is None or self._layout.key != key:
+            members = [(n, at + i) for n, (g, at) in enumerate(groups)
+                       for i, _ in enumerate(p for p in g["params"] if p.grad is not None)]  # fmt: skip
+            self._layout = adamw_kernel.Layout(
+                key, params, [self._state(p) for p in params], *zip(*members, strict=True)
+            )
+        layout = self._layout
+        steps = layout.count()
+        if min(steps) == max(steps):  # as always, but where a weight missed a gradient
+            rows = None
+            keys = [(n, steps[0]) for n in range(len(groups))]
+        else:  # one row per group and step count
+            found: dict[tuple[int, int], int] = {}
+            rows = [found.setdefault((n, s), len(found)) for n, s in zip(layout.groups, steps, strict=True)]
+            keys = list(found)
+        adamw_kernel.adamw_bf16_(
+            layout,
+            [p.grad for p in params],
+            [adamw_kernel.hyper(groups[n][0], s) for n, s in keys],
+            [self._seed(s, 0) for _, s in keys],
+            rows,
+            found_inf=found_inf,
+            scale=handed.inv_scale,
+            check=handed.active,
+            max_norm=handed.max_norm,
+            found_out=handed.found_inf,
+        )
 
     def _state(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]
@@ -197,7 +279,10 @@ class AdamWBf16(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._layout = None
         for state in self.state.values():  # Optimizer.load_state_dict casts states to the weights' fp32
+            if "step" in state:  # its own scalar: the loaded one may be a view shared with the dict's owner
+                state["step"] = state["step"].detach().clone().reshape(())
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state and state[key].dtype != torch.bfloat16:
                     state[key] = state[key].to(torch.bfloat16)

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from sam3.train.trainer import Trainer as Sam3Trainer
 from sam3.train.utils.train_utils import AverageMeter, get_amp_type
 
+from sam3ft.train.optim import DeviceGradScaler, GradientClipper
+
 
 class HostFloats:
     """Python floats of scalar tensors and numbers, copied from the device in one copy that is queued
@@ -95,6 +97,8 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
       loads the next batch. Same values, same logs in the same order per step (a step's losses
       logged after its learning rates). A non-finite loss still stops training, one step later:
       before the next optimizer step and before any checkpoint, so no saved weight ever took it.
+    - GradScaler and the gradient clipper hand their passes over the gradients to adamw_bf16 on its
+      kernel, which unscales, checks for infs and clips inside its update (train/optim.py).
     - `compile_model: true` goes with a model built with the same switch
       (`data.compile_training_forward`): the process's first training step runs eager, so sam3
       fills its lazy device caches outside any CUDA graph, and every later step tells CUDA graph
@@ -102,6 +106,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
     """
 
     logger: Any  # sam3's Logger; a _HeldLogger while a step runs
+    scaler: Any  # torch's GradScaler
 
     def __init__(
         self,
@@ -118,6 +123,16 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         self._queued: list[_Queued] = []  # the previous step's values (sync_once)
         self._steps_left = 0  # in this epoch; 0: read each step's values at its end
         super().__init__(**kwargs)
+
+    def _setup_components(self) -> None:
+        super()._setup_components()
+        # the same GradScaler, but one that leaves unscaling to an optimizer able to do it in its update
+        self.scaler = DeviceGradScaler(self.device, enabled=self.scaler.is_enabled())
+
+    def _construct_optimizers(self) -> None:
+        super()._construct_optimizers()
+        if isinstance(self.gradient_clipper, GradientClipper):  # it may hand the clipping to the optimizer
+            self.gradient_clipper.optimizer = self.optim.optimizer
 
     def train_epoch(self, train_loader: Any) -> Any:
         self._steps_left = len(train_loader)
