@@ -64,9 +64,12 @@ class DeviceGradScaler(torch.amp.GradScaler):
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         handover = getattr(optimizer, "unscale_on_device", None)
+        if not self._enabled or handover is None:
+            super().unscale_(optimizer)
+            return
         state = self._per_optimizer_states[id(optimizer)]
         scale = self._scale
-        if not (self._enabled and state["stage"] is OptState.READY and scale is not None and handover):
+        if state["stage"] is not OptState.READY or scale is None:
             super().unscale_(optimizer)  # torch's, with its errors for a second call
             return
         self._check_scale_growth_tracker("unscale_")
