@@ -17,6 +17,7 @@ from sam3ft.model.build import build_model
 from sam3ft.model.lora import add_lora
 from sam3ft.model.spec import load_spec_file
 from sam3ft.train.matching import stack_model_matching
+from sam3ft.train.transfer import PackedBatch
 
 # Parameter-name prefixes of the groups `trainer.trainable` can list. Every parameter of a SAM3
 # image model belongs to a group (tests/test_train.py checks it on the full model); a parameter is
@@ -171,10 +172,12 @@ def collate_fn(batch: list[Any], dict_key: str, num_chunks: int = 1, with_seg_ma
     """One batch, or `num_chunks` micro-batches for gradient accumulation (the trainer's contract).
 
     Named `collate_fn`: sam3's trainer finds validation keys by matching targets against it
-    (sam3/train/utils/train_utils.py:29)."""
+    (sam3/train/utils/train_utils.py:29). Each (micro-)batch comes packed into one buffer
+    (train/transfer.PackedBatch); the trainer unpacks it onto its device."""
     if num_chunks == 1:
-        return collate_fn_api(batch, dict_key, with_seg_masks=with_seg_masks)
-    return collate_fn_api_with_chunking(batch, num_chunks, dict_key, with_seg_masks=with_seg_masks)
+        return PackedBatch(collate_fn_api(batch, dict_key, with_seg_masks=with_seg_masks))
+    chunks = collate_fn_api_with_chunking(batch, num_chunks, dict_key, with_seg_masks=with_seg_masks)
+    return [PackedBatch(chunk) for chunk in chunks]
 
 
 def frozen_prefixes(trainable: list[str]) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from sam3.train.trainer import Trainer as Sam3Trainer
 from sam3.train.utils.train_utils import AverageMeter, get_amp_type
 
 from sam3ft.train.optim import DeviceGradScaler, GradientClipper
+from sam3ft.train.transfer import unpack
 
 
 class HostFloats:
@@ -133,6 +134,10 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         super()._construct_optimizers()
         if isinstance(self.gradient_clipper, GradientClipper):  # it may hand the clipping to the optimizer
             self.gradient_clipper.optimizer = self.optim.optimizer
+
+    def _step(self, batch: Any, model: torch.nn.Module, phase: str) -> Any:
+        """Upstream's step on the batch unpacked onto the device (our collate packs it: one copy)."""
+        return super()._step(unpack(batch, self.device), model, phase)
 
     def train_epoch(self, train_loader: Any) -> Any:
         self._steps_left = len(train_loader)
