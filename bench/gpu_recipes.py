@@ -54,7 +54,7 @@ class Batches:
 
 
 # run-spec keys that are the bench's, not trainer params
-BENCH_KEYS = ("adamw_kernel", "adamw_seed", "tokenizer", "cudagraphs")
+BENCH_KEYS = ("adamw_kernel", "adamw_seed", "tokenizer", "cudagraphs", "geometry_ckpt")
 
 
 def bench_only(overrides: dict[str, str]) -> None:
@@ -62,7 +62,9 @@ def bench_only(overrides: dict[str, str]) -> None:
     another stream of adamw_bf16's rounding noise (how far runs differing only there drift apart);
     tokenizer=upstream: sam3's tokenizer, whose ids the text encoder copies to the GPU with a host
     wait each step, instead of model.build.DeviceTokenizer (for stock as upstream runs it);
-    cudagraphs=true: see parts_with_cudagraphs. (The whole forward compiled with CUDA graphs, the
+    cudagraphs=true: see parts_with_cudagraphs; geometry_ckpt=false: no activation checkpointing in
+    the geometry encoder (eager under compile_model; its recompute runs in the backward). (The
+    whole forward compiled with CUDA graphs, the
     sixth and seventh sessions' `compile=model:cudagraphs=true:eager=geometry_encoder`, is the
     trainer param `compile_model=true` now.)"""
     from sam3ft.train.optim import AdamWBf16
@@ -76,6 +78,17 @@ def bench_only(overrides: dict[str, str]) -> None:
 
     if overrides.get("cudagraphs") == "true":
         parts_with_cudagraphs()
+    if overrides.get("geometry_ckpt") == "false":
+        from sam3ft.train import data
+
+        build = data.build_model
+
+        def build_without(*a: Any, **k: Any) -> Any:
+            model = build(*a, **k)
+            model.geometry_encoder.use_act_ckpt = False
+            return model
+
+        data.build_model = build_without  # type: ignore[assignment]
     if overrides.get("adamw_kernel") == "false":
         AdamWBf16._use_kernel = lambda self, group: False  # type: ignore[method-assign]
     if "adamw_seed" in overrides:
@@ -237,7 +250,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     timed_logs = list(logged)  # the profiled steps below run slower: not part of the timing
     figures: dict[str, Any] = {}
     if args.profile:
-        figures["gpu_busy"] = gpu_busy(trainer, more(args.profile))
+        figures["gpu_busy"], figures["gpu_ms_per_step"] = gpu_busy(trainer, more(args.profile))
     if args.hostprof:
         figures["host_top"] = host_profile(trainer, more(args.hostprof))
     if args.syncs:
@@ -287,8 +300,10 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def gpu_busy(trainer: Any, batches: Any) -> float:
-    """Share of wall time the GPU spends in kernels over the steps of `batches` (torch profiler)."""
+def gpu_busy(trainer: Any, batches: Any) -> tuple[float, float]:
+    """Share of wall time the GPU spends in kernels over the steps of `batches` (torch profiler,
+    CUDA activity only), and the kernel milliseconds per step: against the unprofiled step time
+    (`s_per_step`) the latter gives the busy share without the profiler's host overhead."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -299,7 +314,7 @@ def gpu_busy(trainer: Any, batches: Any) -> float:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
-    return round(kernel_us / 1e6 / wall, 3)
+    return round(kernel_us / 1e6 / wall, 3), round(kernel_us / 1e3 / len(batches), 1)
 
 
 def host_profile(trainer: Any, batches: Any, top: int = 25) -> list[str]:
