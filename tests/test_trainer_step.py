@@ -196,3 +196,23 @@ def test_scaler_and_clipper_may_hand_their_passes_to_the_optimizer(monkeypatch, 
     trainer._construct_optimizers()
     assert type(trainer.scaler) is DeviceGradScaler and trainer.scaler.is_enabled() == enabled
     assert trainer.gradient_clipper.optimizer is optimizer
+
+
+def test_a_checkpoint_is_replaced_in_one_step(tmp_path, monkeypatch):
+    """The new checkpoint takes the old one's place in one rename: should that rename never happen
+    (a kill), the old checkpoint is still there to resume from. Upstream removed it first."""
+    path = tmp_path / "checkpoint.pt"
+    trainer = object.__new__(Trainer)
+    trainer._save_checkpoint({"epoch": 1}, str(path))
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    trainer._save_checkpoint({"epoch": 2}, str(path))
+    assert torch.load(path, weights_only=True) == {"epoch": 2}
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+    def killed(src: str, dst: str) -> None:
+        raise KeyboardInterrupt  # the process dies before the rename
+
+    monkeypatch.setattr("sam3ft.train.trainer.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer._save_checkpoint({"epoch": 3}, str(path))
+    assert torch.load(path, weights_only=True) == {"epoch": 2}

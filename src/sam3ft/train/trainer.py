@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,16 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         super()._construct_optimizers()
         if isinstance(self.gradient_clipper, GradientClipper):  # it may hand the clipping to the optimizer
             self.gradient_clipper.optimizer = self.optim.optimizer
+
+    def _save_checkpoint(self, checkpoint: dict[str, Any], checkpoint_path: str) -> None:
+        """Upstream's save through a temporary file, moved over the old checkpoint in one atomic
+        `os.replace`. Upstream removes the old checkpoint before moving the new one in
+        (sam3/train/trainer.py:381), so a kill between the two left no checkpoint at all and the
+        resumed run started over (seen once in tests/test_train.py's kill-and-resume test)."""
+        tmp = f"{checkpoint_path}.tmp"
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+        os.replace(tmp, checkpoint_path)
 
     def _step(self, batch: Any, model: torch.nn.Module, phase: str) -> Any:
         """Upstream's step on the batch unpacked onto the device (our collate packs it: one copy)."""
