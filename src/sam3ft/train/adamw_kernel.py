@@ -154,9 +154,10 @@ class Layout:
     """The launch tables of one list of weights (in launch order), their moments, step counts,
     param-group numbers and noise indices: fixed while the same weights get gradients.
 
-    Each weight's step count (`state["step"]`, a CPU scalar as in torch's AdamW) becomes a view
+    Each weight's step count (`state["step"]`, a CPU scalar as in torch's AdamW) becomes a 0-d view
     into one CPU tensor here, so a step counts all of them with one add and reads them with one
-    `tolist`; the states keep their own scalars, so checkpoints look as before.
+    `tolist`; each state still holds a scalar under "step", so checkpoints look as before (a loaded
+    optimizer gives each state its own copy again, AdamWBf16.load_state_dict).
     """
 
     def __init__(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -85,41 +85,42 @@ def _mapping(data: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
     return kind(items)
 
 
+def _rebuild(data: Any, leaf: Callable[[Any], Any]) -> Any:
+    """A copy of `data`'s dicts, lists, tuples, namedtuples and dataclasses (without running their
+    __init__ / __post_init__ again) with `leaf` applied to what they hold; `leaf` returns a value it
+    leaves alone as it is (then it is looked into)."""
+    new = leaf(data)
+    if new is not data:
+        return new
+    if isinstance(data, Mapping):
+        return _mapping(data, {k: _rebuild(v, leaf) for k, v in data.items()})
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(_rebuild(v, leaf) for v in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(_rebuild(v, leaf) for v in data)
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        rebuilt = copy.copy(data)
+        for field in dataclasses.fields(data):
+            object.__setattr__(rebuilt, field.name, _rebuild(getattr(data, field.name), leaf))
+        return rebuilt
+    return data
+
+
 def _strip(data: Any, tensors: list[torch.Tensor]) -> Any:
     """A copy of `data` with each tensor replaced by its index in `tensors` (as _Index)."""
-    if isinstance(data, torch.Tensor):
-        tensors.append(data.detach())
+
+    def index(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        tensors.append(value.detach())
         return _Index(len(tensors) - 1)
-    if isinstance(data, Mapping):
-        return _mapping(data, {k: _strip(v, tensors) for k, v in data.items()})
-    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
-        return type(data)(*(_strip(v, tensors) for v in data))
-    if isinstance(data, (list, tuple)):
-        return type(data)(_strip(v, tensors) for v in data)
-    if dataclasses.is_dataclass(data) and not isinstance(data, type):
-        stripped = copy.copy(data)  # no __init__ / __post_init__ again
-        for field in dataclasses.fields(data):
-            object.__setattr__(stripped, field.name, _strip(getattr(data, field.name), tensors))
-        return stripped
-    return data
+
+    return _rebuild(data, index)
 
 
 def _fill(data: Any, tensors: list[torch.Tensor]) -> Any:
     """_strip's inverse, with `tensors` in place of the indices."""
-    if isinstance(data, _Index):
-        return tensors[data.i]
-    if isinstance(data, Mapping):
-        return _mapping(data, {k: _fill(v, tensors) for k, v in data.items()})
-    if isinstance(data, tuple) and hasattr(data, "_fields"):
-        return type(data)(*(_fill(v, tensors) for v in data))
-    if isinstance(data, (list, tuple)):
-        return type(data)(_fill(v, tensors) for v in data)
-    if dataclasses.is_dataclass(data) and not isinstance(data, type):
-        filled = copy.copy(data)
-        for field in dataclasses.fields(data):
-            object.__setattr__(filled, field.name, _fill(getattr(data, field.name), tensors))
-        return filled
-    return data
+    return _rebuild(data, lambda value: tensors[value.i] if isinstance(value, _Index) else value)
 
 
 @dataclasses.dataclass(frozen=True)
