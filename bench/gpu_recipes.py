@@ -54,7 +54,7 @@ class Batches:
 
 
 # run-spec keys that are the bench's, not trainer params
-BENCH_KEYS = ("adamw_kernel", "adamw_seed", "tokenizer", "cudagraphs", "geometry_ckpt")
+BENCH_KEYS = ("adamw_kernel", "adamw_seed", "tokenizer", "cudagraphs", "geometry_ckpt", "compile_loss")
 
 
 def bench_only(overrides: dict[str, str]) -> None:
@@ -63,7 +63,9 @@ def bench_only(overrides: dict[str, str]) -> None:
     tokenizer=upstream: sam3's tokenizer, whose ids the text encoder copies to the GPU with a host
     wait each step, instead of model.build.DeviceTokenizer (for stock as upstream runs it);
     cudagraphs=true: see parts_with_cudagraphs; geometry_ckpt=false: no activation checkpointing in
-    the geometry encoder (eager under compile_model; its recompute runs in the backward). (The
+    the geometry encoder (eager under compile_model; its recompute runs in the backward);
+    compile_loss=false: the batched loss terms eager under compile_model (as before the tenth
+    session). (The
     whole forward compiled with CUDA graphs, the
     sixth and seventh sessions' `compile=model:cudagraphs=true:eager=geometry_encoder`, is the
     trainer param `compile_model=true` now.)"""
@@ -89,6 +91,10 @@ def bench_only(overrides: dict[str, str]) -> None:
             return model
 
         data.build_model = build_without  # type: ignore[assignment]
+    if overrides.get("compile_loss") == "false":
+        from sam3ft.train import loss
+
+        loss._compiled_terms = lambda: loss._terms
     if overrides.get("adamw_kernel") == "false":
         AdamWBf16._use_kernel = lambda self, group: False  # type: ignore[method-assign]
     if "adamw_seed" in overrides:

@@ -116,11 +116,12 @@ def test_compiled_trunk_and_layers_train_the_same_function(runs):
 
 def test_compiled_training_forward_trains_what_eager_lean_trains(runs, tmp_path, monkeypatch, request):
     """`compile_model: true` through the train stage: the whole training forward goes through dynamo
-    (train/data.compile_training_forward, the trainer's eager first step), and every step's loss
-    equals eager lean's. The stage runs in this process, so that torch.compile can be given a backend
-    that records each graph and runs it through AOT autograd with eager kernels ("aot_eager", the
-    path inductor takes, without its code generation, to keep the suite short; dynamo's plain
-    "eager" backend, without AOT autograd, gave other gradients)."""
+    (train/data.compile_training_forward, the trainer's eager first step) and so do the loss's
+    batched terms, and every step's loss equals eager lean's. The stage runs in this process, so
+    that torch.compile can be given a backend that records each graph and runs it through AOT
+    autograd with eager kernels ("aot_eager", the path inductor takes, without its code generation,
+    to keep the suite short; dynamo's plain "eager" backend, without AOT autograd, gave other
+    gradients)."""
     import torch._dynamo
     from torch._dynamo.backends.registry import lookup_backend
 
@@ -155,6 +156,8 @@ def test_compiled_training_forward_trains_what_eager_lean_trains(runs, tmp_path,
     # the forward's graphs between the breaks (the matching, the geometry encoder stay eager)
     assert len(graphs) >= 5, len(graphs)
     assert sum(len(g.graph.nodes) for g in graphs) > 500
+    # and the batched loss's terms (train/loss.py `_terms`): lean batches its loss
+    assert any("binary_cross_entropy_with_logits" in g.code for g in graphs)
     assert _losses(tmp_path) == pytest.approx(_losses(runs["lean"]), rel=1e-6)
 
 

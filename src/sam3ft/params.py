@@ -196,8 +196,10 @@ class Trainer:
     """torch.compile the model's whole training forward with CUDA graphs (mode reduce-overhead;
     train/data.compile_training_forward): the first step runs eager, the second compiles (4-5
     minutes for the full model), validation stays eager. Full model, lean, batch 1 on an H100:
-    3.78x eager's images/s at the same peak memory (bench/gpu_recipes.md, eighth session). One
-    training process only; instead of compile_trunk and compile_layers, not with them."""
+    3.78x eager's images/s at the same peak memory (bench/gpu_recipes.md, eighth session). With
+    batched_loss, the loss's batched terms are compiled too (dynamic shapes, no CUDA graphs: their
+    sizes change with the objects in a batch; 1.06x the step, call 53). One training process
+    only; instead of compile_trunk and compile_layers, not with them."""
     act_ckpt_text: bool = True
     """Activation checkpointing in the text encoder (as upstream); false: its activations are kept
     and the backward pass skips re-running its blocks. Same numbers; for the full model about 7%

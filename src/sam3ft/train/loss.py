@@ -8,10 +8,15 @@ work). The batched path stacks the outputs and computes every term with the same
 (outputs, batch, queries) tensors, so one kernel serves all layers; the outputs that share a
 matcher are matched in one call (train/matching.py). Same terms under the same names in the same
 order; the values differ from upstream's only by float summation order (tests/test_loss.py).
+
+With `compiled: true` (trainer.compile_model) the batched terms (`_terms`) run through
+torch.compile with dynamic shapes: one graph for any number of objects, its elementwise work fused
+into a few kernels forward and backward. Not a CUDA graph: the pair count changes every step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +26,7 @@ from sam3.model import box_ops
 from sam3.train.loss import loss_fns
 from sam3.train.loss.loss_fns import CORE_LOSS_KEY, Boxes, Det2TrkAssoc, IABCEMdetr, Masks
 from sam3.train.loss.sam3_loss import Sam3LossWrapper
+from torch.fx.experimental import _config as fx_config
 
 from sam3ft.errors import ConfigError
 from sam3ft.train.matching import Indices, match_outputs
@@ -64,7 +70,7 @@ class Sam3Loss(Sam3LossWrapper):  # type: ignore[misc]  # sam3 ships no type inf
     """Sam3LossWrapper; `batched: true` computes its Boxes and IABCEMdetr terms for all outputs at
     once (loss functions after those two still run per output, as upstream)."""
 
-    def __init__(self, *, batched: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, batched: bool = False, compiled: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.batched = batched
         why = _unbatchable(self) if batched else []
@@ -74,6 +80,9 @@ class Sam3Loss(Sam3LossWrapper):  # type: ignore[misc]  # sam3 ships no type inf
                 + "; ".join(why)
                 + ". Fix: set trainer.batched_loss: false in params.yaml"
             )
+        boxes, ce = self.loss_fns_find[:2]
+        self._spec = _Spec.of(boxes, ce, compiled) if batched else None
+        self._compiled = _compiled_terms() if batched and compiled else None
 
     def compute_loss(self, nested_out: dict[str, Any], targets: dict[str, Any]) -> dict[str, torch.Tensor]:
         if not self.batched or any(
@@ -88,16 +97,21 @@ class Sam3Loss(Sam3LossWrapper):  # type: ignore[misc]  # sam3 ships no type inf
             for (out, suffix, is_aux), o2m in zip(outputs, o2m_indices, strict=True)
         ]
         entries = [e for pair in per_output for e in pair]
-        match = _Matches(entries, targets)
-        weights = torch.tensor([e.weight for e in entries], dtype=torch.float32)
-        weight = to_device(weights, match.logits.device)  # (E,)
-        boxes, ce, *others = self.loss_fns_find
-        terms = [_box_terms(match, num_boxes), _ce_terms(ce, entries, match, targets)]
-        total = torch.zeros((), device=match.logits.device)
-        for fn, values in zip((boxes, ce), terms, strict=True):
-            core = sum(values[key] * w for key, w in fn.weight_dict.items() if w != 0)  # (E,)
-            total = total + (core * weight).sum()
-        terms = [{key: v * weight for key, v in values.items()} for values in terms]  # o2m's logs scaled too
+        device = entries[0].out["pred_logits"].device
+        weight = to_device(torch.tensor([e.weight for e in entries], dtype=torch.float32), device)  # (E,)
+        # compiled where the graph is the same as the last step's: training, not validation
+        terms_fn = self._compiled if self._compiled is not None and torch.is_grad_enabled() else _terms
+        assert self._spec is not None  # batched
+        total, terms = terms_fn(
+            self._spec,
+            {key: [e.out[key] for e in entries] for key in _STACKED},
+            _pairs([e.indices for e in entries], len(targets["boxes"]), device),
+            [e.out.get("presence_logit_dec") for e in entries],
+            {key: targets[key] for key in _TARGETS},
+            num_boxes,
+            weight,
+        )
+        others = self.loss_fns_find[2:]
         losses: dict[str, torch.Tensor] = {}
         at = 0  # entry number
         for pair in per_output:  # upstream's order: per output, each loss fn, o2o then o2m
@@ -180,27 +194,121 @@ def _outputs(nested_out: dict[str, Any]) -> list[tuple[dict[str, Any], str, bool
     return listed
 
 
-class _Matches:
-    """The outputs stacked (E, B, Q) and their matched (query, target) pairs concatenated (M,)."""
+_STACKED = ("pred_logits", "pred_boxes", "pred_boxes_xyxy")  # each entry's outputs the terms read
+# the targets they read, and the dimension of each that counts objects: (N, 4) packed, (B, H, ...) padded
+_TARGETS = {"boxes": 0, "boxes_xyxy": 0, "object_ids_padded": 1, "boxes_padded": 1}
 
-    def __init__(self, entries: list[_Entry], targets: dict[str, Any]) -> None:
-        self.logits = torch.stack([e.out["pred_logits"].squeeze(-1) for e in entries])  # (E, B, Q)
-        self.boxes = torch.stack([e.out["pred_boxes"] for e in entries])  # (E, B, Q, 4) cxcywh
-        self.boxes_xyxy = torch.stack([e.out["pred_boxes_xyxy"] for e in entries])
-        device = self.logits.device
-        n_targets = len(targets["boxes"])
-        entry, batch, query, target = [], [], [], []
-        for e, each in enumerate(entries):
-            indices = each.indices
-            entry.append(torch.full_like(indices[0], e))
-            batch.append(indices[0])
-            query.append(indices[1])
-            # no target indices: the matcher kept the targets' own order (one query per target)
-            target.append(indices[2] if indices[2] is not None else torch.arange(n_targets, device=device))
-        self.entry, self.batch, self.query, self.target = (
-            torch.cat(t) for t in (entry, batch, query, target)
+
+@dataclass(frozen=True)
+class _Spec:
+    """The settings of the Boxes and IABCEMdetr losses that the batched terms read, as plain numbers
+    (a compiled `_terms` is specialised on them)."""
+
+    box_weights: tuple[tuple[str, float], ...]  # Boxes.weight_dict
+    ce_weights: tuple[tuple[str, float], ...]  # IABCEMdetr.weight_dict
+    alpha: float
+    gamma: float
+    pos_weight: float
+    pad_n_queries: int | None
+    pad_scale_pos: float
+    presence_alpha: float
+    presence_gamma: float
+    triton_focal: bool  # the presence focal loss on sam3's Triton kernel (eager, CUDA) or in torch
+
+    @classmethod
+    def of(cls, boxes: Boxes, ce: IABCEMdetr, compiled: bool) -> _Spec:
+        pad = ce.pad_n_queries if isinstance(ce.pad_n_queries, int) else None
+        return cls(
+            box_weights=tuple(boxes.weight_dict.items()),
+            ce_weights=tuple(ce.weight_dict.items()),
+            alpha=ce.alpha,
+            gamma=ce.gamma,
+            pos_weight=ce.pos_weight,
+            pad_n_queries=pad,
+            pad_scale_pos=ce.pad_scale_pos,
+            presence_alpha=ce.presence_alpha,
+            presence_gamma=ce.presence_gamma,
+            triton_focal=not compiled,  # dynamo does not trace sam3's autograd Function around Triton
         )
-        self.count = len(entries)
+
+
+def _terms(
+    spec: _Spec,
+    outs: dict[str, list[torch.Tensor]],
+    pairs: Pairs,
+    presence: list[torch.Tensor | None],
+    targets: dict[str, torch.Tensor],
+    num_boxes: torch.Tensor,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """The Boxes and IABCEMdetr terms of E entries (their `outs` keyed as `_STACKED`, their matched
+    `pairs`, presence logits or None) as (E,) tensors scaled by `weight` (E,), and the total of
+    their weighted core terms. Tensors in, tensors out: `Sam3Loss(compiled=True)` compiles it."""
+    match = _Matches(outs, pairs, targets)
+    box_terms, ce_terms = _box_terms(match, num_boxes), _ce_terms(spec, match, presence, targets)
+    total = torch.zeros((), device=weight.device)
+    for weights, values in ((spec.box_weights, box_terms), (spec.ce_weights, ce_terms)):
+        core = sum(values[key] * w for key, w in weights if w != 0)  # (E,)
+        total = total + (core * weight).sum()
+    terms = [{key: v * weight for key, v in values.items()} for values in (box_terms, ce_terms)]
+    return total, terms  # the one-to-many entries' logged terms scaled by o2m_weight too, as upstream
+
+
+def _compiled_terms() -> Callable[..., tuple[torch.Tensor, list[dict[str, torch.Tensor]]]]:
+    """`_terms` through torch.compile, one graph for any number of objects and matched pairs: the
+    sizes that follow the objects (pairs, targets, padded targets) are symbolic, each its own size
+    (not duck-sized: a pair count that happens to equal another size would otherwise compile again
+    when it does not); the outputs' sizes stay fixed. All sizes symbolic (`dynamic=True`) failed in
+    inductor on torch 2.11 + CUDA ("NYI SymInt equality", bench/gpu_recipes.md call 51)."""
+    compiled = torch.compile(_terms)
+
+    def terms(
+        spec: _Spec,
+        outs: dict[str, list[torch.Tensor]],
+        pairs: Pairs,
+        presence: list[torch.Tensor | None],
+        targets: dict[str, torch.Tensor],
+        num_boxes: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        for t in pairs:
+            torch._dynamo.maybe_mark_dynamic(t, 0)  # sizes 0 and 1 stay specialised: a graph each
+        for key, dim in _TARGETS.items():
+            torch._dynamo.maybe_mark_dynamic(targets[key], dim)
+        with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # read when tracing
+            return compiled(spec, outs, pairs, presence, targets, num_boxes, weight)  # type: ignore[no-any-return]
+
+    return terms
+
+
+# (entry, batch, query, target) index of every matched pair of all entries, concatenated: (M,) each
+Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _pairs(indices: list[Indices], n_targets: int, device: torch.device) -> Pairs:
+    """The entries' matched pairs `indices` concatenated, with the entry each belongs to; built
+    eagerly in a few kernels, so a compiled `_terms` sees one pair count, not one per entry."""
+    counts = torch.tensor([len(rows) for rows, _, _ in indices])
+    entry = to_device(torch.repeat_interleave(torch.arange(len(indices)), counts), device)
+    # no target indices: the matcher kept the targets' own order (one query per target)
+    own = torch.arange(n_targets, device=device)
+    found = [t if t is not None else own for _, _, t in indices]
+    batch = torch.cat([rows for rows, _, _ in indices])
+    query = torch.cat([queries for _, queries, _ in indices])
+    return entry, batch, query, torch.cat(found)
+
+
+class _Matches:
+    """The entries' outputs stacked (E, B, Q) and their matched (query, target) pairs (M,)."""
+
+    def __init__(
+        self, outs: dict[str, list[torch.Tensor]], pairs: Pairs, targets: dict[str, torch.Tensor]
+    ) -> None:
+        self.logits = torch.stack([t.squeeze(-1) for t in outs["pred_logits"]])  # (E, B, Q)
+        self.boxes = torch.stack(outs["pred_boxes"])  # (E, B, Q, 4) cxcywh
+        self.boxes_xyxy = torch.stack(outs["pred_boxes_xyxy"])
+        self.entry, self.batch, self.query, self.target = pairs
+        self.count = len(outs["pred_logits"])
         self.targets_boxes = targets["boxes"][self.target]  # (M, 4) cxcywh
         self.targets_xyxy = targets["boxes_xyxy"][self.target]
         self.pairs = (self.entry, self.batch, self.query)  # index of each matched query in (E, B, Q)
@@ -221,7 +329,7 @@ def _box_terms(match: _Matches, num_boxes: torch.Tensor) -> dict[str, torch.Tens
 
 
 def _ce_terms(
-    ce: IABCEMdetr, entries: list[_Entry], match: _Matches, targets: dict[str, Any]
+    spec: _Spec, match: _Matches, presence: list[torch.Tensor | None], targets: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """IABCEMdetr.get_loss (sam3/train/loss/loss_fns.py:345) for every entry, as configured for
     images (no weak loss, presence on)."""
@@ -232,27 +340,27 @@ def _ce_terms(
         target_classes = torch.zeros_like(logits, dtype=torch.float)
         target_classes[pairs] = 1
         iou = box_ops.fast_diag_box_iou(match.src_xyxy, match.targets_xyxy)
-        t = torch.clamp(prob[pairs] ** ce.alpha * iou ** (1 - ce.alpha), 0.01).detach()
+        t = torch.clamp(prob[pairs] ** spec.alpha * iou ** (1 - spec.alpha), 0.01).detach()
         positive_target_classes = target_classes.clone()
         positive_target_classes[pairs] = t
     loss_bce = F.binary_cross_entropy_with_logits(logits, positive_target_classes, reduction="none")
-    loss_bce = loss_bce * target_classes * ce.pos_weight
+    loss_bce = loss_bce * target_classes * spec.pos_weight
     queries = logits.shape[2]
-    padded = isinstance(ce.pad_n_queries, int) and queries < ce.pad_n_queries
-    if padded:
-        loss_bce = loss_bce * ce.pad_scale_pos
+    pad = spec.pad_n_queries
+    if pad is not None and queries < pad:
+        loss_bce = loss_bce * spec.pad_scale_pos
     loss_bce = loss_bce + F.binary_cross_entropy_with_logits(logits, target_classes, reduction="none") * (
         1 - target_classes
-    ) * (prob**ce.gamma)
+    ) * (prob**spec.gamma)
     ids, boxes = targets["object_ids_padded"], targets["boxes_padded"]  # (B, H), (B, H, 4) cxcywh
     visible = (ids >= 0) & (boxes[..., 2] > 0) & (boxes[..., 3] > 0)
     keep_loss = (visible.sum(dim=-1)[..., None] != 0).float()  # (B, 1): no loss on images without objects
     loss_bce = loss_bce * keep_loss
-    if padded:
-        loss_ce = loss_bce.sum(dim=(1, 2)) / (ce.pad_n_queries * loss_bce.size(1))
+    if pad is not None and queries < pad:
+        loss_ce = loss_bce.sum(dim=(1, 2)) / (pad * loss_bce.size(1))
     else:
         loss_ce = loss_bce.mean(dim=(1, 2))
-    presence_loss, presence_acc = _presence_terms(ce, entries, keep_loss)
+    presence_loss, presence_acc = _presence_terms(spec, presence, keep_loss)
     return {
         "loss_ce": loss_ce,
         "ce_f1": _f1(prob, target_classes),
@@ -262,32 +370,34 @@ def _ce_terms(
 
 
 def _presence_terms(
-    ce: IABCEMdetr, entries: list[_Entry], keep_loss: torch.Tensor
+    spec: _Spec, presence: list[torch.Tensor | None], keep_loss: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Focal loss and accuracy of the decoder's presence logit, per entry; 0 where an entry has none
-    (the one-to-many outputs)."""
-    has = [e for e, entry in enumerate(entries) if "presence_logit_dec" in entry.out]
-    device = keep_loss.device
-    loss = torch.zeros(len(entries), device=device)
-    acc = torch.zeros(len(entries), device=device)
-    if not has:
-        return loss, acc
-    logits = torch.stack([entries[e].out["presence_logit_dec"].view_as(keep_loss) for e in has])  # (P, B, 1)
+    """Focal loss and accuracy of the decoder's presence logit `presence` per entry; 0 where an
+    entry has none (the one-to-many outputs)."""
+    zero = keep_loss.new_zeros(())
+    given = [p for p in presence if p is not None]
+    if not given:
+        return keep_loss.new_zeros(len(presence)), keep_loss.new_zeros(len(presence))
+    logits = torch.stack([p.view_as(keep_loss) for p in given])  # (P, B, 1)
     targets = keep_loss.expand_as(logits)
     # elementwise, then upstream's reduction per entry: loss.mean(1).sum() / num_boxes with num_boxes = B
     each = loss_fns.sigmoid_focal_loss(
         logits.flatten(0, 1),
         targets.flatten(0, 1),
         num_boxes=1,
-        alpha=ce.presence_alpha,
-        gamma=ce.presence_gamma,
+        alpha=spec.presence_alpha,
+        gamma=spec.presence_gamma,
         reduce=False,
+        triton=spec.triton_focal,
     ).view_as(logits)
-    at = to_device(torch.tensor(has, dtype=torch.long), device)
-    loss = loss.index_put((at,), each.mean(2).sum(1) / keep_loss.shape[0])
-    hit = ((logits.sigmoid() > 0.5).float() == targets).float().mean(dim=(1, 2))
-    acc = acc.index_put((at,), hit)
-    return loss, acc
+    loss = each.mean(2).sum(1) / keep_loss.shape[0]  # (P,)
+    hit = ((logits.sigmoid() > 0.5).float() == targets).float().mean(dim=(1, 2))  # (P,)
+    rows = iter(range(len(given)))  # spread over the entries, 0 where none
+    at = [next(rows) if p is not None else None for p in presence]
+    return (
+        torch.stack([loss[i] if i is not None else zero for i in at]),
+        torch.stack([hit[i] if i is not None else zero for i in at]),
+    )
 
 
 def _f1(prob: torch.Tensor, target_classes: torch.Tensor) -> torch.Tensor:
