@@ -272,6 +272,10 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     mem = [v for _, v in rows["Step_Stats/train/Mem (GB)"]]
     data_s = [v for _, v in rows.get("Step_Stats/train/Data Time", [])][args.warmup :]
     timed = step_s[args.warmup :]
+    if "gpu_ms_per_step" in figures:
+        # the profiled steps' kernel time against the median unprofiled step: the busy share without
+        # the profiled window's own costs (its epoch start and end, the profiler's per-launch work)
+        figures["gpu_busy_vs_timed"] = round(figures["gpu_ms_per_step"] / 1e3 / statistics.median(timed), 3)
     return {
         "recipe": recipe,
         "batch": int(batch),
