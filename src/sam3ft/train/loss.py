@@ -10,8 +10,9 @@ matcher are matched in one call (train/matching.py). Same terms under the same n
 order; the values differ from upstream's only by float summation order (tests/test_loss.py).
 
 With `compiled: true` (trainer.compile_model) the batched terms (`_terms`) run through
-torch.compile with dynamic shapes: one graph for any number of objects, its elementwise work fused
-into a few kernels forward and backward. Not a CUDA graph: the pair count changes every step.
+torch.compile with dynamic shapes: one graph for any number of objects (torch gives 0 and 1 a graph
+of their own), its elementwise work fused into a few kernels forward and backward. Not a CUDA
+graph: the pair count changes every step.
 """
 
 from __future__ import annotations
@@ -262,21 +263,14 @@ def _compiled_terms() -> Callable[..., tuple[torch.Tensor, list[dict[str, torch.
     inductor on torch 2.11 + CUDA ("NYI SymInt equality", bench/gpu_recipes.md call 51)."""
     compiled = torch.compile(_terms)
 
-    def terms(
-        spec: _Spec,
-        outs: dict[str, list[torch.Tensor]],
-        pairs: Pairs,
-        presence: list[torch.Tensor | None],
-        targets: dict[str, torch.Tensor],
-        num_boxes: torch.Tensor,
-        weight: torch.Tensor,
-    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    def terms(*args: Any) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        _, _, pairs, _, targets, *_ = args  # as `_terms` takes them
         for t in pairs:
             torch._dynamo.maybe_mark_dynamic(t, 0)  # sizes 0 and 1 stay specialised: a graph each
         for key, dim in _TARGETS.items():
             torch._dynamo.maybe_mark_dynamic(targets[key], dim)
         with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # read when tracing
-            return compiled(spec, outs, pairs, presence, targets, num_boxes, weight)  # type: ignore[no-any-return]
+            return compiled(*args)  # type: ignore[no-any-return]
 
     return terms
 
