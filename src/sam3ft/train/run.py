@@ -48,9 +48,15 @@ def run_trainer(
         LOCAL_RANK=str(local_rank),
         WORLD_SIZE=str(world_size),
     )
+    # sam3 scripts some loss helpers (sam3/model/box_ops.py:145 and 172, sam3/train/loss/loss_fns.py:199).
+    # TorchScript's executor optimizes a scripted function after its first calls in a process, and
+    # the optimized graph's backward rounds differently; so a resumed process, unoptimized at first,
+    # drifted from the unbroken run by float rounding (tests/test_train.py). On the CPU, where a run
+    # can be exact, they run unoptimized in every step; the GPU step is not deterministic anyway.
     try:
         trainer = instantiate(cfg.trainer, _recursive_=False)
-        trainer.run()
+        with torch.jit.optimized_execution(cfg.trainer.accelerator != "cpu"):
+            trainer.run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
