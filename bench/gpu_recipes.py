@@ -54,7 +54,15 @@ class Batches:
 
 
 # run-spec keys that are the bench's, not trainer params
-BENCH_KEYS = ("adamw_kernel", "adamw_seed", "tokenizer", "cudagraphs", "geometry_ckpt", "compile_loss")
+BENCH_KEYS = (
+    "adamw_kernel",
+    "adamw_seed",
+    "tokenizer",
+    "cudagraphs",
+    "geometry_ckpt",
+    "compile_loss",
+    "gc_freeze",
+)
 
 
 def bench_only(overrides: dict[str, str]) -> None:
@@ -65,7 +73,8 @@ def bench_only(overrides: dict[str, str]) -> None:
     cudagraphs=true: see parts_with_cudagraphs; geometry_ckpt=false: no activation checkpointing in
     the geometry encoder (eager under compile_model; its recompute runs in the backward);
     compile_loss=false: the batched loss terms eager under compile_model (as before the tenth
-    session). (The whole forward compiled with CUDA graphs, the sixth and seventh sessions'
+    session); gc_freeze=false: no gc.freeze() after the compiling step (as before the eleventh).
+    (The whole forward compiled with CUDA graphs, the sixth and seventh sessions'
     `compile=model:cudagraphs=true:eager=geometry_encoder`, is the trainer param
     `compile_model=true` now.)"""
     from sam3ft.train.optim import AdamWBf16
@@ -94,6 +103,10 @@ def bench_only(overrides: dict[str, str]) -> None:
         from sam3ft.train import loss
 
         loss._compiled_terms = lambda: loss._terms
+    if overrides.get("gc_freeze") == "false":
+        from sam3ft.train.trainer import Trainer
+
+        Trainer._freeze_gc = lambda self: setattr(self, "_gc_frozen", True)  # type: ignore[method-assign]
     if overrides.get("adamw_kernel") == "false":
         AdamWBf16._use_kernel = lambda self, group: False  # type: ignore[method-assign]
     if "adamw_seed" in overrides:
@@ -185,6 +198,8 @@ def trainer_params(
 
 def one(args: argparse.Namespace) -> dict[str, Any]:
     """Run one recipe:batch in this process; returns its figures."""
+    import gc
+
     import torch
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -229,11 +244,17 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     logged: list[tuple[str, float, int]] = []
     original = step_logging.StepLogger.log
 
+    step_ends: list[float] = []  # when each step's time was logged
+
     def capture(self: Any, name: str, data: Any, step: int) -> None:
         original(self, name, data, step)
+        if name == STEP_TIME:
+            step_ends.append(time.perf_counter())
         logged.append((name, float(data.detach()) if hasattr(data, "detach") else float(data), step))
 
     step_logging.StepLogger.log = capture  # type: ignore[method-assign]
+    gc2: list[tuple[float, float]] = []  # (when, ms) of each generation-2 collection
+    pauses = gc_pauses(gc2)
     t0 = time.perf_counter()
     trainer = instantiate(cfg.trainer, _recursive_=False)
     build_s = time.perf_counter() - t0
@@ -253,9 +274,34 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         return batches.take(n)
 
     timed_logs = list(logged)  # the profiled steps below run slower: not part of the timing
+    gc_timed = {gen: list(ms) for gen, ms in pauses.items()}
+    # what one generation-2 collection costs now: a full collection, timed (after gc_freeze's
+    # freeze it walks only what was made since)
+    gc.collect()
+    gc_full_ms = pauses[2][-1]
+    for ms in pauses.values():
+        ms.clear()
     figures: dict[str, Any] = {}
+
+    def say(what: str) -> None:
+        print(f"pass: {what} ({time.perf_counter() - t0:.0f} s in)", file=sys.stderr, flush=True)
+
     if args.profile:
-        figures["gpu_busy"], figures["gpu_ms_per_step"] = gpu_busy(trainer, more(args.profile))
+        say(f"profile {args.profile} steps inside an epoch")
+        # inside an epoch: LEAD steps before the window and one after it, so the window holds
+        # steady-state steps only (no loader hand-over, epoch start or end, final read)
+        batches_in = more(LEAD + args.profile + 1)
+        figures["gpu_busy"], figures["gpu_ms_per_step"] = gpu_busy(trainer, batches_in, LEAD, args.profile)
+    if args.profile_epoch:
+        say(f"profile an epoch of {args.profile_epoch} steps")
+        # the window before the eleventh session: an epoch of its own, start and end included
+        busy, ms = gpu_busy(trainer, more(args.profile_epoch), 0, args.profile_epoch)
+        figures["gpu_busy_own_epoch"], figures["gpu_ms_per_step_own_epoch"] = busy, ms
+    if args.nvml:
+        say(f"{args.nvml} steps, nvidia-smi")
+        before = len(logged)
+        figures.update(nvml_busy(trainer, more(LEAD + args.nvml + 1), LEAD, args.nvml))
+        figures["nvml_step_s"] = [round(v, 3) for n, v, _ in logged[before:] if n == STEP_TIME]
     if args.hostprof:
         figures["host_top"] = host_profile(trainer, more(args.hostprof))
     if args.syncs:
@@ -267,7 +313,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
             trace.parent.mkdir(parents=True, exist_ok=True)
         figures["timeline"] = timeline(trainer, more(args.timeline), trace)
     rows = {name: [(s, v) for n, v, s in timed_logs if n == name] for name in {n for n, _, _ in timed_logs}}
-    step_s = [v for _, v in rows["Step_Stats/train/Batch Time"]]
+    step_s = [v for _, v in rows[STEP_TIME]]
     mem = [v for _, v in rows["Step_Stats/train/Mem (GB)"]]
     data_s = [v for _, v in rows.get("Step_Stats/train/Data Time", [])][args.warmup :]
     timed = step_s[args.warmup :]
@@ -305,25 +351,163 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "loss": [round(v, 4) for _, v in sorted(rows[step_logging._LOSS])],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
+        # Python's garbage collections by generation (count, total ms, longest ms): in the timed
+        # run (its compiling step included), then in the measuring passes after it
+        "gc_timed": {gen: summary(ms) for gen, ms in gc_timed.items()},
+        "gc_after": {gen: summary(ms) for gen, ms in pauses.items()},
+        # each generation-2 collection: [the step it ran in, counted over all passes; ms]
+        "gc_full_ms": round(gc_full_ms, 1),
+        "gc_tracked": len(gc.get_objects()),  # not frozen, after the passes
+        "gc_frozen": gc.get_freeze_count(),
+        "gc2_steps": [[sum(t < at for t in step_ends), round(ms)] for at, ms in gc2],
         **figures,
     }
 
 
-def gpu_busy(trainer: Any, batches: Any) -> tuple[float, float]:
-    """Share of wall time the GPU spends in kernels over the steps of `batches` (torch profiler,
-    CUDA activity only), and the kernel milliseconds per step: against the unprofiled step time
-    (`s_per_step`) the latter gives the busy share without the profiler's host overhead."""
+STEP_TIME = "Step_Stats/train/Batch Time"
+
+
+def summary(ms: list[float]) -> list[int]:
+    """count, total ms, longest ms"""
+    return [len(ms), round(sum(ms)), round(max(ms, default=0))]
+
+
+def gc_pauses(gen2: list[tuple[float, float]]) -> dict[int, list[float]]:
+    """Milliseconds of every garbage collection from now on, by generation (gc.callbacks); each
+    generation-2 one also as (when, ms) in `gen2`. A generation-2 collection walks every tracked
+    object, and torch.compile leaves millions."""
+    import gc
+
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def record(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            now = time.perf_counter()
+            pauses[info["generation"]].append((now - started[0]) * 1e3)
+            if info["generation"] == 2:
+                gen2.append((now, (now - started[0]) * 1e3))
+
+    gc.callbacks.append(record)
+    return pauses
+
+
+# steps of an in-epoch window's epoch before the window starts
+LEAD = 2
+
+
+class Window:
+    """A loader of `len(loader)` batches (one epoch) that calls `start()` before handing over batch
+    `lead` and `stop()` before batch `lead + n`: the window spans whole steps lead..lead+n-1, data
+    wait included, and with a batch after it, none of the epoch's end. lead=0 and n=len(loader):
+    the whole epoch (its start inside the window, its end after it)."""
+
+    def __init__(self, loader: Any, lead: int, n: int, start: Any, stop: Any) -> None:
+        if lead + n > len(loader):
+            raise ValueError(f"{n} steps after {lead} need {lead + n} batches, not {len(loader)}")
+        self.loader, self.lead, self.n, self.start, self.stop = loader, lead, n, start, stop
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        batches = iter(self.loader)
+        for i in range(len(self.loader)):
+            if i == self.lead:
+                self.start()
+            if i == self.lead + self.n:
+                self.stop()
+            yield next(batches)
+        if self.lead + self.n == len(self.loader):
+            self.stop()
+
+
+def run_window(trainer: Any, batches: Any, lead: int, n: int, begin: Any, end: Any) -> float:
+    """Train one epoch on `batches`; `begin()` and `end()` bracket the window of steps
+    lead..lead+n-1, each after a device sync. Returns the window's wall seconds."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: a dry run
+    marks: list[float] = []
+
+    def start() -> None:
+        sync()
+        begin()
+        marks.append(time.perf_counter())
+
+    def stop() -> None:
+        sync()
+        marks.append(time.perf_counter())
+        end()
+
+    trainer.train_epoch(Window(batches, lead, n, start, stop))
+    return marks[1] - marks[0]
+
+
+def gpu_busy(trainer: Any, batches: Any, lead: int, n: int) -> tuple[float, float]:
+    """Share of wall time the GPU spends in kernels over steps lead..lead+n-1 of an epoch on
+    `batches` (torch profiler, CUDA activity only), and the kernel milliseconds per step: against
+    the unprofiled step time (`s_per_step`) the latter gives the busy share without the profiler's
+    host overhead."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        trainer.train_epoch(batches)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
+    # CPU: a dry run (no device time, so 0)
+    prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
+    wall = run_window(trainer, batches, lead, n, prof.start, prof.stop)
     kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
-    return round(kernel_us / 1e6 / wall, 3), round(kernel_us / 1e3 / len(batches), 1)
+    return round(kernel_us / 1e6 / wall, 3), round(kernel_us / 1e3 / n, 1)
+
+
+def nvml_busy(trainer: Any, batches: Any, lead: int, n: int, period_ms: int = 50) -> dict[str, Any]:
+    """GPU busy without a profiler: the driver's own utilization (NVML `utilization.gpu`: the share
+    of its sample period in which a kernel ran, the figure nvidia-smi shows), read every
+    `period_ms` by nvidia-smi over steps lead..lead+n-1 of an epoch on `batches`. A reading covers
+    the period before it (1/6 s to 1 s by product), so readings in the window's first second are
+    left out. Device 0 of CUDA_VISIBLE_DEVICES or the first GPU."""
+    import datetime
+    import threading
+
+    device = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    cmd = ["nvidia-smi", "-i", device, "--query-gpu=timestamp,utilization.gpu"]
+    cmd += ["--format=csv,noheader,nounits", "-lms", str(period_ms)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    readings: list[tuple[datetime.datetime, float]] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            stamp, _, value = line.strip().rpartition(", ")
+            try:
+                readings.append((datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f"), float(value)))
+            except ValueError:  # "[N/A]" or a partial line
+                continue
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    span: list[datetime.datetime] = []
+
+    def mark() -> None:
+        span.append(datetime.datetime.now())
+
+    try:
+        time.sleep(2 * period_ms / 1e3)  # nvidia-smi's first reading
+        wall = run_window(trainer, batches, lead, n, mark, mark)
+        time.sleep(2 * period_ms / 1e3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+    first, last = span[0] + datetime.timedelta(seconds=1), span[1]
+    inside = [value for stamp, value in readings if first <= stamp <= last]
+    return {
+        "gpu_busy_nvml": round(statistics.mean(inside) / 100, 3) if inside else None,
+        "nvml_readings": len(inside),
+        "nvml_window_s": round(wall, 2),
+        "nvml_s_per_step": round(wall / n, 3),
+    }
 
 
 def host_profile(trainer: Any, batches: Any, top: int = 25) -> list[str]:
@@ -491,7 +675,18 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
-    parser.add_argument("--profile", type=int, default=0, help="then profile this many steps for GPU busy")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="then profile this many steps for GPU busy (inside an epoch)"
+    )
+    parser.add_argument(
+        "--profile-epoch",
+        type=int,
+        default=0,
+        help="then profile an epoch of this many steps, its start and end included (the old window)",
+    )
+    parser.add_argument(
+        "--nvml", type=int, default=0, help="then this many steps unprofiled, GPU busy read by nvidia-smi"
+    )
     parser.add_argument("--hostprof", type=int, default=0, help="then cProfile this many steps (host time)")
     parser.add_argument("--syncs", action="store_true", help="then count device syncs of one step by site")
     parser.add_argument(
@@ -518,8 +713,10 @@ def main() -> None:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
         except subprocess.TimeoutExpired as exc:
+            err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+            lines = [ln for ln in err.replace("\r", "\n").splitlines() if "/s]" not in ln and "/s," not in ln]
             proc = subprocess.CompletedProcess(
-                cmd, -9, str(exc.stdout or ""), f"timeout after {args.timeout} s"
+                cmd, -9, "", "\n".join(lines)[-2500:] + f"\ntimeout after {args.timeout} s"
             )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
