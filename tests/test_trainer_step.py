@@ -1,11 +1,14 @@
 """`sync_once`: our training step against sam3's own `Trainer._run_step`, on the same model, batches and
 loss terms: same gradients, same logged values in the same order, same meters, whether a step's values
 are read at its end or in the next step; a non-finite loss still stops the run, before any weight could
-move or before the next optimizer step. `compile_model`: the first step eager."""
+move or before the next optimizer step. `compile_model`: the first step eager. gc: frozen after the first
+step, thawed after `run`."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,6 +17,14 @@ import torch
 from sam3.train.trainer import Trainer as Sam3Trainer
 
 from sam3ft.train.trainer import HostFloats, Trainer
+
+
+@pytest.fixture(autouse=True)
+def unfrozen_gc() -> Iterator[None]:
+    """Steps here freeze gc (`_freeze_gc`) outside `run`: thawed for the tests after each."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
 
 
 class Recorder:
@@ -47,7 +58,7 @@ def _trainer(cls: type, sync_once: bool, scale: float = 1.0, accum: int = 1) -> 
     model.no_sync = contextlib.nullcontext
     trainer.model = model
     trainer.sync_once = sync_once
-    trainer.compile_model, trainer._eager_step_done = False, False
+    trainer.compile_model, trainer._eager_step_done, trainer._gc_frozen = False, False, False
     trainer._queued, trainer._steps_left = [], 0  # as Trainer.__init__ sets them
     trainer.scale = scale
     trainer.steps = {"train": 0}
@@ -216,3 +227,46 @@ def test_a_checkpoint_is_replaced_in_one_step(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer._save_checkpoint({"epoch": 3}, str(path))
     assert torch.load(path, weights_only=True) == {"epoch": 2}
+
+
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_gc_leaves_what_lives_after_the_first_step_alone(compile_model):
+    """The objects alive after the first training step (with `compile_model`: the first compiled
+    one, the process's second) go to gc's permanent generation, which its collections skip; once."""
+    trainer = _trainer(Trainer, sync_once=True)
+    if compile_model:
+        torch._dynamo.reset()
+        trainer.compile_model = True
+        trainer.model.forward = torch.compile(trainer.model.forward, backend="eager")
+    frozen = []
+    for batch in _batches(3):
+        trainer._run_step(batch, "train", *_meters())
+        frozen.append(gc.get_freeze_count())
+    torch._dynamo.reset()
+    first = 1 if compile_model else 0  # the step after which gc froze
+    assert frozen[:first] == [0] * first
+    assert frozen[first] > 0
+    # not frozen again, so later objects stay collectable (frozen ones still go when unreferenced)
+    assert all(count <= frozen[first] for count in frozen[first + 1 :])
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_run_thaws_gc_at_its_end(monkeypatch, fails):
+    """`run` (upstream's epochs) freezes gc after the first step and thaws it when it ends, also by
+    an error, so a process that trains twice (tests, notebooks) collects the first run's objects."""
+
+    def run(self: Any) -> None:
+        self._run_step(_batches(1)[0], "train", *_meters())
+        assert gc.get_freeze_count() > 0
+        if fails:
+            raise FloatingPointError("Loss is nan")
+
+    monkeypatch.setattr(Sam3Trainer, "run", run)
+    trainer = _trainer(Trainer, sync_once=False)
+    if fails:
+        with pytest.raises(FloatingPointError):
+            trainer.run()
+    else:
+        trainer.run()
+    assert gc.get_freeze_count() == 0
+    assert trainer._gc_frozen is False
