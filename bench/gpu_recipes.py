@@ -253,8 +253,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         logged.append((name, float(data.detach()) if hasattr(data, "detach") else float(data), step))
 
     step_logging.StepLogger.log = capture  # type: ignore[method-assign]
-    gc2: list[tuple[float, float]] = []  # (when, ms) of each generation-2 collection
-    pauses = gc_pauses(gc2)
+    pauses = gc_pauses()
     t0 = time.perf_counter()
     trainer = instantiate(cfg.trainer, _recursive_=False)
     build_s = time.perf_counter() - t0
@@ -274,13 +273,13 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         return batches.take(n)
 
     timed_logs = list(logged)  # the profiled steps below run slower: not part of the timing
-    gc_timed = {gen: list(ms) for gen, ms in pauses.items()}
+    gc_timed = {gen: list(each) for gen, each in pauses.items()}
     # what one generation-2 collection costs now: a full collection, timed (after gc_freeze's
-    # freeze it walks only what was made since)
+    # freeze it walks only what was made since); not one of the run's own
     gc.collect()
-    gc_full_ms = pauses[2][-1]
-    for ms in pauses.values():
-        ms.clear()
+    _, gc_full_ms = pauses[2][-1]
+    for each in pauses.values():
+        each.clear()
     figures: dict[str, Any] = {}
 
     def say(what: str) -> None:
@@ -353,13 +352,13 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         # Python's garbage collections by generation (count, total ms, longest ms): in the timed
         # run (its compiling step included), then in the measuring passes after it
-        "gc_timed": {gen: summary(ms) for gen, ms in gc_timed.items()},
-        "gc_after": {gen: summary(ms) for gen, ms in pauses.items()},
-        # each generation-2 collection: [the step it ran in, counted over all passes; ms]
+        "gc_timed": {gen: summary(each) for gen, each in gc_timed.items()},
+        "gc_after": {gen: summary(each) for gen, each in pauses.items()},
         "gc_full_ms": round(gc_full_ms, 1),
         "gc_tracked": len(gc.get_objects()),  # not frozen, after the passes
         "gc_frozen": gc.get_freeze_count(),
-        "gc2_steps": [[sum(t < at for t in step_ends), round(ms)] for at, ms in gc2],
+        # each generation-2 collection: [the step it ran in, counted over all passes; ms]
+        "gc2_steps": [[sum(t < at for t in step_ends), round(ms)] for at, ms in gc_timed[2] + pauses[2]],
         **figures,
     }
 
@@ -367,18 +366,18 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
 STEP_TIME = "Step_Stats/train/Batch Time"
 
 
-def summary(ms: list[float]) -> list[int]:
+def summary(pauses: list[tuple[float, float]]) -> list[int]:
     """count, total ms, longest ms"""
+    ms = [each for _, each in pauses]
     return [len(ms), round(sum(ms)), round(max(ms, default=0))]
 
 
-def gc_pauses(gen2: list[tuple[float, float]]) -> dict[int, list[float]]:
-    """Milliseconds of every garbage collection from now on, by generation (gc.callbacks); each
-    generation-2 one also as (when, ms) in `gen2`. A generation-2 collection walks every tracked
-    object, and torch.compile leaves millions."""
+def gc_pauses() -> dict[int, list[tuple[float, float]]]:
+    """Every garbage collection from now on, by generation (gc.callbacks), as (when it ended, ms).
+    A generation-2 collection walks every tracked object, and torch.compile leaves millions."""
     import gc
 
-    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    pauses: dict[int, list[tuple[float, float]]] = {0: [], 1: [], 2: []}
     started = [0.0]
 
     def record(phase: str, info: dict[str, Any]) -> None:
@@ -386,9 +385,7 @@ def gc_pauses(gen2: list[tuple[float, float]]) -> dict[int, list[float]]:
             started[0] = time.perf_counter()
         else:
             now = time.perf_counter()
-            pauses[info["generation"]].append((now - started[0]) * 1e3)
-            if info["generation"] == 2:
-                gen2.append((now, (now - started[0]) * 1e3))
+            pauses[info["generation"]].append((now, (now - started[0]) * 1e3))
 
     gc.callbacks.append(record)
     return pauses
@@ -714,9 +711,10 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
         except subprocess.TimeoutExpired as exc:
             err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
-            lines = [ln for ln in err.replace("\r", "\n").splitlines() if "/s]" not in ln and "/s," not in ln]
+            # the log without tqdm's progress lines
+            kept = [ln for ln in err.replace("\r", "\n").splitlines() if "/s]" not in ln and "/s," not in ln]
             proc = subprocess.CompletedProcess(
-                cmd, -9, "", "\n".join(lines)[-2500:] + f"\ntimeout after {args.timeout} s"
+                cmd, -9, "", "\n".join(kept)[-2500:] + f"\ntimeout after {args.timeout} s"
             )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
