@@ -285,6 +285,13 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     def say(what: str) -> None:
         print(f"pass: {what} ({time.perf_counter() - t0:.0f} s in)", file=sys.stderr, flush=True)
 
+    # the unprofiled pass first: the profiler leaves garbage that sets off full collections in the
+    # steps after it, which would weigh on the gc_freeze=false runs alone
+    if args.nvml:
+        say(f"{args.nvml} steps, nvidia-smi")
+        before = len(logged)
+        figures.update(nvml_busy(trainer, more(LEAD + args.nvml + 1), LEAD, args.nvml))
+        figures["nvml_step_s"] = [round(v, 3) for n, v, _ in logged[before:] if n == STEP_TIME]
     if args.profile:
         say(f"profile {args.profile} steps inside an epoch")
         # inside an epoch: LEAD steps before the window and one after it, so the window holds
@@ -296,11 +303,6 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         # the window before the eleventh session: an epoch of its own, start and end included
         busy, ms = gpu_busy(trainer, more(args.profile_epoch), 0, args.profile_epoch)
         figures["gpu_busy_own_epoch"], figures["gpu_ms_per_step_own_epoch"] = busy, ms
-    if args.nvml:
-        say(f"{args.nvml} steps, nvidia-smi")
-        before = len(logged)
-        figures.update(nvml_busy(trainer, more(LEAD + args.nvml + 1), LEAD, args.nvml))
-        figures["nvml_step_s"] = [round(v, 3) for n, v, _ in logged[before:] if n == STEP_TIME]
     if args.hostprof:
         figures["host_top"] = host_profile(trainer, more(args.hostprof))
     if args.syncs:
