@@ -264,8 +264,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     batches = Batches(trainer.train_dataset)
     trainer.train_epoch(batches.take(args.steps))
     # each measuring pass below is an epoch of its own, so the schedulers' `where` keeps rising
-    # (restarting it at 0 with the step count still rising can divide by zero in sam3's
-    # InverseSquareRootParamScheduler)
+    # (restarting it at 0 with the step count still rising would make the schedule's inferred
+    # step count nonsense)
     trainer.max_epochs = trainer.epoch + 5
 
     def more(n: int) -> Any:

@@ -187,3 +187,34 @@ def test_gradient_clipper_clips_as_sam3s() -> None:
         assert before.norm() > 0.5 and torch.cat([g.flatten() for g in after]).norm() <= 0.5 + 1e-6
         grads.append(after)
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_schedule_equals_upstream_and_survives_steps_equal_to_warmup() -> None:
+    """Our schedule gives upstream's learning rate wherever upstream computes one, and one more
+    where upstream divides by zero: a run of exactly `warmup_steps` steps."""
+    from sam3.train.optim.schedulers import InverseSquareRootParamScheduler
+
+    kwargs = {"base_lr": 8e-4, "warmup_steps": 4, "cooldown_steps": 4, "timescale": 20}
+    ours, upstream = optim.InverseSquareRootSchedule(**kwargs), InverseSquareRootParamScheduler(**kwargs)
+    compared = 0
+    for total in (5, 12, 144):
+        for step in range(total):
+            where = step / total
+            assert ours(step, where) == pytest.approx(upstream(step, where), rel=1e-12, abs=0.0)
+            compared += 1
+    assert compared == 161
+    # 4 steps in all, warmup 4: upstream's unused progress divides by total - warmup = 0
+    with pytest.raises(ZeroDivisionError):
+        upstream(1, 1 / 4)
+    lrs = [ours(step, step / 4) for step in range(4)]
+    # warmup ramps step / 4; cooldown (4 - step) / 4; no decay before the warmup ends
+    assert lrs == pytest.approx([8e-4 * (s / 4) * ((4 - s) / 4) for s in range(4)], rel=1e-12)
+    assert lrs[2] > 0
+
+
+def test_trainer_config_uses_our_schedule() -> None:
+    """The composed trainer config names our schedule, not upstream's."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "train" / "sam3ft.yaml").read_text())
+    assert cfg["lr_scheduler"]["_target_"] == "sam3ft.train.optim.InverseSquareRootSchedule"

@@ -72,6 +72,18 @@ def test_accumulation_and_frozen_groups(tmp_path, shipped_params):
     assert not (tmp_path / "scratch/train/checkpoints").exists()  # tracked copy made, scratch freed
 
 
+def test_a_run_as_long_as_its_warmup_trains(tmp_path, shipped_params):
+    """24 images at batch 6 for one epoch is 4 steps, as many as warmup_steps: upstream's schedule
+    divides by zero there at the second step (train/optim.py InverseSquareRootSchedule)."""
+    path = workspace(tmp_path, shipped_params, max_epochs=1, batch_size=6, warmup_steps=4, cooldown_steps=4)
+    finish(train(path))
+    rows = (tmp_path / "train/dvclive-steps/plots/metrics/step/lr_group0.tsv").read_text().splitlines()[1:]
+    lrs = [float(row.split("\t")[1]) for row in rows]
+    # warmup s / 4 times cooldown (4 - s) / 4 for s = 0..3, no decay before the warmup ends
+    assert lrs == pytest.approx([max(lrs) * x for x in (0.0, 0.75, 1.0, 0.75)], rel=1e-9)
+    assert max(lrs) > 0
+
+
 def test_killed_run_resumes_to_the_same_checkpoint(tmp_path, shipped_params):
     """Killed after epoch 2's checkpoint of 3 and resumed: the same checkpoint and stats, byte for
     byte. (This case drifted by float rounding while TorchScript optimized sam3's scripted loss

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from sam3.train.optim.optimizer import GradientClipper as Sam3GradientClipper
+from sam3.train.optim.schedulers import InverseSquareRootParamScheduler
 from torch.amp.grad_scaler import OptState
 
 from sam3ft.params import OPTIMIZERS  # the names params.yaml accepts; each one is built below
@@ -54,6 +55,25 @@ class GradientClipper(Sam3GradientClipper):  # type: ignore[misc]  # sam3 ships 
         if self.norm_type == 2 and handover is not None and handover(self.max_norm, self._params):
             return  # adamw_bf16's kernel clips as it updates: no pass over the gradients here
         torch.nn.utils.clip_grad_norm_(self._params, max_norm=self.max_norm, norm_type=self.norm_type)
+
+
+class InverseSquareRootSchedule(InverseSquareRootParamScheduler):  # type: ignore[misc]  # untyped
+    """sam3's inverse-square-root learning-rate schedule with linear warmup and cooldown, the same
+    value at every step, without the division that crashes a run whose step count equals
+    `warmup_steps`: upstream computes a `progress` it never uses, dividing by
+    (total steps - warmup_steps) (sam3/train/optim/schedulers.py:24). Say 24 training images,
+    `batch_size: 6`, `max_epochs: 1` and `warmup_steps: 4`: ZeroDivisionError at the second step."""
+
+    def __call__(self, step: int, where: float) -> float:
+        total_steps = step / where if where > 0 else 1
+        lr = float(self.base_lr)
+        if self.warmup_steps < step:
+            lr /= math.sqrt((step + self.timescale - self.warmup_steps) / self.timescale)
+        if self.warmup_steps:
+            lr *= min(1.0, step / self.warmup_steps)
+        if self.cooldown_steps:
+            lr *= min(1.0, (total_steps - step) / self.cooldown_steps)
+        return lr
 
 
 class DeviceGradScaler(torch.amp.GradScaler):
