@@ -78,3 +78,42 @@ def test_submitit_job_trains(shipped_params, tmp_path):
     assert [s["Trainer/epoch"] for s in stats] == [0]
     assert json.loads((tmp_path / "train/run/launch.json").read_text())["launcher"] == "slurm"
     assert list((tmp_path / "scratch/train/submitit").glob("*_result.pkl"))  # submitit ran the job
+
+
+@pytest.mark.parametrize(
+    ("world", "batch", "accum", "fix"),
+    [
+        (1, 30, 1, "set trainer.batch_size: 24 or less"),
+        (1, 6, 8, "set trainer.batch_size: 3 or less (or lower trainer.grad_accum)"),
+        (1, 1, 30, "set trainer.grad_accum: 1 and trainer.batch_size: 24 or less"),
+        (32, 1, 1, "train on at most 24 process(es)"),
+    ],
+)
+def test_a_run_without_a_step_is_refused(tmp_path, world, batch, accum, fix):
+    """24 training images: each case would train no optimizer step in any epoch."""
+    trainer = SimpleNamespace(world_size=world, batch_size=batch, grad_accum=accum)
+    with pytest.raises(ConfigError) as refused:
+        train.check_steps(trainer, 24, tmp_path / "train")
+    message = str(refused.value)
+    assert f"trainer.batch_size={batch} x trainer.grad_accum={accum}" in message
+    assert str(tmp_path / "train" / "_annotations.coco.json") in message
+    assert refused.value.fix.startswith(fix)
+
+
+def test_a_run_with_one_step_per_epoch_passes(tmp_path):
+    for world, batch, accum in ((1, 24, 1), (1, 3, 8), (2, 6, 2), (24, 1, 1)):
+        train.check_steps(SimpleNamespace(world_size=world, batch_size=batch, grad_accum=accum), 24, tmp_path)
+
+
+def test_train_stage_refuses_before_writing_anything(shipped_params, tmp_path):
+    """The check runs in the stage before any config, scratch or output exists."""
+    for key in ("base", "prepared", "train", "eval", "export", "scratch"):
+        shipped_params["paths"][key] = str(tmp_path / key)
+    shipped_params["paths"]["data"] = str(REPO / "data")
+    shipped_params["trainer"].update(batch_size=30)
+    path = write_params(tmp_path / "params.yaml", shipped_params)
+    fetch.run(params.load(fetch.SECTIONS, path))
+    prepare.run(params.load(prepare.SECTIONS, path))
+    with pytest.raises(ConfigError, match=r"has 24 training image\(s\).*every epoch would train no step"):
+        train.run(params.load(train.SECTIONS, path))
+    assert not (tmp_path / "train").exists() and not (tmp_path / "scratch").exists()

@@ -168,6 +168,29 @@ def count_images(split_dir: Path) -> int:
     return len(json.loads((split_dir / ANNOTATIONS_FILE).read_text())["images"])
 
 
+def check_steps(trainer: Any, train_images: int, split_dir: Path) -> None:
+    """Refuse a run whose epochs would hold no optimizer step. The loader drops a last batch short
+    of `batch_size`, and the images a process gets short of a whole accumulation, so such a run
+    would finish "successfully" with the model as it started and its metrics."""
+    world, accum = trainer.world_size, trainer.grad_accum
+    per_process = train_images // world
+    if trainer.batch_size * accum <= per_process:
+        return
+    if per_process == 0:
+        fix = f"train on at most {train_images} process(es) (trainer.num_gpus x num_nodes), or add images"
+    elif per_process // accum >= 1:
+        fix = f"set trainer.batch_size: {per_process // accum} or less (or lower trainer.grad_accum)"
+    else:
+        fix = f"set trainer.grad_accum: 1 and trainer.batch_size: {per_process} or less"
+    raise ConfigError(
+        f"params.yaml: trainer.batch_size={trainer.batch_size} x trainer.grad_accum={accum} = "
+        f"{trainer.batch_size * accum} images per optimizer step per process, but "
+        f"{split_dir / ANNOTATIONS_FILE} has {train_images} training image(s), {per_process} for each of "
+        f"{world} process(es): every epoch would train no step",
+        fix=fix,
+    )
+
+
 def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
     """Refuse, with numbers, a run that cannot fit the disk (or, on CUDA, the GPU) before it starts."""
     n_params, n_trained = param_counts(
@@ -195,8 +218,10 @@ def run(p: dict[str, Any]) -> None:
     check_devices(trainer, p["launcher"])
     if trainer.segmentation:
         check_masks(data_dir / "train")
+    train_images = count_images(data_dir / "train")
+    check_steps(trainer, train_images, data_dir / "train")
     scratch = Path(paths.scratch) / "train"
-    knobs = trainer_knobs(p, spec, manifest, base_dir, data_dir, scratch, count_images(data_dir / "train"))
+    knobs = trainer_knobs(p, spec, manifest, base_dir, data_dir, scratch, train_images)
     cfg = compose_trainer_config(knobs, name=config_name(trainer.segmentation))
     preflight(spec, trainer, Path(paths.train).resolve().parent, base_dir / VOCAB_NAME)
     fingerprint: dict[str, Any] = {
