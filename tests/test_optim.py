@@ -210,11 +210,3 @@ def test_schedule_equals_upstream_and_survives_steps_equal_to_warmup() -> None:
     # warmup ramps step / 4; cooldown (4 - step) / 4; no decay before the warmup ends
     assert lrs == pytest.approx([8e-4 * (s / 4) * ((4 - s) / 4) for s in range(4)], rel=1e-12)
     assert lrs[2] > 0
-
-
-def test_trainer_config_uses_our_schedule() -> None:
-    """The composed trainer config names our schedule, not upstream's."""
-    import yaml
-
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "train" / "sam3ft.yaml").read_text())
-    assert cfg["lr_scheduler"]["_target_"] == "sam3ft.train.optim.InverseSquareRootSchedule"
