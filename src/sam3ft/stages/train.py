@@ -88,9 +88,7 @@ def trainer_knobs(
         # the trainer counts forward passes (micro-batches) as steps
         "world_size": trainer.world_size,
         # rank 0's forward passes: each rank gets 1/world of the images (DistributedSampler)
-        "total_steps": trainer.max_epochs
-        * (train_images // trainer.world_size // (trainer.batch_size * trainer.grad_accum))
-        * trainer.grad_accum,
+        "total_steps": trainer.max_epochs * updates_per_epoch(trainer, train_images) * trainer.grad_accum,
     }
 
 
@@ -168,14 +166,20 @@ def count_images(split_dir: Path) -> int:
     return len(json.loads((split_dir / ANNOTATIONS_FILE).read_text())["images"])
 
 
+def updates_per_epoch(trainer: Any, train_images: int) -> int:
+    """Optimizer steps in one process's epoch: each process gets 1/world of the images
+    (DistributedSampler), and the loader drops a last batch short of `batch_size` and the batches
+    short of a whole accumulation."""
+    return train_images // trainer.world_size // (trainer.batch_size * trainer.grad_accum)
+
+
 def check_steps(trainer: Any, train_images: int, split_dir: Path) -> None:
-    """Refuse a run whose epochs would hold no optimizer step. The loader drops a last batch short
-    of `batch_size`, and the images a process gets short of a whole accumulation, so such a run
-    would finish "successfully" with the model as it started and its metrics."""
+    """Refuse a run whose epochs would hold no optimizer step (`updates_per_epoch`): it would
+    finish "successfully" with the model as it started and its metrics."""
+    if updates_per_epoch(trainer, train_images) >= 1:
+        return
     world, accum = trainer.world_size, trainer.grad_accum
     per_process = train_images // world
-    if trainer.batch_size * accum <= per_process:
-        return
     if per_process == 0:
         fix = f"train on at most {train_images} process(es) (trainer.num_gpus x num_nodes), or add images"
     elif per_process // accum >= 1:
