@@ -73,7 +73,8 @@ def bench_only(overrides: dict[str, str]) -> None:
     cudagraphs=true: see parts_with_cudagraphs; geometry_ckpt=false: no activation checkpointing in
     the geometry encoder (eager under compile_model; its recompute runs in the backward);
     compile_loss=false: the batched loss terms eager under compile_model (as before the tenth
-    session); gc_freeze=false: no gc.freeze() after the compiling step (as before the eleventh).
+    session); gc_freeze=false: no gc.freeze() after the first training step (with compile_model:
+    the first compiled one), as before the eleventh session.
     (The whole forward compiled with CUDA graphs, the sixth and seventh sessions'
     `compile=model:cudagraphs=true:eager=geometry_encoder`, is the trainer param
     `compile_model=true` now.)"""
