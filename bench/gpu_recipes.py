@@ -59,7 +59,6 @@ BENCH_KEYS = (
     "adamw_seed",
     "tokenizer",
     "cudagraphs",
-    "geometry_ckpt",
     "compile_loss",
     "gc_freeze",
 )
@@ -70,8 +69,7 @@ def bench_only(overrides: dict[str, str]) -> None:
     another stream of adamw_bf16's rounding noise (how far runs differing only there drift apart);
     tokenizer=upstream: sam3's tokenizer, whose ids the text encoder copies to the GPU with a host
     wait each step, instead of model.build.DeviceTokenizer (for stock as upstream runs it);
-    cudagraphs=true: see parts_with_cudagraphs; geometry_ckpt=false: no activation checkpointing in
-    the geometry encoder (eager under compile_model; its recompute runs in the backward);
+    cudagraphs=true: see parts_with_cudagraphs;
     compile_loss=false: the batched loss terms eager under compile_model (as before the tenth
     session); gc_freeze=false: no gc.freeze() after the first training step (with compile_model:
     the first compiled one), as before the eleventh session.
@@ -89,17 +87,6 @@ def bench_only(overrides: dict[str, str]) -> None:
 
     if overrides.get("cudagraphs") == "true":
         parts_with_cudagraphs()
-    if overrides.get("geometry_ckpt") == "false":
-        from sam3ft.train import data
-
-        build = data.build_model
-
-        def build_without(*a: Any, **k: Any) -> Any:
-            model = build(*a, **k)
-            model.geometry_encoder.use_act_ckpt = False
-            return model
-
-        data.build_model = build_without  # type: ignore[assignment]
     if overrides.get("compile_loss") == "false":
         from sam3ft.train import loss
 
@@ -335,6 +322,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "compile_trunk": p["trainer"].compile_trunk,
         "compile_layers": p["trainer"].compile_layers,
         "act_ckpt_text": p["trainer"].act_ckpt_text,
+        "act_ckpt_geometry": p["trainer"].act_ckpt_geometry,
         "batched_loss": p["trainer"].batched_loss,
         "overrides": overrides,
         "ddp": type(trainer.model).__name__ == "DistributedDataParallel",

@@ -189,3 +189,23 @@ def test_compiled_encoder_and_decoder_layers_detect_the_same(tiny):
     ours = Predictor(compiled, 224).outputs(image, "fuse neutrals")
     torch.testing.assert_close(ours["boxes"], eager["boxes"], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(ours["scores"], eager["scores"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_act_ckpt_switches_reach_the_modules_sam3_reads_them_from(keep):
+    """`act_ckpt_text` / `act_ckpt_geometry` false: the text transformer's `grad_checkpointing` and
+    the geometry encoder's `use_act_ckpt`, the flags sam3 checks before re-running those layers in
+    the backward, are off; true (upstream): on."""
+    from sam3ft.model.spec import presets_dir
+    from sam3ft.train.data import build_trainable_model
+
+    model = build_trainable_model(
+        str(presets_dir() / "tiny.yaml"),
+        str(bundled_vocab()),
+        trainable=["geometry", "text", "heads"],
+        act_ckpt_text=keep,
+        act_ckpt_geometry=keep,
+    )
+    text = model.get_submodule("backbone.language_backbone.encoder.transformer")
+    assert text.grad_checkpointing is keep
+    assert model.get_submodule("geometry_encoder").use_act_ckpt is keep

@@ -26,13 +26,13 @@ def _losses(run: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, request) -> dict[str, Path]:
     """One epoch of the bundled sample per recipe (6 steps of 4 images), same seed for all; plus stock
-    with one device read per step and lean with upstream's activation checkpointing of the text
-    encoder (each must train and log exactly as its recipe), lean with upstream's per-layer loss,
-    and lean with the ViT trunk compiled (inductor on the CPU: about a minute more)."""
+    with one device read per step and lean with upstream's activation checkpointing of the text and
+    geometry encoders (each must train and log exactly as its recipe), lean with upstream's
+    per-layer loss, and lean with the ViT trunk compiled (inductor on the CPU: about a minute more)."""
     shipped = params.read_params(Path(request.config.rootpath) / "params.yaml")
     variants = {name: (name, {}) for name in params.recipes()}
     variants["stock+sync_once"] = ("stock", {"sync_once": True})
-    variants["lean+act_ckpt_text"] = ("lean", {"act_ckpt_text": True})
+    variants["lean+act_ckpt"] = ("lean", {"act_ckpt_text": True, "act_ckpt_geometry": True})
     variants["lean+unbatched_loss"] = ("lean", {"batched_loss": False})
     variants["lean+compiled"] = ("lean", {"compile_trunk": True, "compile_layers": True})
     out = {}
@@ -60,19 +60,21 @@ def test_recipes_train_from_the_same_start(runs):
 
 
 @pytest.mark.parametrize(
-    ("recipe", "variant", "setting"),
+    ("recipe", "variant", "settings"),
     [
         # only when the host waits for the GPU moves
-        ("stock", "stock+sync_once", "sync_once: true"),
-        # lean keeps the text encoder's activations; upstream re-runs its blocks in the backward
-        ("lean", "lean+act_ckpt_text", "act_ckpt_text: true"),
+        ("stock", "stock+sync_once", ["sync_once: true"]),
+        # lean keeps the text and geometry encoders' activations; upstream re-runs their layers
+        # (dropout included) in the backward
+        ("lean", "lean+act_ckpt", ["act_ckpt_text: true", "act_ckpt_geometry: true"]),
     ],
 )
-def test_variant_trains_and_logs_exactly_as_its_recipe(runs, recipe, variant, setting):
+def test_variant_trains_and_logs_exactly_as_its_recipe(runs, recipe, variant, settings):
     """Every step's logged values, the epoch's loss meters and the trained weights are identical."""
     base, other = runs[recipe], runs[variant]
-    assert setting in (other / "train/run/trainer_config.yaml").read_text()
-    assert setting not in (base / "train/run/trainer_config.yaml").read_text()
+    for setting in settings:
+        assert setting in (other / "train/run/trainer_config.yaml").read_text()
+        assert setting not in (base / "train/run/trainer_config.yaml").read_text()
     stats = "train/run/train_stats.json"
     assert (base / stats).read_text() == (other / stats).read_text()
     # every step's values; sync_once reads a step's losses in the next step, after its lr was logged

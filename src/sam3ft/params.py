@@ -32,6 +32,7 @@ RECIPE_KEYS = (
     "compile_layers",
     "compile_model",
     "act_ckpt_text",
+    "act_ckpt_geometry",
     "batched_loss",
 )
 T = TypeVar("T")
@@ -204,6 +205,11 @@ class Trainer:
     """Activation checkpointing in the text encoder (as upstream); false: its activations are kept
     and the backward pass skips re-running its blocks. Same numbers; for the full model about 7%
     less step time for 0.07 GB more per image (bench/gpu_recipes.md, call 23)."""
+    act_ckpt_geometry: bool = True
+    """Activation checkpointing in the geometry encoder (as upstream); false: its activations are
+    kept and the backward pass skips re-running its layers in Python. Same numbers; for the full
+    model 0.03 GB more per image (calls 22-23); with compile_model at batch 1 the step's host time
+    drops by the recompute (H200: 0.149 -> 0.140 s per step, GPU busy 77.6 -> 82.1%, calls 61-62)."""
     batched_loss: bool = False
     """Compute sam3's box and classification loss terms for all decoder layers at once
     (train/loss.py) instead of once per layer and query set (upstream: 12 passes for SAM3), and

@@ -196,6 +196,7 @@ def build_trainable_model(
     compile_layers: bool = False,
     compile_model: bool = False,
     act_ckpt_text: bool = True,
+    act_ckpt_geometry: bool = True,
     stacked_matching: bool = False,
 ) -> torch.nn.Module:
     """The model for the trainer, with every parameter outside `trainable` groups frozen;
@@ -219,6 +220,11 @@ def build_trainable_model(
         # on an H100, 1.335 -> 1.247 s per step for 0.63 GB more peak (bench/gpu_recipes.md, call 23)
         text: Any = model.get_submodule("backbone.language_backbone.encoder.transformer")
         text.grad_checkpointing = False
+    if not act_ckpt_geometry:
+        # its layers' recompute runs eager in the backward even under compile_model: 14.5 ms of
+        # host time per step at batch 1 (bench/gpu_recipes.md, call 49's trace; call 62)
+        geometry: Any = model.get_submodule("geometry_encoder")
+        geometry.use_act_ckpt = False
     return model
 
 

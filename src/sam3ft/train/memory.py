@@ -42,19 +42,24 @@ class Activations:
     """GB independent of batch and parameters."""
     text_kept_gb: float
     """GB more per image when the text encoder trains with `act_ckpt_text: false`."""
+    geometry_kept_gb: float
+    """GB more per image when the backward runs through the geometry encoder with
+    `act_ckpt_geometry: false`."""
     backward_end_gb: float
     """GB in use besides weights, gradients and moments when the backward pass ends (no DDP)."""
 
 
 MEASURED = {
     # text_kept_gb: lean batch 9, 23.36 GB without the text encoder's checkpointing, 22.73 with it
-    # (call 23); backward_end_gb: lean batch 1, 10.59 GB with an optimizer step that allocates
-    # nothing (call 24). bench/gpu_recipes.md
+    # (call 23); geometry_kept_gb: lean batch 9, 23.60 GB with the geometry encoder unchecked too
+    # (call 22), (23.60 - 23.36) / 9; backward_end_gb: lean batch 1, 10.59 GB with an optimizer
+    # step that allocates nothing (call 24). bench/gpu_recipes.md
     "sam3": Activations(
         trunk_backward_gb=1.77,
         frozen_trunk_gb=0.90,
         constant_gb=0.15,
         text_kept_gb=0.07,
+        geometry_kept_gb=0.027,
         backward_end_gb=0.40,
     ),
 }
@@ -81,6 +86,9 @@ def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Any) 
     per_image = act.trunk_backward_gb if through_trunk else act.frozen_trunk_gb
     if "text" in trainer.trainable and getattr(trainer, "act_ckpt_text", True) is False:
         per_image += act.text_kept_gb
+    through_geometry = through_trunk or bool({"neck", "geometry"} & set(trainer.trainable))
+    if through_geometry and getattr(trainer, "act_ckpt_geometry", True) is False:
+        per_image += act.geometry_kept_gb
     how += f", {per_image:.2f} GB activations per image (measured)"
     if not trainer.amp:
         per_image, how = 2 * per_image, how + " x 2 for fp32 (amp off; assumed, not measured)"
