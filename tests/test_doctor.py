@@ -202,6 +202,13 @@ def test_invalid_params_fail_and_remotes_still_checked(repo, shipped_params):
     assert "disk" not in checks and "remote bundled" in checks
 
 
+def test_invalid_params_in_another_file_name_that_file(repo, shipped_params):
+    shipped_params["trainer"]["batch_size"] = 0
+    path = write_params(repo / "gpu.yaml", shipped_params)
+    detail = by_name(doctor.run_checks(path, repo))["params"].detail
+    assert detail.startswith(f"{path}: trainer.batch_size=0 is invalid")
+
+
 def test_resolution_must_match_preset(repo, shipped_params):
     shipped_params["model"]["preset"] = "sam3"
     write_params(repo / "params.yaml", shipped_params)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import REPO, write_params
@@ -94,3 +96,24 @@ def test_compile_model_refuses_what_it_was_not_checked_with(tmp_path, shipped_pa
     with pytest.raises(ConfigError, match=r"trainer\.compile_model=True is invalid") as err:
         params.load(["trainer"], path)
     assert err.value.fix is not None and fix in err.value.fix
+
+
+def test_a_stage_run_on_another_params_file_names_that_file(tmp_path, capsys):
+    """`sam3ft stage train --params gpu.yaml`: the error names gpu.yaml, not params.yaml."""
+    from sam3ft.__main__ import main as cli
+
+    data = params.read_params(REPO / "params.yaml")
+    data["trainer"]["batch_size"] = 0
+    path = write_params(tmp_path / "gpu.yaml", data)
+    with pytest.raises(SystemExit) as exit_:
+        cli(["stage", "train", "--params", str(path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"[train] error: {path}: trainer.batch_size=0 is invalid" in err and "params.yaml" not in err
+
+
+def test_in_file_keeps_the_default_name_and_other_messages():
+    message = "params.yaml: trainer.batch_size=0 is invalid"
+    assert params.in_file(message, params.DEFAULT_PARAMS) == message
+    assert params.in_file(message, Path("runs/gpu.yaml")) == "runs/gpu.yaml: trainer.batch_size=0 is invalid"
+    assert params.in_file("model preset 'x' not found", Path("gpu.yaml")) == "model preset 'x' not found"

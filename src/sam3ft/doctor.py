@@ -120,7 +120,8 @@ def load_params(path: Path) -> tuple[Check, dict[str, Any] | None]:
     try:
         p = params_module.load(list(params_module.SECTIONS), path)
     except ConfigError as exc:
-        detail = f"{exc.message} (model, accelerator, vram, disk, secrets, threads not checked)"
+        message = params_module.in_file(exc.message, path)
+        detail = f"{message} (model, accelerator, vram, disk, secrets, threads not checked)"
         return Check("FAIL", "params", detail, exc.fix or "see README"), None
     return Check("OK", "params", f"{path}: {len(p)} sections valid"), p
 

@@ -474,6 +474,15 @@ def section_from_dict(cls: type[T], data: Any, name: str) -> T:
     return cls(**values)
 
 
+def in_file(message: str, path: Path) -> str:
+    """Errors about params start with "params.yaml:", the file DVC runs the stages with; for a run
+    on another file (`--params`), that file's name instead."""
+    prefix = f"{DEFAULT_PARAMS}:"
+    if Path(path) == DEFAULT_PARAMS or not message.startswith(prefix):
+        return message
+    return f"{path}:{message[len(prefix) :]}"
+
+
 def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """The raw YAML mapping of params.yaml."""
     try:

@@ -35,5 +35,5 @@ def stage_main(name: str, sections: list[str], run: Callable[[dict[str, Any]], N
     try:
         run(params_module.load(sections, args.params))
     except Sam3ftError as exc:
-        print(f"[{name}] error: {exc}", file=sys.stderr)
+        print(f"[{name}] error: {params_module.in_file(str(exc), args.params)}", file=sys.stderr)
         sys.exit(2)
