@@ -257,13 +257,30 @@ def _clipped_steps(
     return [p.detach().cpu() for p in model.parameters()], scales
 
 
+LR_MAX = 1e-2  # the larger of _clipped_steps' two group learning rates
+
+
+def _assert_equal_up_to_rounding_flips(b: torch.Tensor, a: torch.Tensor, steps: int) -> None:
+    """Weights of two paths whose gradients differ by float rounding only (a norm summed in another
+    order: a few fp32 ulps). Both update from the same fp32 moments, so an element differs by a few
+    ulps of its update, unless those ulps tipped a stochastic rounding of a bf16 moment the other
+    way: that moment is then one bf16 step (2**-8 relative, 2**-9 for the root of v) off in every
+    later update. Adam's normalised step |m/sqrt(v)| stays below 4 here, so each step can move such
+    an element by at most LR_MAX * 4 * (2**-8 + 2**-9) more. Flips are rare (a few ulps against the
+    2**16 ulps of fp32 between two bf16 values), whichever CPU or GPU computes the sums."""
+    diff = (b - a).abs()
+    assert (diff <= steps * LR_MAX * 4 * (2**-8 + 2**-9)).all(), f"max {diff.max()}"
+    tight = diff <= 1e-6 + 1e-5 * a.abs()  # a few ulps of the update, relative to the weight
+    assert tight.float().mean() >= 0.99, f"{(~tight).sum()} of {a.numel()} elements off by more than rounding"
+
+
 def test_unscaling_and_clipping_in_the_update_equal_torchs_passes() -> None:
     """DeviceGradScaler and the clipper hand their passes to the kernel: the weights of torch's
     unscale_ + clip_grad_norm_ (the norm is summed in another order: within float rounding)."""
     torch_passes, scales = _clipped_steps(handover=False)
     in_kernel, scales_kernel = _clipped_steps(handover=True)
     for a, b in zip(torch_passes, in_kernel, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        _assert_equal_up_to_rounding_flips(b, a, steps=3)
     assert scales == scales_kernel == [2.0**12] * 3
 
 
@@ -274,7 +291,7 @@ def test_an_inf_handed_to_the_update_skips_the_step_and_halves_the_scale() -> No
     in_kernel, scales_kernel = _clipped_steps(handover=True, inf_at=1)
     assert scales == scales_kernel == [2.0**12, 2.0**11, 2.0**11]
     for a, b in zip(torch_passes, in_kernel, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        _assert_equal_up_to_rounding_flips(b, a, steps=2)  # the skipped step moves nothing
     skipped, _ = _clipped_steps(handover=True, inf_at=2)  # the last step skipped: the weights of two
     two_steps, _ = _clipped_steps(handover=True, steps=2)
     assert all(torch.equal(a, b) for a, b in zip(skipped, two_steps, strict=True))
