@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +34,34 @@ def shipped_params() -> dict[str, Any]:
 def write_params(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def checkout_copy(dst: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """A new git repo at `dst` holding what a fresh clone of this checkout would (tracked and
+    untracked-but-not-ignored files, committed); returns the environment to run its stages and DVC
+    in: this venv's tools first on PATH, the copy's own `src/` on PYTHONPATH."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, listed.split("\0")):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        PYTHONPATH="src",  # the copy's own code, not the editable install's checkout
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+        **(extra_env or {}),
+    )
+    env.pop("OMP_NUM_THREADS", None)  # the stages must pin threads themselves
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=dst, env=env, check=True)
+    return env

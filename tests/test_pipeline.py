@@ -7,8 +7,6 @@ fake secrets planted in the environment; each test then checks one promise on th
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, checkout_copy
 
 pytestmark = pytest.mark.slow
 
@@ -36,44 +34,10 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> s
     return result
 
 
-def copy_worktree(dst: Path) -> None:
-    """Tracked and untracked-but-not-ignored files: what a fresh clone of this commit would hold."""
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for rel in filter(None, listed):
-        src = REPO / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     repo = tmp_path_factory.mktemp("clone")
-    copy_worktree(repo)
-    bin_dir = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_"))}
-    env.update(
-        FAKE_SECRETS,
-        PATH=f"{bin_dir}:{env['PATH']}",
-        PYTHONPATH="src",  # the clone's own code, not the editable install's checkout
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-    )
-    env.pop("OMP_NUM_THREADS", None)  # the stages must pin threads themselves
-    run(["git", "init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "clone"], repo, env)
+    env = checkout_copy(repo, FAKE_SECRETS)
     dvc = [sys.executable, "-m", "dvc"]
     run([*dvc, "pull", "data.dvc"], repo, env)
     start = time.monotonic()

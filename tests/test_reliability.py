@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -10,10 +12,12 @@ import textwrap
 
 import pytest
 import torch
+import yaml
 
-from sam3ft import compat
+from conftest import checkout_copy, write_params
 from sam3ft.errors import Sam3ftError
 from sam3ft.io import atomic_dir
+from sam3ft.train.trainer import Trainer
 
 
 def test_stage_output_survives_a_kill_and_the_next_run_cleans_up(tmp_path):
@@ -54,10 +58,8 @@ def test_an_error_inside_leaves_the_previous_output(tmp_path):
 
 
 def test_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    """sam3's own _save_checkpoint, with the disk filling up half-way through torch.save."""
-    from sam3.train.trainer import Trainer
-
-    compat.apply()
+    """Our Trainer's _save_checkpoint (the one the pipeline runs), the disk filling up half-way
+    through torch.save."""
     path = tmp_path / "checkpoint.pt"
     Trainer._save_checkpoint(None, {"model": {"w": torch.ones(4)}}, str(path))
     before = path.read_bytes()
@@ -77,16 +79,60 @@ def test_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(tmp_path, mo
 
 
 def test_other_write_errors_are_not_disguised(tmp_path, monkeypatch):
-    from sam3.train.trainer import Trainer
-
-    compat.apply()
-
     def denied(obj, f, *args, **kwargs):
         raise OSError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(torch, "save", denied)
     with pytest.raises(OSError, match="Permission denied"):
         Trainer._save_checkpoint(None, {"w": torch.ones(1)}, str(tmp_path / "c.pt"))
+    assert not (tmp_path / "c.pt.tmp").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 80 MB tmpfs: room for one tiny-model checkpoint (51 MB with AdamW), not for its successor
+    beside it. Mounting needs root, as CI runs."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_train_stage_on_a_full_disk_explains_and_resumes_after_space_is_freed(tmp_path, small_disk):
+    """The real pipeline: `dvc repro train` with the trainer's scratch folder on a disk that fills up
+    at the second epoch's checkpoint. One message with the space needed, the first checkpoint
+    intact, no temporary file; once the disk is larger, `dvc repro train` resumes and finishes."""
+    repo = tmp_path / "repo"
+    env = checkout_copy(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["paths"]["scratch"] = str(small_disk)
+    params["trainer"]["max_epochs"] = 3
+    write_params(repo / "params.yaml", params)
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "pull", "-q", "data.dvc"], cwd=repo, env=env, check=True)
+    failed = subprocess.run([*dvc, "repro", "train"], cwd=repo, env=env, capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert re.search(
+        r"\[train\] error: disk full while writing \S+checkpoint\.pt: it needs ~0\.05 GB, [\d.]+ GB free; "
+        r"the previous checkpoint is intact\s+fix: free at least [\d.]+ GB",
+        failed.stderr,
+    ), failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr
+    checkpoints = small_disk / "train" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint.pt"]  # no .tmp left
+    assert torch.load(checkpoints / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    subprocess.run(["mount", "-o", "remount,size=300m", str(small_disk)], check=True)
+    resumed = subprocess.run([*dvc, "repro", "train"], cwd=repo, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr, resumed.stderr[-4000:]
+    stats = json.loads((repo / "artifacts/train/run/train_stats.json").read_text())
+    assert [s["Trainer/epoch"] for s in stats] == [0, 1, 2]
 
 
 def test_dvc_gitignore_in_the_output_folder_survives(tmp_path):

@@ -5,18 +5,13 @@ Each patch names the sam3 file and line it works around. All are idempotent.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-
-from sam3ft.errors import Sam3ftError
 
 _APPLIED: set[str] = set()
 SECRET_MARKERS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "CREDENTIAL", "AUTH", "SESSION")
@@ -81,42 +76,6 @@ def _mem_meter_update(self: Any, n: int = 1, reset_peak_usage: bool = True) -> N
     self.peak = max(self.peak, self.val)
 
 
-def checkpoint_bytes(checkpoint: Any) -> int:
-    """Tensor bytes in a (nested) checkpoint: what torch.save will write, give or take metadata."""
-    if isinstance(checkpoint, torch.Tensor):
-        return checkpoint.numel() * checkpoint.element_size()
-    if isinstance(checkpoint, dict):
-        return sum(checkpoint_bytes(v) for v in checkpoint.values())
-    if isinstance(checkpoint, (list, tuple)):
-        return sum(checkpoint_bytes(v) for v in checkpoint)
-    return 0
-
-
-def _save_or_explain(save: Callable[..., Any]) -> Callable[..., Any]:
-    """sam3/train/trainer.py:381 writes `<name>.tmp` then renames it over the previous checkpoint.
-    On a full disk it dies with a bare OSError and leaves the partial .tmp behind; this removes the
-    .tmp (the previous checkpoint is untouched: it is only replaced after a complete write) and says
-    how much space the checkpoint needs."""
-
-    @functools.wraps(save)
-    def wrapper(self: Any, checkpoint: Any, checkpoint_path: str) -> Any:
-        try:
-            return save(self, checkpoint, checkpoint_path)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            tmp = Path(f"{checkpoint_path}.tmp")
-            tmp.unlink(missing_ok=True)
-            need, free = checkpoint_bytes(checkpoint) / 1e9, shutil.disk_usage(tmp.parent).free / 1e9
-            raise Sam3ftError(
-                f"disk full while writing {checkpoint_path}: it needs ~{need:.2f} GB, {free:.2f} GB free; "
-                "the previous checkpoint is intact",
-                fix=f"free at least {max(need - free, 0):.2f} GB, then `dvc repro` resumes from it",
-            ) from exc
-
-    return wrapper
-
-
 def apply() -> None:
     """Install every workaround that applies to this machine."""
     import sam3.train.trainer as trainer_module
@@ -126,9 +85,6 @@ def apply() -> None:
         from sam3.train.utils import train_utils
 
         trainer_module.log_env_variables = log_env_names_only  # type: ignore[attr-defined]
-        trainer_module.Trainer._save_checkpoint = _save_or_explain(  # type: ignore[method-assign]
-            trainer_module.Trainer._save_checkpoint
-        )
         train_utils.MemMeter.update = _mem_meter_update  # type: ignore[method-assign]
         # per call: CPU tensors take the PyTorch branch, also on a machine with a GPU
         loss_fns.sigmoid_focal_loss = _focal_loss_plain_off_gpu(loss_fns.sigmoid_focal_loss)

@@ -31,7 +31,8 @@ def stage_main(name: str, sections: list[str], run: Callable[[dict[str, Any]], N
     parser = argparse.ArgumentParser(prog=f"python -m sam3ft.stages.{name}")
     parser.add_argument("--params", type=Path, default=params_module.DEFAULT_PARAMS)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
+    # force: importing sam3 already installed a root handler, which would swallow these lines
+    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s", force=True)
     try:
         run(params_module.load(sections, args.params))
     except Sam3ftError as exc:

@@ -5,12 +5,15 @@ model whose training forward is compiled with CUDA graphs gets its first step ea
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +21,7 @@ import torch.distributed as dist
 from sam3.train.trainer import Trainer as Sam3Trainer
 from sam3.train.utils.train_utils import AverageMeter, get_amp_type
 
+from sam3ft.errors import Sam3ftError
 from sam3ft.train.optim import DeviceGradScaler, GradientClipper
 from sam3ft.train.transfer import unpack
 
@@ -83,6 +87,17 @@ class _HeldLogger:
         return getattr(self.logger, name)
 
 
+def checkpoint_bytes(checkpoint: Any) -> int:
+    """Tensor bytes in a (nested) checkpoint: what torch.save will write, give or take metadata."""
+    if isinstance(checkpoint, torch.Tensor):
+        return checkpoint.numel() * checkpoint.element_size()
+    if isinstance(checkpoint, dict):
+        return sum(checkpoint_bytes(v) for v in checkpoint.values())
+    if isinstance(checkpoint, (list, tuple)):
+        return sum(checkpoint_bytes(v) for v in checkpoint)
+    return 0
+
+
 class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type information
     """sam3's Trainer plus
 
@@ -143,11 +158,25 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
     def _save_checkpoint(self, checkpoint: dict[str, Any], checkpoint_path: str) -> None:
         """Upstream's save through a temporary file, moved over the old checkpoint in one atomic
         `os.replace`. Upstream removes the old checkpoint before moving the new one in
-        (sam3/train/trainer.py:381), so a kill between the two left no checkpoint at all and the
-        resumed run started over (seen once in tests/test_train.py's kill-and-resume test)."""
-        tmp = f"{checkpoint_path}.tmp"
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+        (sam3/train/trainer.py:381), so a kill between the two left no checkpoint at all. A write
+        that fails removes its partial temporary file; on a full disk the error says how much space
+        is needed. The previous checkpoint is untouched either way, so the next run resumes from it."""
+        tmp = Path(f"{checkpoint_path}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+        except (OSError, RuntimeError) as exc:
+            tmp.unlink(missing_ok=True)
+            need, free = checkpoint_bytes(checkpoint) / 1e9, shutil.disk_usage(tmp.parent).free / 1e9
+            # torch's zip writer reports a full disk as RuntimeError ("unexpected pos ..."), not ENOSPC
+            if getattr(exc, "errno", None) != errno.ENOSPC and free >= need:
+                raise
+            raise Sam3ftError(
+                f"disk full while writing {checkpoint_path}: it needs ~{need:.2f} GB, {free:.2f} GB free; "
+                "the previous checkpoint is intact",
+                fix=f"free at least {max(need - free, 0.01):.2f} GB on {tmp.parent}, then `dvc repro` "
+                "resumes from it",
+            ) from exc
         os.replace(tmp, checkpoint_path)
 
     def _step(self, batch: Any, model: torch.nn.Module, phase: str) -> Any:
