@@ -65,3 +65,16 @@ def checkout_copy(dst: Path, extra_env: dict[str, str] | None = None) -> dict[st
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=dst, env=env, check=True)
     return env
+
+
+def cpu_type() -> dict[str, object]:
+    """What decides which float kernels torch, MKL and oneDNN run: the vendor and the vector
+    instruction sets. Two machines that agree here computed the same bits in every run we have
+    (bench/results/cpu_repro.jsonl); the model number does not matter (VMs report their own)."""
+    first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    isa = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx", "amx", "fma", "f16c")))
+    return {"vendor": fields.get("vendor_id", ""), "isa": isa}
+
+
+LOCK_CPU = REPO / "tests" / "lock_cpu.json"  # the CPU type the committed dvc.lock was made on

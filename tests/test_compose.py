@@ -52,8 +52,9 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
     """No knob is dead: perturbing any one trainer value changes the resolved trainer config."""
     baseline = resolved_yaml(compose_trainer_config(knobs_for(loaded)).trainer)
     # GPUs and amp cannot be switched on here (validated); the dead-knob check proves the trainer
-    # reads amp; num_gpus/num_nodes go to the launcher (tests/test_launch.py)
-    changed = {"num_gpus": None, "num_nodes": None, "amp": None}
+    # reads amp; num_gpus/num_nodes go to the launcher (tests/test_launch.py), allow_cpu to the
+    # pre-flight (tests/test_check.py)
+    changed = {"num_gpus": None, "num_nodes": None, "amp": None, "allow_cpu": None}
     for field in dataclasses.fields(params.Trainer):
         value = getattr(loaded["trainer"], field.name)
         if field.name in changed:

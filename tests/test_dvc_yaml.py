@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import LOCK_CPU, REPO
+from sam3ft import params
 
 SRC = REPO / "src"
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -79,3 +81,23 @@ def test_stage_params_match_what_it_loads(stage):
     module = importlib.import_module(STAGES[stage]["cmd"].split("-m ", 1)[1].split()[0])
     declared = {p.split(".")[0] for p in STAGES[stage]["params"]}
     assert declared == set(module.SECTIONS), f"{stage}: dvc.yaml params {declared} vs code {module.SECTIONS}"
+
+
+def test_every_stage_runs_after_the_check():
+    """The check stage comes first: DVC deletes outputs only of stages it is about to run."""
+    for name, stage in STAGES.items():
+        if name != "check":
+            assert "${paths.check}" in stage["deps"], name
+    assert STAGES["check"]["outs"] == ["${paths.check}"]
+    assert set(STAGES["check"]["params"]) == set(params.SECTIONS)
+
+
+def test_lock_cpu_record_names_the_committed_checkpoint():
+    """tests/lock_cpu.json says which CPU type made dvc.lock; it must describe this dvc.lock."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    (out,) = [o for o in lock["stages"]["train"]["outs"] if o["path"].endswith("checkpoint.pt")]
+    record = json.loads(LOCK_CPU.read_text())
+    assert record["train_checkpoint_md5"] == out["md5"], (
+        "dvc.lock was re-made: rewrite tests/lock_cpu.json with this machine's cpu_type() "
+        f"(tests/conftest.py) and {out['md5']}"
+    )

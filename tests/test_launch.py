@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, write_params
-from sam3ft import params
+from sam3ft import params, preflight
 from sam3ft.errors import ConfigError
 from sam3ft.stages import fetch, prepare, train
 from sam3ft.train.launch import slurm_parameters
@@ -45,14 +45,15 @@ def test_slurm_job_fields():
 
 
 def test_gpu_count_is_checked_before_anything_starts(shipped_params, tmp_path):
-    shipped_params["trainer"]["num_gpus"] = torch.cuda.device_count() + 1
+    gpus = torch.cuda.device_count()
+    shipped_params["trainer"]["num_gpus"] = gpus + 1
     loaded = params.load(train.SECTIONS, write_params(tmp_path / "p.yaml", shipped_params))
     with pytest.raises(ConfigError, match=r"this machine has \d+ CUDA device"):
-        train.check_devices(loaded["trainer"], loaded["launcher"])
+        preflight.check_devices(loaded["model"], loaded["trainer"], loaded["launcher"], 4e6, gpus)
     shipped_params["trainer"].update(num_gpus=1, num_nodes=2)
     loaded = params.load(train.SECTIONS, write_params(tmp_path / "p.yaml", shipped_params))
     with pytest.raises(ConfigError, match=r"needs launcher\.kind: slurm"):
-        train.check_devices(loaded["trainer"], loaded["launcher"])
+        preflight.check_devices(loaded["model"], loaded["trainer"], loaded["launcher"], 4e6, gpus)
 
 
 def test_effective_batch_is_recorded():
@@ -93,7 +94,7 @@ def test_a_run_without_a_step_is_refused(tmp_path, world, batch, accum, fix):
     """24 training images: each case would train no optimizer step in any epoch."""
     trainer = SimpleNamespace(world_size=world, batch_size=batch, grad_accum=accum)
     with pytest.raises(ConfigError) as refused:
-        train.check_steps(trainer, 24, tmp_path / "train")
+        preflight.check_steps(trainer, 24, tmp_path / "train" / "_annotations.coco.json")
     message = str(refused.value)
     assert f"trainer.batch_size={batch} x trainer.grad_accum={accum}" in message
     assert str(tmp_path / "train" / "_annotations.coco.json") in message
@@ -102,7 +103,9 @@ def test_a_run_without_a_step_is_refused(tmp_path, world, batch, accum, fix):
 
 def test_a_run_with_one_step_per_epoch_passes(tmp_path):
     for world, batch, accum in ((1, 24, 1), (1, 3, 8), (2, 6, 2), (24, 1, 1)):
-        train.check_steps(SimpleNamespace(world_size=world, batch_size=batch, grad_accum=accum), 24, tmp_path)
+        preflight.check_steps(
+            SimpleNamespace(world_size=world, batch_size=batch, grad_accum=accum), 24, tmp_path
+        )
 
 
 def test_train_stage_refuses_before_writing_anything(shipped_params, tmp_path):

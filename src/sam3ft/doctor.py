@@ -27,6 +27,7 @@ from packaging.utils import canonicalize_name
 from sam3ft import params as params_module
 from sam3ft.errors import ConfigError
 from sam3ft.model.spec import ModelSpec, load_preset
+from sam3ft.preflight import PRESETS
 
 Status = Literal["OK", "WARN", "FAIL"]
 GB = 1e9  # decimal gigabytes, as df -H and nvidia-smi's GB show them
@@ -45,20 +46,6 @@ class Check:
     name: str
     detail: str
     fix: str = ""
-
-
-@dataclass(frozen=True)
-class PresetFacts:
-    """What doctor knows about a model preset without building it (sam3 is too big to build here)."""
-
-    params: float
-    """Parameter count."""
-
-
-PRESETS = {
-    "sam3": PresetFacts(840e6),
-    "tiny": PresetFacts(4.3e6),
-}
 
 
 # -- 1. versions ---------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ class Paths:
     """evaluate output: metrics.json and COCO predictions."""
     export: str
     """export output: safetensors weights and model.json."""
+    check: str
+    """check output: a small JSON file every other stage depends on, so the check runs first."""
     scratch: str
     """Trainer working directory (logs with timestamps, tensorboard); never tracked."""
 
@@ -167,6 +169,9 @@ class Trainer:
     (added to presets without one) and the neck levels feeding it. false: boxes only, those frozen."""
     num_nodes: int = 1
     """Machines (SLURM nodes) with num_gpus each; more than 1 needs launcher.kind: slurm."""
+    allow_cpu: bool = False
+    """Let a preset sized for GPUs (sam3) train with num_gpus 0: hours per step on a CPU, so it is
+    refused unless asked for here."""
     recipe: str = "stock"
     """configs/recipes/<name>.yaml: values for optimizer, trainable and lora_* left null here."""
     optimizer: str = "adamw"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -12,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from sam3ft import params as params_module
+from sam3ft.console import quiet_known_warnings
 from sam3ft.errors import Sam3ftError
+
+quiet_known_warnings()  # this package runs before each stage module's imports
 
 
 def pin_threads(threads: int) -> None:
@@ -37,4 +41,13 @@ def stage_main(name: str, sections: list[str], run: Callable[[dict[str, Any]], N
         run(params_module.load(sections, args.params))
     except Sam3ftError as exc:
         print(f"[{name}] error: {params_module.in_file(str(exc), args.params)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # a full disk outside the checkpoint writes (those say more themselves)
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(
+            f"[{name}] error: disk full writing {exc.filename or 'an output'}\n"
+            "  fix: free space on that disk, then run `dvc repro` again (finished stages are kept)",
+            file=sys.stderr,
+        )
         sys.exit(2)

@@ -14,14 +14,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+from sam3ft.console import stdout_to
 from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb, train_checkpoints_gb
 from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
 from sam3ft.model.spec import ModelSpec, load_spec_file
+from sam3ft.preflight import check_devices, check_steps, preset_params, updates_per_epoch, visible_gpus
 from sam3ft.stages import pin_threads
 from sam3ft.train.compose import CONFIG_NAME, compose_trainer_config, resolved_yaml
 from sam3ft.train.data import trained_groups
@@ -66,7 +67,7 @@ def trainer_knobs(
         )
     on_gpu = trainer.accelerator == "cuda"
     weights = manifest["weights"]
-    consumed_elsewhere = ("num_gpus", "num_nodes", "recipe")  # launcher; params.with_recipe
+    consumed_elsewhere = ("num_gpus", "num_nodes", "recipe", "allow_cpu")  # launcher; with_recipe; preflight
     return {
         **{k: v for k, v in dataclasses.asdict(trainer).items() if k not in consumed_elsewhere},
         "accelerator": trainer.accelerator,
@@ -124,21 +125,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def check_devices(trainer: Any, launcher: Any) -> None:
-    """Refuse a GPU count this machine cannot run (SLURM jobs get theirs from the cluster)."""
-    if trainer.num_nodes > 1 and launcher.kind != "slurm":
-        raise ConfigError(
-            f"params.yaml: trainer.num_nodes={trainer.num_nodes} needs launcher.kind: slurm",
-            fix="set launcher.kind: slurm (and its partition), or num_nodes: 1",
-        )
-    visible = torch.cuda.device_count()
-    if launcher.kind == "local" and trainer.num_gpus > visible:
-        raise ConfigError(
-            f"params.yaml: trainer.num_gpus={trainer.num_gpus} but this machine has {visible} CUDA device(s)",
-            fix=f"set trainer.num_gpus to at most {visible} (0 = CPU), or use launcher.kind: slurm",
-        )
-
-
 def launch(cfg: Any, trainer: Any, launcher: Any, scratch: Path) -> None:
     """This machine (one process per GPU) or a SLURM job; both run sam3's trainer unchanged."""
     if launcher.kind == "slurm":
@@ -166,35 +152,6 @@ def count_images(split_dir: Path) -> int:
     return len(json.loads((split_dir / ANNOTATIONS_FILE).read_text())["images"])
 
 
-def updates_per_epoch(trainer: Any, train_images: int) -> int:
-    """Optimizer steps in one process's epoch: each process gets 1/world of the images
-    (DistributedSampler), and the loader drops a last batch short of `batch_size` and the batches
-    short of a whole accumulation."""
-    return train_images // trainer.world_size // (trainer.batch_size * trainer.grad_accum)
-
-
-def check_steps(trainer: Any, train_images: int, split_dir: Path) -> None:
-    """Refuse a run whose epochs would hold no optimizer step (`updates_per_epoch`): it would
-    finish "successfully" with the model as it started and its metrics."""
-    if updates_per_epoch(trainer, train_images) >= 1:
-        return
-    world, accum = trainer.world_size, trainer.grad_accum
-    per_process = train_images // world
-    if per_process == 0:
-        fix = f"train on at most {train_images} process(es) (trainer.num_gpus x num_nodes), or add images"
-    elif per_process // accum >= 1:
-        fix = f"set trainer.batch_size: {per_process // accum} or less (or lower trainer.grad_accum)"
-    else:
-        fix = f"set trainer.grad_accum: 1 and trainer.batch_size: {per_process} or less"
-    raise ConfigError(
-        f"params.yaml: trainer.batch_size={trainer.batch_size} x trainer.grad_accum={accum} = "
-        f"{trainer.batch_size * accum} images per optimizer step per process, but "
-        f"{split_dir / ANNOTATIONS_FILE} has {train_images} training image(s), {per_process} for each of "
-        f"{world} process(es): every epoch would train no step",
-        fix=fix,
-    )
-
-
 def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
     """Refuse, with numbers, a run that cannot fit the disk (or, on CUDA, the GPU) before it starts."""
     n_params, n_trained = param_counts(
@@ -219,11 +176,11 @@ def run(p: dict[str, Any]) -> None:
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
     manifest, spec = load_base(base_dir, p["model"].preset)
     spec = spec.with_mask_head(trainer.segmentation)  # the architecture that trains
-    check_devices(trainer, p["launcher"])
+    check_devices(p["model"], trainer, p["launcher"], preset_params(p["model"].preset), visible_gpus())
     if trainer.segmentation:
         check_masks(data_dir / "train")
     train_images = count_images(data_dir / "train")
-    check_steps(trainer, train_images, data_dir / "train")
+    check_steps(trainer, train_images, data_dir / "train" / ANNOTATIONS_FILE)
     scratch = Path(paths.scratch) / "train"
     knobs = trainer_knobs(p, spec, manifest, base_dir, data_dir, scratch, train_images)
     cfg = compose_trainer_config(knobs, name=config_name(trainer.segmentation))
@@ -236,7 +193,8 @@ def run(p: dict[str, Any]) -> None:
     }
     if prepare_scratch(scratch, fingerprint):
         log.info("resuming from %s (same params, data and code)", scratch / "checkpoints")
-    launch(cfg, trainer, p["launcher"], scratch)
+    with stdout_to(scratch / "logs" / "stdout.txt"):  # sam3's prints; its log lines are in log.txt
+        launch(cfg, trainer, p["launcher"], scratch)
     logs = scratch / "logs"
     train_stats, val_stats = (read_stats(logs, name) for name in STATS_FILES)
     if len(train_stats) != trainer.max_epochs:
