@@ -54,3 +54,15 @@ def test_every_step_reaches_the_steps_file_and_every_third_tensorboard(
     assert logged(LOSS) == [(0, 10.0), (3, 7.0), (6, 4.0)]
     assert [step for step, _ in logged("Optim/1_/lr")] == [0, 3, 6]
     assert logged("Trainer/epoch") == [(0, 1.0)]
+
+
+def test_secret_names_are_told_by_whole_words():
+    """The trainer's environment log names secret-looking variables; a TOKEN inside a longer word
+    (TOKENIZERS_PARALLELISM) or a path setting (AWS_CA_BUNDLE) is not one."""
+    from sam3ft.compat import is_secret_name
+
+    secret = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"]
+    secret += ["AWS_SESSION_TOKEN", "SAM3FT_API_KEY", "GITHUB_TOKEN", "DB_PASSWORD", "AZURE_STORAGE_SAS_TOKEN"]
+    plain = ["TOKENIZERS_PARALLELISM", "AWS_CA_BUNDLE", "AWS_REGION", "AWS_ENDPOINT_URL", "PATH", "KEYBOARD"]
+    assert [n for n in secret if not is_secret_name(n)] == []
+    assert [n for n in plain if is_secret_name(n)] == []

@@ -139,3 +139,13 @@ def test_has_masks_needs_every_annotation(mask_gt_path):
     del coco["annotations"][0]["segmentation"]
     assert not has_masks(coco)
     assert not has_masks({"annotations": []})
+
+
+def test_specificity_is_undefined_without_negative_images():
+    """A split whose every image has ground truth has no negatives: specificity is None, not 0.0."""
+    from sam3ft.metrics.image_level import confusion
+
+    c = confusion({1: True, 2: True}, {1: 0.9, 2: 0.1}, threshold=0.5)
+    assert (c.tp, c.fn, c.fp, c.tn) == (1, 1, 0, 0)
+    assert c.specificity is None and c.summary()["specificity"] is None
+    assert c.precision == 1.0 and c.recall == 0.5

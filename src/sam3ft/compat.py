@@ -8,19 +8,23 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 _APPLIED: set[str] = set()
-SECRET_MARKERS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "CREDENTIAL", "AUTH", "SESSION")
+# words of a variable name (split at "_") that mark its value as a credential
+SECRET_WORDS = {"TOKEN", "SECRET", "KEY", "APIKEY", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS"}
+SECRET_WORDS |= {"AUTH", "SESSION", "SAS", "CONNECTION"}  # Azure's SAS tokens, connection strings
 
 
 def is_secret_name(name: str) -> bool:
-    """Environment variable names whose values must never be written anywhere."""
-    upper = name.upper()
-    return upper.startswith("AWS_") or any(marker in upper for marker in SECRET_MARKERS)
+    """Environment variable names whose values must never be written anywhere: HF_TOKEN,
+    AWS_SECRET_ACCESS_KEY, ... by whole words, so TOKENIZERS_PARALLELISM or AWS_CA_BUNDLE are not."""
+    words = name.upper().split("_")
+    return any(w in SECRET_WORDS or w.endswith(("TOKEN", "SECRET", "PASSWORD")) for w in words)
 
 
 def log_env_names_only() -> None:
@@ -34,6 +38,29 @@ def log_env_names_only() -> None:
         len(hidden),
         ", ".join(hidden) or "none",
     )
+
+
+def _console_warnings_only(setup: Callable[..., Any]) -> Callable[..., Any]:
+    """sam3/train/utils/logger.py:185 `setup_logging` prints every INFO line (the model summary:
+    hundreds of lines) to stdout, and makes its logger the new root after emptying the old root's
+    handlers. Here the console shows warnings only, the log file keeps everything, and the stage's
+    own handlers (`[train] ...` lines) are put back on the root our loggers propagate to."""
+
+    @functools.wraps(setup)
+    def wrapper(name: str, *args: Any, **kwargs: Any) -> Any:
+        ours = logging.Logger.root  # the root our module loggers hang under
+        handlers = list(ours.handlers)
+        result = setup(name, *args, **kwargs)
+        sam3_logger = logging.getLogger(name)
+        sam3_logger.propagate = False  # its lines go to its own handlers, not to ours as well
+        for handler in sam3_logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+                handler.setStream(sys.__stderr__)  # the terminal, also while stdout goes to a file
+                handler.setLevel(max(handler.level, logging.WARNING))
+        ours.handlers = handlers
+        return result
+
+    return wrapper
 
 
 def _without_pin_memory(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -85,6 +112,7 @@ def apply() -> None:
         from sam3.train.utils import train_utils
 
         trainer_module.log_env_variables = log_env_names_only  # type: ignore[attr-defined]
+        trainer_module.setup_logging = _console_warnings_only(trainer_module.setup_logging)  # type: ignore[attr-defined]
         train_utils.MemMeter.update = _mem_meter_update  # type: ignore[method-assign]
         # per call: CPU tensors take the PyTorch branch, also on a machine with a GPU
         loss_fns.sigmoid_focal_loss = _focal_loss_plain_off_gpu(loss_fns.sigmoid_focal_loss)

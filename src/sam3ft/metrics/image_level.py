@@ -1,7 +1,8 @@
 """Image-level detection: does an image contain the object at all? (the pilot's confusion matrix)
 
 An image is actually positive when it has at least one ground-truth box, predicted positive when at
-least one detection scores >= the threshold. Undefined ratios (0/0) are reported as 0.0.
+least one detection scores >= the threshold. Precision, recall and F1 of 0/0 are reported as 0.0;
+specificity without any negative image is undefined and reported as None (null in metrics.json).
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ class Confusion:
         return _ratio(self.tp, self.tp + self.fn)
 
     @property
-    def specificity(self) -> float:
-        return _ratio(self.tn, self.tn + self.fp)
+    def specificity(self) -> float | None:
+        """Share of negative images called negative; None where the split has none."""
+        return _ratio(self.tn, self.tn + self.fp) if self.tn + self.fp else None
 
     @property
     def f1(self) -> float:
         return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
 
-    def summary(self) -> dict[str, float | int]:
+    def summary(self) -> dict[str, float | int | None]:
         return {
             **asdict(self),
             "precision": self.precision,
