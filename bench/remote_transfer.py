@@ -138,7 +138,7 @@ def clean_env(aws_dir: Path) -> dict[str, str]:
 
 
 def use_bucket(repo: Path, env: dict[str, str], endpoint: str) -> None:
-    """Endpoint and keys in the git-ignored .dvc/config.local, as the README says."""
+    """Endpoint and keys in the git-ignored .dvc/config.local, as docs/remotes.md says."""
     for option, value in (
         ("endpointurl", endpoint),
         ("access_key_id", KEY_ID),
