@@ -13,7 +13,7 @@ Every copy is checked bit for bit, and HTTP 5xx answers of the server are counte
 clients retry them; the time includes that). Writes a Markdown report (device, command, date,
 versions, every number) to --out. Not a unit test: run it by hand from the repo root, venv active:
 
-    python bench/remote_transfer.py                 # 1 GiB, 3 repeats -> bench/RESULTS.md
+    python bench/remote_transfer.py                 # 1 GiB, 3 repeats -> bench/results/remote_transfer.md
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def clean_env(aws_dir: Path) -> dict[str, str]:
 
 
 def use_bucket(repo: Path, env: dict[str, str], endpoint: str) -> None:
-    """Endpoint and keys in the git-ignored .dvc/config.local, as the README says."""
+    """Endpoint and keys in the git-ignored .dvc/config.local, as docs/remotes.md says."""
     for option, value in (
         ("endpointurl", endpoint),
         ("access_key_id", KEY_ID),
@@ -294,7 +294,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="payload size; moto holds it in RAM")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median reported)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS.md")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "remote_transfer.md")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="parent of the temp repos (default TMPDIR)"
     )

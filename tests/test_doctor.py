@@ -234,7 +234,7 @@ def test_exit_code_is_nonzero_exactly_on_fail(monkeypatch, capsys, statuses, cod
 
 
 def _bench_rows() -> list[dict]:
-    rows = [json.loads(line) for line in (REPO / "bench/gpu_recipes.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (REPO / "bench/results/gpu_recipes.jsonl").read_text().splitlines()]
     return [r for r in rows if "peak_gb" in r]
 
 
@@ -247,7 +247,7 @@ def test_counts_match_the_models_trained_on_the_gpu():
 
 
 def test_vram_estimate_within_15_percent_of_every_measured_peak():
-    """Every recipe and batch measured in bench/gpu_recipes.jsonl (H100, H200), with and without the
+    """Every recipe and batch measured in bench/results/gpu_recipes.jsonl (H100, H200), with and without the
     DDP wrapper; measured spread: -0.9% .. +1.6%."""
     spec = load_preset("sam3")
     rows = _bench_rows()

@@ -164,7 +164,7 @@ def test_token_ids_wait_on_the_text_encoders_device_once_per_caption_list():
             torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(tokenizer(captions, context_length=text.context_length).cpu(), upstream)
         # a compiled forward calls the tokenizer as it is: traced, its pinned copy failed in dynamo
-        # ("NYI: aten._pin_memory.default", bench/gpu_recipes.md call 35)
+        # ("NYI: aten._pin_memory.default" on a GPU)
         fresh = ["a fuse box"]
         traced = torch.compile(lambda: tokenizer(fresh, context_length=text.context_length), backend="eager")
         assert torch.equal(traced().cpu(), reference(fresh, context_length=text.context_length))

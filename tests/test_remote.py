@@ -77,7 +77,7 @@ def dvc_fails(repo: Path, env: dict[str, str], *args: str) -> str:
 
 
 def set_local(repo: Path, env: dict[str, str], **options: str) -> None:
-    """`storage` options in the git-ignored .dvc/config.local, as the README says."""
+    """`storage` options in the git-ignored .dvc/config.local, as docs/remotes.md says."""
     for option, value in options.items():
         dvc(repo, env, "remote", "modify", "--local", "storage", option, value)
 
@@ -326,9 +326,9 @@ def test_remote_errors_are_clear_and_leave_the_workspace_unchanged(case, s3, env
 
 
 def test_remote_gc_policy_keeps_history_and_experiments(pulled, experiment, env):
-    """README's S3 gc, dry, from clone B once it has fetched every experiment: `--all-commits
+    """docs/remotes.md's S3 gc, dry, from clone B once it has fetched every experiment: `--all-commits
     --all-experiments --cloud` deletes nothing; `--workspace --cloud` would delete the experiment's
-    checkpoint from S3 (the command the README forbids)."""
+    checkpoint from S3 (the command docs/remotes.md forbids)."""
     dvc(pulled, env, "exp", "pull", "origin", "--all-commits", "--no-cache")
     safe = dvc(pulled, env, "gc", "--all-commits", "--all-experiments", "--cloud", "--dry", "-f")
     assert "Removing" not in safe and "No unused cache to remove from remote." in safe

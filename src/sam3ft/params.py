@@ -188,7 +188,7 @@ class Trainer:
     gradients are allocated only from the backward pass on (3.3 GB less for the full model)."""
     sync_once: bool = False
     """Read a training step's loss values from the GPU once, copied after the backward pass and
-    read in the next step; false: once per term and logger (upstream: 293 more waits per step).
+    read in the next step; false: once per term and logger, a host wait each (as upstream).
     Same values and logs; a non-finite loss stops training one step later, before the next
     optimizer step."""
     compile_trunk: bool = False
@@ -201,20 +201,20 @@ class Trainer:
     compile_model: bool = False
     """torch.compile the model's whole training forward with CUDA graphs (mode reduce-overhead;
     train/data.compile_training_forward): the first step runs eager, the second compiles (4-5
-    minutes for the full model), validation stays eager. Full model, lean, batch 1 on an H100:
-    3.78x eager's images/s at the same peak memory (bench/gpu_recipes.md, eighth session). With
-    batched_loss, the loss's batched terms are compiled too (dynamic shapes, no CUDA graphs: their
-    sizes change with the objects in a batch; 1.06x the step, call 53). One training process
-    only; instead of compile_trunk and compile_layers, not with them."""
+    minutes for the full model), validation stays eager; same peak memory, the host's kernel
+    launches replayed as graphs (speed-ups measured in bench/README.md). With batched_loss, the
+    loss's batched terms are compiled too (dynamic shapes, no CUDA graphs: their sizes change with
+    the objects in a batch). One training process only; instead of compile_trunk and
+    compile_layers, not with them."""
     act_ckpt_text: bool = True
     """Activation checkpointing in the text encoder (as upstream); false: its activations are kept
-    and the backward pass skips re-running its blocks. Same numbers; for the full model about 7%
-    less step time for 0.07 GB more per image (bench/gpu_recipes.md, call 23)."""
+    and the backward pass skips re-running its blocks. Same numbers; less step time for a little
+    more memory per image (train/memory.py models it)."""
     act_ckpt_geometry: bool = True
     """Activation checkpointing in the geometry encoder (as upstream); false: its activations are
-    kept and the backward pass skips re-running its layers in Python. Same numbers; for the full
-    model 0.03 GB more per image (calls 22-23); with compile_model at batch 1 the step's host time
-    drops by the recompute (H200: 0.149 -> 0.140 s per step, GPU busy 77.6 -> 82.1%, calls 61-62)."""
+    kept and the backward pass skips re-running its layers in Python. Same numbers; a little more
+    memory per image (train/memory.py models it), and the step's host time drops by the recompute,
+    which matters most with compile_model, where the host sets the step time."""
     batched_loss: bool = False
     """Compute sam3's box and classification loss terms for all decoder layers at once
     (train/loss.py) instead of once per layer and query set (upstream: 12 passes for SAM3), and

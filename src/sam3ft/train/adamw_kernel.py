@@ -3,9 +3,8 @@
 The torch path in train/optim.py concatenates each bucket's slices into fp32 temporaries and runs
 ~20 kernels per bucket. Here each element is read once (fp32 weight and grad, bf16 moments) and
 written once, with the same math: moments updated in fp32, written back with stochastic rounding,
-the weight updated from the unrounded moments. Full model on an H100 (bench/optim_step.py, call
-22): 20.7 ms per step and no temporaries, against 68.0 ms and 352 MB on torch ops (torch's fused
-fp32 AdamW: 12.8 ms).
+the weight updated from the unrounded moments: no temporaries, and a fraction of the torch path's
+step time (bench/optim_step.py measures both; results in bench/README.md).
 
 The tensors of a launch are addressed through a table of raw pointers, as apex's multi-tensor
 apply does: program i handles BLOCK elements of tensor `block_tensor[i]` from `block_start[i]`.

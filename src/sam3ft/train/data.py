@@ -216,13 +216,13 @@ def build_trainable_model(
     if compile_model:
         compile_training_forward(model)
     if not act_ckpt_text:
-        # upstream re-runs the text blocks in the backward pass, in Python: full model, lean batch 9
-        # on an H100, 1.335 -> 1.247 s per step for 0.63 GB more peak (bench/gpu_recipes.md, call 23)
+        # upstream re-runs the text blocks in the backward pass, in Python: host time per step,
+        # traded for keeping their activations (bench/LOG.md has the measured trade)
         text: Any = model.get_submodule("backbone.language_backbone.encoder.transformer")
         text.grad_checkpointing = False
     if not act_ckpt_geometry:
-        # its layers' recompute runs eager in the backward even under compile_model: 14.5 ms of
-        # host time per step at batch 1 (bench/gpu_recipes.md, call 49's trace; call 62)
+        # its layers' recompute runs eager in the backward even under compile_model: host time in
+        # every step, which sets the step time of a compiled run at batch 1
         geometry: Any = model.get_submodule("geometry_encoder")
         geometry.use_act_ckpt = False
     return model
@@ -251,7 +251,7 @@ def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
 def compile_training_forward(model: torch.nn.Module) -> None:
     """torch.compile the model's whole forward for training, in mode "reduce-overhead": on CUDA
     every compiled graph, forward and backward, replays as a CUDA graph, which takes the host's
-    kernel launches out of the step (full model, batch 1: bench/gpu_recipes.md, seventh session).
+    kernel launches out of the step.
 
     - Validation (eval mode) runs the eager forward: a compiled one would compile again.
     - The Hungarian matching stays eager: sam3's matcher runs scipy on host copies, and dynamo
@@ -261,7 +261,7 @@ def compile_training_forward(model: torch.nn.Module) -> None:
     - The trainer must run the first training step eager (`Trainer(compile_model=True)`): sam3
       fills device caches lazily on the first forward (sam3/model/position_encoding.py:123,
       sam3/model/decoder.py:336), and one filled inside a CUDA graph is overwritten by the next
-      replay (calls 37, 38).
+      replay (seen on a GPU, bench/LOG.md).
     """
     eager = model.forward
     compiled = torch.compile(eager, mode="reduce-overhead")

@@ -84,9 +84,8 @@ class StepLogger:
     - a progress bar with ETA on stderr.
 
     A SAM3 step logs ~190 scalars (36 loss terms, lr and weight decay of 73 param groups). Each
-    costs TensorBoard ~0.2 ms of the training process's host time (a protobuf, and a pure-Python
-    CRC in its writer thread, holding the GIL): ~40 ms per step, while the GPU waits
-    (bench/gpu_recipes.md, eighth session).
+    costs TensorBoard host time in the training process (a protobuf, and a pure-Python CRC in its
+    writer thread, holding the GIL) while the GPU waits, hence `tensorboard_every`.
     """
 
     def __init__(

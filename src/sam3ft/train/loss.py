@@ -3,8 +3,8 @@
 Upstream's Sam3LossWrapper runs its Boxes and IABCEMdetr losses once per output: the final decoder
 layer, each auxiliary layer, and each of those again for the one-to-many queries, 12 outputs for
 SAM3's 6 layers. That is ~1750 small kernels per step and as many autograd nodes, each queued from
-Python while the GPU waits (bench/gpu_recipes.md, call 28: 64 ms of host time for 3 ms of GPU
-work). The batched path stacks the outputs and computes every term with the same formulas on
+Python while the GPU waits: on a GPU the host time is many times the kernels' time (bench/LOG.md
+has the timeline). The batched path stacks the outputs and computes every term with the same formulas on
 (outputs, batch, queries) tensors, so one kernel serves all layers; the outputs that share a
 matcher are matched in one call (train/matching.py). Same terms under the same names in the same
 order; the values differ from upstream's only by float summation order (tests/test_loss.py).
@@ -260,7 +260,7 @@ def _compiled_terms() -> Callable[..., tuple[torch.Tensor, list[dict[str, torch.
     sizes that follow the objects (pairs, targets, padded targets) are symbolic, each its own size
     (not duck-sized: a pair count that happens to equal another size would otherwise compile again
     when it does not); the outputs' sizes stay fixed. All sizes symbolic (`dynamic=True`) failed in
-    inductor on torch 2.11 + CUDA ("NYI SymInt equality", bench/gpu_recipes.md call 51)."""
+    inductor on torch 2.11 + CUDA ("NYI SymInt equality")."""
     compiled = torch.compile(_terms)
 
     def terms(*args: Any) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:

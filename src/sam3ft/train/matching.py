@@ -4,7 +4,7 @@ Upstream matches each output apart: the one-to-one queries of the final and the 
 layers in the model's forward (sam3/model/sam3_image.py:578), the auxiliary layers' one-to-many
 queries in the loss (sam3/train/loss/sam3_loss.py:107). Each BinaryHungarianMatcherV2 call waits
 for the device 4 times (the box count, the cost matrix, two index copies from pageable memory:
-sam3/train/matcher.py:539, 614, 651, 665), 44 for a SAM3 step (bench/gpu_recipes.md, call 45).
+sam3/train/matcher.py:539, 614, 651, 665), 44 for a SAM3 step's 11 calls.
 The matcher also takes a stack of outputs with the targets repeated (`repeat_batch`,
 sam3/train/matcher.py:548): one call computes the same cost matrices and runs the same scipy
 assignment on each, so the indices are the same, for five waits (one more splits the matches).

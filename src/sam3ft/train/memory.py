@@ -12,8 +12,9 @@ Without the DDP wrapper (one process, trainer.ddp_one_process: false) gradients 
 backward pass on, so the peak is the larger of: the above less the gradients (the forward pass's
 activations, large batches), and weights + gradients + moments + a measured working set at the end
 of the backward pass (small batches).
-The per-image figures and the constant were fitted on the stock and frozen-trunk runs of
-bench/gpu_recipes.md (H100, bf16 autocast); the other recipes' peaks there are predictions.
+The per-image figures and the constant were fitted on the stock and frozen-trunk rows of
+bench/results/gpu_recipes.jsonl (H100, bf16 autocast); the other recipes' peaks there are predictions
+(tests/test_doctor.py checks every row).
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ class Activations:
 
 
 MEASURED = {
-    # text_kept_gb: lean batch 9, 23.36 GB without the text encoder's checkpointing, 22.73 with it
-    # (call 23); geometry_kept_gb: lean batch 9, 23.60 GB with the geometry encoder unchecked too
-    # (call 22), (23.60 - 23.36) / 9; backward_end_gb: lean batch 1, 10.59 GB with an optimizer
-    # step that allocates nothing (call 24). bench/gpu_recipes.md
+    # text_kept_gb: lean batch 9, 23.36 GB without the text encoder's checkpointing, 22.73 with it;
+    # geometry_kept_gb: lean batch 9, 23.60 GB with the geometry encoder unchecked too,
+    # (23.60 - 23.36) / 9; backward_end_gb: lean batch 1, 10.59 GB with an optimizer step that
+    # allocates nothing. Rows of bench/results/gpu_recipes.jsonl
     "sam3": Activations(
         trunk_backward_gb=1.77,
         frozen_trunk_gb=0.90,

@@ -40,8 +40,8 @@ def make_optimizer(params: Iterable[Any], kind: str, seed: int = 0) -> torch.opt
 class GradientClipper(Sam3GradientClipper):  # type: ignore[misc]  # sam3 ships no type information
     """sam3's GradientClipper (clip_grad_norm_ over the model's gradients) over the trainable
     parameters listed at the first call instead of walking `model.parameters()` at every step:
-    for the full model that walk visits ~3000 modules, ~10 ms of host time per step while the GPU
-    waits (bench/gpu_recipes.md, eighth session). Same tensors in the same order, the same norm."""
+    for the full model that walk visits ~3000 modules, host time in every step while the GPU
+    waits. Same tensors in the same order, the same norm."""
 
     optimizer: torch.optim.Optimizer | None = None  # set by our Trainer: one that may clip in its step
 

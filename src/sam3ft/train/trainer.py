@@ -221,7 +221,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         collect, then move every object alive into gc's permanent generation until `run` ends. The
         imports, the model, the loaders and dynamo's graphs are all alive by then and stay alive,
         and each generation-2 collection walked them all again: 0.55-1.8 s pauses inside eager
-        training steps on the H200 (bench/gpu_recipes.md, eleventh session)."""
+        training steps on the H200 (bench/LOG.md)."""
         gc.collect()
         gc.freeze()
         self._gc_frozen = True

@@ -38,7 +38,7 @@ class PackedBatch:
     A full SAM3 batch holds ~180 tensors. Unpacked, each crossed from the worker in a shared-memory
     handle of its own and was copied to the GPU by its own `.to` from pageable memory in the training
     step (sam3's copy_data_to_device: the DataLoader's pin_memory cannot see inside a dataclass), a
-    host wait each (bench/gpu_recipes.md, ninth session). Packed, it is one tensor: one handle,
+    host wait each. Packed, it is one tensor: one handle,
     pinned by the loader's pin_memory thread (`pin_memory`), one queued copy in `unpack`.
     """
 

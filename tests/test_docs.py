@@ -1,0 +1,158 @@
+"""README.md and docs/ stay true to the repo without running what they describe (as litgpt's
+test_readme.py does): every `sam3ft` option, `-S` params key, `make` target, repo path and relative
+link they mention exists, the README stays short, and benchmark bookkeeping stays in bench/."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from sam3ft.__main__ import main
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINKED = [*DOCS, REPO / "bench" / "README.md", REPO / "bench" / "LOG.md"]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+INLINE = re.compile(r"(?<!`)`([^`\n]+(?:\n[^`\n]+)*)`(?!`)")
+REPO_PATH = re.compile(r"(?<![\w./-])((?:src|configs|bench|docs|tests)/[\w./*{},-]*[\w*}])")
+# a benchmark's bookkeeping (the word call and a number, an ordinal and the word session), not the
+# word session in code (pytest's scope="session", AWS_SESSION_TOKEN)
+CALL = re.compile(r"\bcalls? \d+")
+ORDINALS = "first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|\\w+teenth"
+SESSION = re.compile(
+    rf"\b(?:{ORDINALS}|\d+(?:st|nd|rd|th)|this|previous|last|next) session\b|\bsessions? \d", re.I
+)
+
+
+def text(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def code_spans(path: Path) -> list[str]:
+    """Fenced blocks (any language) and inline code spans outside them."""
+    body = text(path)
+    fences = [m.group(2) for m in FENCE.finditer(body)]
+    return fences + INLINE.findall(FENCE.sub("", body))
+
+
+def help_text(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_sam3ft_commands_name_existing_subcommands_and_options(capsys):
+    subcommands = set(re.search(r"\{([\w,]+)\}", help_text(capsys)).group(1).split(","))
+    options = {sub: set(re.findall(r"(--[\w-]+)", help_text(capsys, sub))) for sub in subcommands}
+    used = 0
+    for path in DOCS:
+        for span in code_spans(path):
+            for sub, rest in re.findall(r"\bsam3ft ([a-z]+)([^\n|#]*)", span):
+                where = f"{path.name}: `sam3ft {sub}{rest}`"
+                assert sub in subcommands, f"{where}: no subcommand {sub!r} (have {sorted(subcommands)})"
+                for flag in re.findall(r"(?<![\w-])(--[\w-]+)", rest):
+                    assert flag in options[sub], f"{where}: `sam3ft {sub}` has no option {flag}"
+                used += 1
+    assert used >= 5  # the docs do show the CLI
+
+
+def test_set_params_name_keys_of_params_yaml():
+    params = yaml.safe_load(text(REPO / "params.yaml"))
+    used = 0
+    for path in DOCS:
+        for span in code_spans(path):
+            for section, key in re.findall(r"-S\s+'?([a-z_]+)\.([a-z_]+)=", span):
+                assert key in params.get(section, {}), f"{path.name}: -S {section}.{key}: not in params.yaml"
+                used += 1
+    assert used >= 5
+
+
+def test_make_targets_exist():
+    makefile = text(REPO / "Makefile")
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
+    used = 0
+    for path in DOCS:
+        for span in code_spans(path):
+            for target in re.findall(r"\bmake ([a-z][\w-]*)", span):
+                assert target in targets, f"{path.name}: `make {target}`: no such target in the Makefile"
+                used += 1
+    assert used >= 2
+
+
+def expand(pattern: str) -> list[str]:
+    """`a/{b,c}.py` -> [a/b.py, a/c.py]."""
+    parts = re.split(r"\{([^}]*)\}", pattern)
+    choices = [p.split(",") if i % 2 else [p] for i, p in enumerate(parts)]
+    return ["".join(c) for c in itertools.product(*choices)]
+
+
+def test_repo_paths_in_code_exist():
+    used = 0
+    for path in DOCS:
+        for span in code_spans(path):
+            for mention in REPO_PATH.findall(span):
+                if "<" in mention:
+                    continue
+                for one in expand(mention):
+                    found = (
+                        list(REPO.glob(one)) if "*" in one else [REPO / one] if (REPO / one).exists() else []
+                    )
+                    assert found, f"{path.name}: `{mention}` does not exist in the repo"
+                used += 1
+    assert used >= 20
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_and_anchors_resolve():
+    for path in LINKED:
+        for target in re.findall(r"\]\(([^)\s]+)\)", FENCE.sub("", text(path))):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            assert dest.exists(), f"{path.relative_to(REPO)}: link {target} does not resolve"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", FENCE.sub("", text(dest)), re.M)
+                assert anchor in {slug(h) for h in headings}, (
+                    f"{path.relative_to(REPO)}: no #{anchor} in {file}"
+                )
+
+
+def test_layout_lists_every_package_entry():
+    readme = text(REPO / "README.md")
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    listed = {one for line in layout.splitlines() for one in expand(line.split(" ")[0])}
+    package = REPO / "src" / "sam3ft"
+    for entry in package.iterdir():
+        if entry.name in ("__init__.py", "__pycache__"):
+            continue
+        name = f"src/sam3ft/{entry.name}" + ("/" if entry.is_dir() else "")
+        assert name in listed, f"README Layout does not list {name}"
+
+
+def test_readme_is_short():
+    lines = len(text(REPO / "README.md").splitlines())
+    assert lines <= 250, f"README.md has {lines} lines; move detail to docs/"
+
+
+def test_no_benchmark_bookkeeping_outside_bench():
+    files = [*DOCS, REPO / "params.yaml", REPO / "dvc.yaml", REPO / "Makefile"]
+    for folder in ("src", "configs", "tests"):
+        files += [
+            p for p in (REPO / folder).rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".md")
+        ]
+    assert len(files) > 30
+    for path in files:
+        for n, line in enumerate(text(path).splitlines(), 1):
+            where = f"{path.relative_to(REPO)}:{n}"
+            assert not CALL.search(line), f"{where}: cites a benchmark call; say it in bench/LOG.md instead"
+            assert not SESSION.search(line), f"{where}: cites a work session; say it in bench/LOG.md instead"
