@@ -1,0 +1,85 @@
+"""The bundled sample's DVC pin: never let another dataset be pushed into the git-tracked store.
+
+`data.dvc` pins the sample to `remote: bundled`, a DVC store committed in the repository
+(bundled-store/). `dvc add data` and `dvc repro` re-commit `data.dvc` with the pin kept, so a
+`dvc push` would copy any other dataset into that store, i.e. into git. A pinned local store must
+therefore already hold the exact data `data.dvc` names; anything else is refused with the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sam3ft.errors import DatasetError
+
+
+def dvc_file_for(data_dir: Path) -> Path:
+    """The .dvc file beside `data_dir` that tracks it (data -> data.dvc)."""
+    return data_dir.with_name(data_dir.name + ".dvc")
+
+
+def remote_urls(repo_root: Path) -> dict[str, str]:
+    """Remote name -> url from .dvc/config, overridden by .dvc/config.local ({} without DVC)."""
+    from configobj import ConfigObj, ConfigObjError  # DVC's config parser, installed with dvc
+
+    urls: dict[str, str] = {}
+    for path in (repo_root / ".dvc" / "config", repo_root / ".dvc" / "config.local"):
+        if not path.is_file():
+            continue
+        try:
+            sections = ConfigObj(str(path)).items()
+        except ConfigObjError as exc:
+            raise DatasetError(
+                f"{path} is not a valid DVC config", fix=f"fix line {exc.line_number}"
+            ) from exc
+        for name, section in sections:
+            if name.startswith('remote "') and isinstance(section, dict) and "url" in section:
+                urls[name[len('remote "') : -1]] = section["url"]
+    return urls
+
+
+def local_store(repo_root: Path, url: str) -> Path | None:
+    """The folder of a local-path remote (relative urls are relative to .dvc/), else None."""
+    if "://" in url:
+        return None
+    return (repo_root / ".dvc" / url).resolve()
+
+
+def store_object(store: Path, md5: str) -> Path:
+    """Where a DVC 3 store keeps the object with this md5 (`files/md5/ab/cdef...`)."""
+    return store / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def pinned_outputs(dvc_file: Path) -> list[dict[str, Any]]:
+    """The outs of a .dvc file that name a `remote:` ([] if the file is absent)."""
+    if not dvc_file.is_file():
+        return []
+    data = yaml.safe_load(dvc_file.read_text()) or {}
+    return [o for o in data.get("outs", []) if isinstance(o, dict) and o.get("remote") and o.get("md5")]
+
+
+def check_pinned_remote(data_dir: Path) -> None:
+    """Refuse when the .dvc file tracking `data_dir` pins a store inside this repository that does
+    not hold its data: `dvc push` would write that data (another dataset) into the store, i.e. git."""
+    dvc_file = dvc_file_for(data_dir)
+    outs = pinned_outputs(dvc_file)
+    if not outs:
+        return
+    repo_root = dvc_file.parent
+    urls = remote_urls(repo_root)
+    for out in outs:
+        name, md5 = out["remote"], out["md5"]
+        store = local_store(repo_root, urls.get(name, "://"))
+        if store is None or store_object(store, md5).is_file():
+            continue
+        raise DatasetError(
+            f"{dvc_file}: pins 'remote: {name}' (the store {store} inside this repository, tracked by "
+            f"git), but its data (md5 {md5}) is not the data in that store: `dvc push` would copy this "
+            "dataset into git",
+            fix=f"for your own dataset, delete the line 'remote: {name}' from {dvc_file} "
+            f"(sed -i '/^  remote: {name}$/d' {dvc_file}); `dvc push` then sends it to the default "
+            f"remote. To go back to the bundled sample: git checkout {dvc_file} && dvc checkout {dvc_file}",
+        )
