@@ -18,11 +18,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from conftest import SAMPLE
+from conftest import SAMPLE, write_params
 from sam3ft.data.coco import MAX_PIXELS, check_objects_per_image, load_split
+from sam3ft.data.doctor import dataset_checks
 from sam3ft.data.dvc_pin import check_pinned_remote
 from sam3ft.data.roboflow import plan_dataset
 from sam3ft.data.splits import photo_groups, photo_key
+from sam3ft.doctor import Check
 from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
 from sam3ft.params import CARVED_SPLITS, Evaluate, Paths, Prepare
@@ -414,3 +416,106 @@ def test_own_data_is_never_pushed_into_the_bundled_store(tmp_path: Path) -> None
 def test_shipped_pin_holds_the_sample() -> None:
     """This repository's data.dvc pins data the bundled store holds (prepare runs on it)."""
     check_pinned_remote(SAMPLE.parent)
+
+
+# --- 6. sam3ft doctor ------------------------------------------------------------------------------------
+
+
+def doctor_on(tmp_path: Path, shipped: dict[str, Any], **prepare: Any) -> dict[str, list[Check]]:
+    """The dataset checks for params pointing at tmp_path/data, grouped by check name."""
+    shipped["paths"]["data"] = str(tmp_path / "data")
+    shipped["prepare"].update(dataset="own", **prepare)
+    path = write_params(tmp_path / "params.yaml", shipped)
+    grouped: dict[str, list[Check]] = {}
+    for check in dataset_checks(path, tmp_path):
+        grouped.setdefault(check.name, []).append(check)
+    return grouped
+
+
+def test_doctor_shows_splits_counts_and_what_prepare_carves(tmp_path: Path, shipped_params: Any) -> None:
+    make_split(tmp_path / "data" / "own", "train", names(4), boxes=3)
+    shipped_params["trainer"]["max_ann_per_img"] = 2
+    checks = doctor_on(tmp_path, shipped_params)
+    (summary,) = checks["dataset"]
+    assert summary.status == "OK" and summary.detail.startswith(
+        f"{tmp_path / 'data' / 'own'}: train 2 image(s)"
+    )
+    assert "valid 1 image(s)" in summary.detail and "carved from train" in summary.detail
+    (valid,) = checks["dataset valid"]
+    assert valid.status == "OK" and "prepare carves 1 source photo(s), 1 image(s), from train" in valid.detail
+    assert [c.status for c in checks["dataset test"]] == ["OK"]
+    objects = checks["dataset objects"]  # one per image left in train, 3 objects each
+    assert [c.status for c in objects] == ["WARN", "WARN"]
+    assert "3 objects of 'thing', more than trainer.max_ann_per_img=2" in objects[0].detail
+
+
+def test_doctor_fails_on_a_missing_dataset_folder(tmp_path: Path, shipped_params: Any) -> None:
+    (tmp_path / "data").mkdir()
+    (check,) = doctor_on(tmp_path, shipped_params)["dataset"]
+    assert check.status == "FAIL" and check.detail == f"{tmp_path / 'data' / 'own'}: dataset folder not found"
+    assert "prepare.dataset" in check.fix
+
+
+def test_doctor_fails_on_an_evaluate_split_prepare_will_not_produce(
+    tmp_path: Path, shipped_params: Any
+) -> None:
+    make_split(tmp_path / "data" / "own", "train", names(4))
+    shipped_params["evaluate"]["splits"] = ["valid", "test"]
+    (check,) = doctor_on(tmp_path, shipped_params, split={"valid": 0.2})["dataset"]
+    assert check.status == "FAIL"
+    assert check.detail.startswith(f"{tmp_path / 'params.yaml'}: evaluate.splits names ['test']")
+
+
+def test_doctor_warns_on_leaks_it_may_accept(tmp_path: Path, shipped_params: Any) -> None:
+    root = tmp_path / "data" / "own"
+    make_split(root, "train", names(4))
+    make_split(root, "valid", names(1, "val"))
+    shutil.copyfile(root / "train" / "photo-0.jpg", root / "valid" / "val-0.jpg")
+    (check,) = doctor_on(tmp_path, shipped_params)["dataset"]
+    assert check.status == "FAIL" and "in more than one split" in check.detail
+    warned = doctor_on(tmp_path, shipped_params, allow_leakage=True)["dataset"]
+    assert [c.status for c in warned] == ["OK", "WARN"] and "leakage accepted" in warned[1].detail
+
+
+def pinned_repo(tmp_path: Path) -> Path:
+    """A repo whose data.dvc pins `data` (a folder `sample/`) to a local store holding exactly it."""
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("['remote \"bundled\"']\n    url = ../bundled-store\n")
+    listing = json.dumps([{"md5": "0" * 32, "relpath": "sample/a.txt"}])
+    md5 = "ab" + "1" * 30 + ".dir"
+    store_file = tmp_path / "bundled-store" / "files" / "md5" / "ab" / md5[2:]
+    store_file.parent.mkdir(parents=True)
+    store_file.write_text(listing)
+    (tmp_path / "data.dvc").write_text(f"outs:\n- md5: {md5}\n  path: data\n  remote: bundled\n")
+    (tmp_path / "data" / "sample").mkdir(parents=True)
+    return tmp_path
+
+
+def test_doctor_warns_before_own_data_gets_the_pin_and_fails_after(
+    tmp_path: Path, shipped_params: Any
+) -> None:
+    repo = pinned_repo(tmp_path)
+    make_split(repo / "data" / "own", "train", names(4))
+    (warn,) = doctor_on(repo, shipped_params)["dataset pin"]
+    assert (
+        warn.status == "WARN"
+        and "['own']" in warn.detail
+        and "would commit them with the pin kept" in warn.detail
+    )
+    assert warn.fix.startswith(f"for your own dataset: sed -i '/^  remote: bundled$/d' {repo / 'data.dvc'}")
+    dvc_file = repo / "data.dvc"
+    dvc_file.write_text(dvc_file.read_text().replace("ab1111", "cd1111"))  # as `dvc add data` leaves it
+    (fail,) = doctor_on(repo, shipped_params)["dataset pin"]
+    assert fail.status == "FAIL" and "`dvc push` would copy this dataset into git" in fail.detail
+    dvc_file.write_text(dvc_file.read_text().replace("  remote: bundled\n", ""))
+    assert "dataset pin" not in doctor_on(repo, shipped_params)
+
+
+def test_prepare_refuses_a_pinned_dataset_outside_the_store(tmp_path: Path) -> None:
+    repo = pinned_repo(tmp_path)
+    make_split(repo / "data" / "own", "train", names(4))
+    dvc_file = repo / "data.dvc"
+    dvc_file.write_text(dvc_file.read_text().replace("ab1111", "cd1111"))
+    with pytest.raises(DatasetError, match="would copy this dataset into git"):
+        run_prepare(repo)
+    assert not (repo / "prepared").exists()

@@ -8,6 +8,7 @@ therefore already hold the exact data `data.dvc` names; anything else is refused
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,27 @@ def check_pinned_remote(data_dir: Path) -> None:
             f"(sed -i '/^  remote: {name}$/d' {dvc_file}); `dvc push` then sends it to the default "
             f"remote. To go back to the bundled sample: git checkout {dvc_file} && dvc checkout {dvc_file}",
         )
+
+
+def unpinned_entries(data_dir: Path) -> tuple[str, list[str]] | None:
+    """(remote, top-level names in `data_dir` missing from the pinned data) when the .dvc file pins a
+    store inside the repository that holds its data; None otherwise or when nothing is extra.
+
+    Such names (a user's new export) are not at risk yet, but `dvc add`/`dvc repro` would commit
+    them with the pin kept.
+    """
+    dvc_file = dvc_file_for(data_dir)
+    outs = pinned_outputs(dvc_file)
+    if not outs or not data_dir.is_dir():
+        return None
+    urls = remote_urls(dvc_file.parent)
+    for out in outs:
+        store = local_store(dvc_file.parent, urls.get(out["remote"], "://"))
+        listing = store_object(store, out["md5"]) if store is not None else None
+        if listing is None or not listing.is_file() or not out["md5"].endswith(".dir"):
+            continue
+        pinned = {entry["relpath"].split("/")[0] for entry in json.loads(listing.read_text())}
+        extra = sorted(p.name for p in data_dir.iterdir() if p.name not in pinned)
+        if extra:
+            return out["remote"], extra
+    return None
