@@ -434,9 +434,11 @@ def doctor_on(tmp_path: Path, shipped: dict[str, Any], **prepare: Any) -> dict[s
 
 def test_doctor_shows_splits_counts_and_what_prepare_carves(tmp_path: Path, shipped_params: Any) -> None:
     make_split(tmp_path / "data" / "own", "train", names(4), boxes=3)
+    write_image(tmp_path / "data" / "own" / "train" / "unlisted.jpg")
     shipped_params["trainer"]["max_ann_per_img"] = 2
     checks = doctor_on(tmp_path, shipped_params)
-    (summary,) = checks["dataset"]
+    summary, unlisted = checks["dataset"]
+    assert unlisted.status == "WARN" and "1 image file(s) not in" in unlisted.detail
     assert summary.status == "OK" and summary.detail.startswith(
         f"{tmp_path / 'data' / 'own'}: train 2 image(s)"
     )

@@ -41,7 +41,8 @@ def plan_checks(plan: Plan, root: Path, p: dict[str, object]) -> list[Check]:
             )
             checks.append(Check("OK", f"dataset {name}", detail))
     fix = "see the message; prepare continues with this warning"
-    checks += [Check("WARN", "dataset", warning, fix) for warning in plan.warnings if "carved" not in warning]
+    warnings = plan.warnings + [w for split in plan.splits for w in split.warnings]
+    checks += [Check("WARN", "dataset", warning, fix) for warning in warnings]
     train = next(s for s in plan.splits if s.name == "train")
     coco = {"images": train.images, "annotations": train.annotations, "categories": train.categories}
     limit = p["trainer"].max_ann_per_img  # type: ignore[attr-defined]

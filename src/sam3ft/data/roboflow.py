@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sam3ft.data.coco import Split, load_image_folder, load_split
-from sam3ft.data.splits import carve, carve_warnings, leakage, photo_groups
+from sam3ft.data.splits import carve, carve_messages, leakage, photo_groups
 from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
 
@@ -28,8 +28,10 @@ class Plan:
     splits: list[Split]
     carved: dict[str, Any] = field(default_factory=dict)
     """Per carved split: source, share, seed, photos and image names (stats.json `carved`)."""
+    carve_notes: list[str] = field(default_factory=list)
+    """One line per carved split: what was carved and why."""
     warnings: list[str] = field(default_factory=list)
-    """Export-wide warnings: unknown folders, carving, duplicates."""
+    """Export-wide warnings: unknown folders, a split too few photos left uncarved, duplicates."""
 
     @property
     def names(self) -> list[str]:
@@ -80,7 +82,9 @@ def plan_dataset(root: Path, shares: dict[str, float], seed: int, allow_leakage:
     if missing:
         train = splits[0]
         rest, new, plan.carved = carve(train, missing, shares, seed)
-        plan.warnings += carve_warnings(plan.carved, train.directory, len(photo_groups(train.images)))
+        messages = carve_messages(plan.carved, train.directory, len(photo_groups(train.images)))
+        for name, line in messages.items():
+            (plan.warnings if "skipped" in plan.carved[name] else plan.carve_notes).append(line)
         plan.splits = sorted([rest, *splits[1:], *new], key=lambda s: SPLIT_ORDER.index(s.name))
     check_train_annotated(plan.splits[0], bool(plan.carved))
     within, across = leakage(plan.splits)

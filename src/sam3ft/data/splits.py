@@ -106,15 +106,15 @@ def carve(
     return rest, [subset(train, name, indices) for name, indices in taken.items()], record
 
 
-def carve_warnings(record: dict[str, Any], train_dir: Path, photos: int) -> list[str]:
-    """One line per carved (or skipped) split, naming the images and the params that made it."""
-    lines = []
+def carve_messages(record: dict[str, Any], train_dir: Path, photos: int) -> dict[str, str]:
+    """Per carved (or skipped) split, one line naming the images and the params that made it."""
+    lines = {}
     for name, entry in record.items():
         if "skipped" in entry:
-            lines.append(f"{train_dir}: no '{name}' split exported and none carved ({entry['skipped']})")
+            lines[name] = f"{train_dir}: no '{name}' split exported and none carved ({entry['skipped']})"
             continue
         names = entry["images"]
-        lines.append(
+        lines[name] = (
             f"{train_dir}: no '{name}' split exported: carved {entry['photos']} of {photos} source "
             f"photo(s), {len(names)} image(s), from train (prepare.split.{name}={entry['share']}, "
             f"prepare.seed={entry['seed']}): {names[:5]}{' ...' if len(names) > 5 else ''}"

@@ -86,7 +86,7 @@ def run(p: dict[str, Any]) -> None:
     plan = plan_dataset(root, prepare.split, prepare.seed, prepare.allow_leakage)
     categories = resolve_categories(plan.splits, prepare.prompts)
     check_eval_splits(p["evaluate"].splits, plan.names, root)
-    for warning in plan.warnings + [w for split in plan.splits for w in split.warnings]:
+    for warning in plan.carve_notes + plan.warnings + [w for split in plan.splits for w in split.warnings]:
         log.warning(warning)
     stats: dict[str, Any] = {
         "dataset": prepare.dataset,
