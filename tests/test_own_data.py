@@ -29,7 +29,6 @@ from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
 from sam3ft.params import CARVED_SPLITS, Evaluate, Paths, Prepare
 from sam3ft.stages import prepare as prepare_stage
-from sam3ft.stages.evaluate import prepared_eval_splits
 
 PARENT = {"id": 0, "name": "things", "supercategory": "none"}  # Roboflow's parent category
 CLASS = {"id": 1, "name": "thing", "supercategory": "things"}
@@ -126,6 +125,8 @@ def test_train_only_export_of_four_images_gets_valid_and_test(tmp_path: Path, ca
     carved = [r.message for r in caplog.records if "carved" in r.message]
     assert len(carved) == 2 and "no 'valid' split exported: carved 1 of 4 source photo(s)" in carved[0]
     assert sides["valid"][0] in carved[0] and "prepare.split.valid=0.2, prepare.seed=0" in carved[0]
+    from sam3ft.stages.evaluate import prepared_eval_splits  # imports torch: only where needed
+
     assert prepared_eval_splits(prepared) == ["valid", "test"]  # evaluate.splits: null
 
 
@@ -227,6 +228,8 @@ def test_evaluate_default_takes_the_prepared_splits(tmp_path: Path) -> None:
     (root / "negatives").mkdir()
     write_image(root / "negatives" / "empty.jpg")
     prepared = run_prepare(tmp_path, split={"valid": 0.2})
+    from sam3ft.stages.evaluate import prepared_eval_splits
+
     assert prepared_eval_splits(prepared) == ["valid", "negatives"]
 
 

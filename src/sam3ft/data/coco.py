@@ -132,7 +132,7 @@ def open_image(path: Path, where: Path, label: str) -> Image.Image:
             simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _fail(where, label, f"image too large: {exc}", DOWNSCALE_FIX) from exc
+        raise _fail(where, label, f"image too large (PIL: {exc})", DOWNSCALE_FIX) from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise _fail(where, label, f"unreadable image ({exc})", "replace or drop it") from exc
     width, height = img.size
