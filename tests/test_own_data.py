@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import SAMPLE, write_params
 from sam3ft.data.coco import MAX_PIXELS, check_objects_per_image, load_split
 from sam3ft.data.doctor import dataset_checks
-from sam3ft.data.dvc_pin import check_pinned_remote
+from sam3ft.data.dvc_pin import check_pinned_remote, pinned_outputs
 from sam3ft.data.roboflow import plan_dataset
 from sam3ft.data.splits import photo_groups, photo_key
 from sam3ft.doctor import Check
@@ -384,7 +384,8 @@ def dvc(repo: Path, *args: str) -> str:
 
 
 def test_own_data_is_never_pushed_into_the_bundled_store(tmp_path: Path) -> None:
-    """Real DVC: `dvc add` keeps the pin, prepare's check refuses, the fix it names works."""
+    """Real DVC: `dvc add` keeps the sample's pin and `push: false`, every push skips the data,
+    prepare's check warns, and the fix it names makes `dvc push` send it to the default remote."""
     repo = tmp_path / "repo"
     (repo / "data" / "sample").mkdir(parents=True)
     (repo / "data" / "sample" / "a.txt").write_text("sample")
@@ -395,30 +396,33 @@ def test_own_data_is_never_pushed_into_the_bundled_store(tmp_path: Path) -> None
     dvc(repo, "add", "-q", "data")
     dvc(repo, "push", "-q", "-r", "bundled", "data.dvc")
     dvc_file = repo / "data.dvc"
-    dvc_file.write_text(dvc_file.read_text() + "  remote: bundled\n")  # as the shipped data.dvc
-    check_pinned_remote(repo / "data")  # the sample: its data is in the store
+    dvc_file.write_text(dvc_file.read_text() + "  remote: bundled\n  push: false\n")  # as shipped
+    assert check_pinned_remote(repo / "data") == []  # the sample: its data is in the store
     store = sorted(p.relative_to(repo) for p in (repo / "bundled-store").rglob("*"))
 
     (repo / "data" / "own").mkdir()
     (repo / "data" / "own" / "b.txt").write_text("private")
     dvc(repo, "add", "-q", "data")
-    assert "remote: bundled" in dvc_file.read_text()  # the trap: DVC keeps the pin
-    with pytest.raises(DatasetError) as info:
-        check_pinned_remote(repo / "data")
-    assert "`dvc push` would copy this dataset into git" in info.value.message
-    fix = info.value.fix or ""
-    command = fix[fix.index("(") + 1 : fix.index(")")]
-    assert command == f"sed -i '/^  remote: bundled$/d' {dvc_file}"
-    subprocess.run(command, shell=True, cwd=repo, check=True)
-    check_pinned_remote(repo / "data")
-    dvc(repo, "push", "-q", "data.dvc")
+    assert dvc_file.read_text().endswith("  remote: bundled\n  push: false\n")  # DVC keeps both
+    dvc(repo, "push", "-q")
+    dvc(repo, "push", "-q", "-r", "bundled", "data.dvc")
     assert sorted(p.relative_to(repo) for p in (repo / "bundled-store").rglob("*")) == store
-    assert (tmp_path / "team-store" / "files" / "md5").is_dir()
+    assert not (tmp_path / "team-store").exists()
+    (warning,) = check_pinned_remote(repo / "data")
+    assert "kept the bundled sample's 'remote: bundled' and 'push: false': `dvc push` skips it" in warning
+    command = warning[warning.index("(sed ") + 1 : warning.index("); `dvc push`")]
+    assert command == f"sed -i '/^  remote: bundled$/d; /^  push: false$/d' {dvc_file}"
+    subprocess.run(command, shell=True, cwd=repo, check=True)
+    assert check_pinned_remote(repo / "data") == []
+    dvc(repo, "push", "-q")
+    assert sorted(p.relative_to(repo) for p in (repo / "bundled-store").rglob("*")) == store
+    assert len(list((tmp_path / "team-store" / "files" / "md5").rglob("*.dir"))) == 1
 
 
 def test_shipped_pin_holds_the_sample() -> None:
     """This repository's data.dvc pins data the bundled store holds (prepare runs on it)."""
-    check_pinned_remote(SAMPLE.parent)
+    assert check_pinned_remote(SAMPLE.parent) == []
+    assert pinned_outputs(SAMPLE.parent.with_name("data.dvc"))[0]["push"] is False
 
 
 # --- 6. sam3ft doctor ------------------------------------------------------------------------------------
@@ -507,12 +511,18 @@ def test_doctor_warns_before_own_data_gets_the_pin_and_fails_after(
         and "['own']" in warn.detail
         and "would commit them with the pin kept" in warn.detail
     )
-    assert warn.fix.startswith(f"for your own dataset: sed -i '/^  remote: bundled$/d' {repo / 'data.dvc'}")
+    assert warn.fix.startswith(
+        f"for your own dataset: sed -i '/^  remote: bundled$/d; /^  push: false$/d' {repo / 'data.dvc'}"
+    )
     dvc_file = repo / "data.dvc"
     dvc_file.write_text(dvc_file.read_text().replace("ab1111", "cd1111"))  # as `dvc add data` leaves it
     (fail,) = doctor_on(repo, shipped_params)["dataset pin"]
     assert fail.status == "FAIL" and "`dvc push` would copy this dataset into git" in fail.detail
-    dvc_file.write_text(dvc_file.read_text().replace("  remote: bundled\n", ""))
+    dvc_file.write_text(dvc_file.read_text() + "  push: false\n")  # the shipped pin
+    (warned,) = doctor_on(repo, shipped_params)["dataset pin"]
+    assert warned.status == "WARN" and "`dvc push` skips it, so no remote holds it" in warned.detail
+    assert warned.fix.startswith("for your own dataset, delete the lines 'remote: bundled' and 'push: false'")
+    dvc_file.write_text(dvc_file.read_text().replace("  remote: bundled\n  push: false\n", ""))
     assert "dataset pin" not in doctor_on(repo, shipped_params)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sam3ft import params as params_module
 from sam3ft.data.coco import check_objects_per_image, resolve_categories
-from sam3ft.data.dvc_pin import check_pinned_remote, unpinned_entries
+from sam3ft.data.dvc_pin import check_pinned_remote, dvc_file_for, unpin_command, unpinned_entries
 from sam3ft.data.roboflow import Plan, check_eval_splits, plan_dataset
 from sam3ft.doctor import Check
 from sam3ft.errors import ConfigError, DatasetError
@@ -74,21 +74,23 @@ def dataset_checks(params_path: Path, repo_root: Path) -> list[Check]:
 
 
 def pin_checks(data_dir: Path) -> list[Check]:
-    """The data folder's .dvc pin: FAIL if a push would write into the in-repo store; WARN if
-    folders not in the pinned data would get the pin once committed."""
+    """The data folder's .dvc pin: FAIL if a push would write into the in-repo store; WARN if the
+    dataset is kept out of every remote by the sample's `push: false`, or will be once committed."""
     try:
-        check_pinned_remote(data_dir)
+        warnings = check_pinned_remote(data_dir)
     except DatasetError as exc:
         return [Check("FAIL", "dataset pin", exc.message, exc.fix or "")]
+    if warnings:
+        return [Check("WARN", "dataset pin", *w.split("; fix: ", 1)) for w in warnings]
     extra = unpinned_entries(data_dir)
     if extra is None:
         return []
     remote, entries = extra
-    dvc_file = data_dir.with_name(data_dir.name + ".dvc")
+    dvc_file = dvc_file_for(data_dir)
     detail = (
         f"{dvc_file} pins 'remote: {remote}', a store inside this repository, and {entries} in "
         f"{data_dir} are not in its data: `dvc add {data_dir.name}` or `dvc repro` would commit them with "
-        "the pin kept (and prepare then refuses)"
+        "the pin kept, and `dvc push` would then skip them (push: false) or, without that line, be refused"
     )
-    fix = f"for your own dataset: sed -i '/^  remote: {remote}$/d' {dvc_file} (push then uses the default)"
+    fix = f"for your own dataset: {unpin_command(remote, dvc_file)} (push then uses the default remote)"
     return [Check("WARN", "dataset pin", detail, fix)]

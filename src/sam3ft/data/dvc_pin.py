@@ -1,9 +1,11 @@
 """The bundled sample's DVC pin: never let another dataset be pushed into the git-tracked store.
 
 `data.dvc` pins the sample to `remote: bundled`, a DVC store committed in the repository
-(bundled-store/). `dvc add data` and `dvc repro` re-commit `data.dvc` with the pin kept, so a
-`dvc push` would copy any other dataset into that store, i.e. into git. A pinned local store must
-therefore already hold the exact data `data.dvc` names; anything else is refused with the fix.
+(bundled-store/), and marks it `push: false`. `dvc add data` and `dvc repro` re-commit `data.dvc`
+with both lines kept, so a user's own dataset in `data/` inherits them: `push: false` makes every
+`dvc push` skip it (even `-r bundled`), so it never lands in git; prepare and doctor then warn that
+the dataset is in no remote and name the two lines to delete. Without `push: false`, a pinned
+in-repo store that lacks the data `data.dvc` names is refused outright: a push would copy it into git.
 """
 
 from __future__ import annotations
@@ -62,28 +64,43 @@ def pinned_outputs(dvc_file: Path) -> list[dict[str, Any]]:
     return [o for o in data.get("outs", []) if isinstance(o, dict) and o.get("remote") and o.get("md5")]
 
 
-def check_pinned_remote(data_dir: Path) -> None:
-    """Refuse when the .dvc file tracking `data_dir` pins a store inside this repository that does
-    not hold its data: `dvc push` would write that data (another dataset) into the store, i.e. git."""
+def unpin_command(name: str, dvc_file: Path) -> str:
+    """The shell command deleting the pin lines (`remote: <name>`, `push: false`) from a .dvc file."""
+    return f"sed -i '/^  remote: {name}$/d; /^  push: false$/d' {dvc_file}"
+
+
+def check_pinned_remote(data_dir: Path) -> list[str]:
+    """Warnings for data pinned to a store inside this repository that lacks it but is never pushed
+    (`push: false`); DatasetError when such data would be pushed: into the store, i.e. into git."""
     dvc_file = dvc_file_for(data_dir)
     outs = pinned_outputs(dvc_file)
     if not outs:
-        return
-    repo_root = dvc_file.parent
+        return []
+    repo_root, warnings = dvc_file.parent, []
     urls = remote_urls(repo_root)
     for out in outs:
         name, md5 = out["remote"], out["md5"]
         store = local_store(repo_root, urls.get(name, "://"))
         if store is None or store_object(store, md5).is_file():
             continue
+        fix = (
+            f"for your own dataset, delete the lines 'remote: {name}' and 'push: false' from {dvc_file} "
+            f"({unpin_command(name, dvc_file)}); `dvc push` then sends it to the default remote. To go "
+            f"back to the bundled sample: git checkout {dvc_file} && dvc checkout {dvc_file}"
+        )
+        if out.get("push") is False:
+            warnings.append(
+                f"{dvc_file}: this dataset (md5 {md5}) kept the bundled sample's 'remote: {name}' and "
+                f"'push: false': `dvc push` skips it, so no remote holds it; fix: {fix}"
+            )
+            continue
         raise DatasetError(
             f"{dvc_file}: pins 'remote: {name}' (the store {store} inside this repository, tracked by "
             f"git), but its data (md5 {md5}) is not the data in that store: `dvc push` would copy this "
             "dataset into git",
-            fix=f"for your own dataset, delete the line 'remote: {name}' from {dvc_file} "
-            f"(sed -i '/^  remote: {name}$/d' {dvc_file}); `dvc push` then sends it to the default "
-            f"remote. To go back to the bundled sample: git checkout {dvc_file} && dvc checkout {dvc_file}",
+            fix=fix,
         )
+    return warnings
 
 
 def unpinned_entries(data_dir: Path) -> tuple[str, list[str]] | None:

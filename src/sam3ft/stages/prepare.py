@@ -81,12 +81,13 @@ def split_stats(coco: dict[str, Any]) -> dict[str, Any]:
 
 def run(p: dict[str, Any]) -> None:
     paths, prepare = p["paths"], p["prepare"]
-    check_pinned_remote(Path(paths.data))
+    pin_warnings = check_pinned_remote(Path(paths.data))
     root = Path(paths.data) / prepare.dataset
     plan = plan_dataset(root, prepare.split, prepare.seed, prepare.allow_leakage)
     categories = resolve_categories(plan.splits, prepare.prompts)
     check_eval_splits(p["evaluate"].splits, plan.names, root)
-    for warning in plan.carve_notes + plan.warnings + [w for split in plan.splits for w in split.warnings]:
+    split_warnings = [w for split in plan.splits for w in split.warnings]
+    for warning in pin_warnings + plan.carve_notes + plan.warnings + split_warnings:
         log.warning(warning)
     stats: dict[str, Any] = {
         "dataset": prepare.dataset,
