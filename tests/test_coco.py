@@ -13,9 +13,10 @@ from PIL import Image
 
 from conftest import SAMPLE
 from sam3ft.data.coco import Category, Split, load_split, resolve_categories
+from sam3ft.data.roboflow import load_dataset
 from sam3ft.errors import DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
-from sam3ft.stages.prepare import convert_split, copy_image, load_dataset
+from sam3ft.stages.prepare import convert_split, copy_image
 
 SPLITS = ("train", "valid", "test")
 CLASS = "fuse neutrals"

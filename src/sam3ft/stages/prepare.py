@@ -21,13 +21,12 @@ from PIL import Image
 from sam3ft.data.coco import Category, Split, normalized_image, resolve_categories
 from sam3ft.data.dvc_pin import check_pinned_remote
 from sam3ft.data.preview import draw_preview
-from sam3ft.data.roboflow import check_eval_splits, load_dataset, plan_dataset
+from sam3ft.data.roboflow import check_eval_splits, plan_dataset
 from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import ANNOTATIONS_FILE
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "prepare", "evaluate"]  # evaluate: only `splits`, checked here before training
-__all__ = ["convert_split", "copy_image", "load_dataset", "run"]
 
 
 def convert_split(split: Split, categories: list[Category]) -> dict[str, Any]:
