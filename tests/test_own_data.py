@@ -122,6 +122,7 @@ def test_train_only_export_of_four_images_gets_valid_and_test(tmp_path: Path, ca
     }
     assert stats["carved"]["test"]["images"] == sides["test"]
     assert {k: v["images"] for k, v in stats["splits"].items()} == {"train": 2, "valid": 1, "test": 1}
+    assert "warnings" not in stats  # carving is recorded under "carved", not as a warning
     carved = [r.message for r in caplog.records if "carved" in r.message]
     assert len(carved) == 2 and "no 'valid' split exported: carved 1 of 4 source photo(s)" in carved[0]
     assert sides["valid"][0] in carved[0] and "prepare.split.valid=0.2, prepare.seed=0" in carved[0]
@@ -260,7 +261,7 @@ def test_same_image_twice_in_a_split_warns_and_stays_together(tmp_path: Path) ->
     result = plan(root)
     (warning,) = [w for w in result.warnings if "the same image twice" in w]
     assert "the same image twice in 'train'" in warning and "image id=9 (copy.jpg)" in warning
-    assert "image id=0 (photo-0.jpg)" in warning
+    assert "image id=0 (photo-0.jpg)" in warning and "fix: drop all but one record" in warning
     together = [
         s.name for s in result.splits if {"copy.jpg", "photo-0.jpg"} & {i["file_name"] for i in s.images}
     ]
@@ -305,16 +306,18 @@ def test_more_objects_than_max_ann_per_img_warns_with_the_count(tmp_path: Path) 
 
 
 def test_unknown_split_folder_warns(tmp_path: Path) -> None:
-    root = tmp_path / "own"
+    root = tmp_path / "data" / "own"
     make_split(root, "train", names(3))
     make_split(root, "valid", names(1, "val"))
     make_split(root, "validation", names(1, "v2"))
     (root / ".cache").mkdir()
-    result = plan(root, shares={"valid": 0.2})
-    assert result.warnings == [
+    expected = [
         f"{root / 'validation'}: folder ignored: prepare reads only ['train', 'valid', 'test', 'negatives']; "
         "rename it to one of them (or move it out of the dataset) if it holds images to use"
     ]
+    assert plan(root, shares={"valid": 0.2}).warnings == expected
+    prepared = run_prepare(tmp_path, split={"valid": 0.2})
+    assert json.loads((prepared / "stats.json").read_text())["warnings"] == expected
 
 
 # --- 4. huge images --------------------------------------------------------------------------------------

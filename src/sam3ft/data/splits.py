@@ -138,8 +138,8 @@ def leakage(splits: list[Split]) -> tuple[list[str], list[str]]:
         json_path = places[0][0].directory / ANNOTATIONS_FILE
         if len(names) == 1:
             within.append(
-                f"{json_path}: the same image twice in '{names[0]}': {listed}; it counts twice "
-                "(kept in one split by carving); fix: drop all but one record and file, unless intended"
+                f"{json_path}: the same image twice in '{names[0]}': {listed}; it weighs double; "
+                "fix: drop all but one record and file, unless intended"
             )
         else:
             across.append(f"the same image in splits {names}: {listed}")

@@ -94,8 +94,12 @@ def run(p: dict[str, Any]) -> None:
         "prompts": {c.name: c.prompt for c in categories},
         "splits": {},
     }
-    if plan.carved:  # only then: an export with all its splits gives the same stats.json as before
+    # only when present: an export with all its splits, and nothing to warn about, gives the
+    # stats.json it gave before these keys existed (the sample's dvc.lock hash stays)
+    if plan.carved:
         stats["carved"] = plan.carved
+    if plan.warnings:
+        stats["warnings"] = plan.warnings
     with atomic_dir(Path(paths.prepared)) as out:
         for split in plan.splits:
             write_split(split, categories, out, stats, prepare.preview_images)
