@@ -60,6 +60,8 @@ def dataset_checks(params_path: Path, repo_root: Path) -> list[Check]:
     except ConfigError:
         return []
     data_dir = repo_root / p["paths"].data
+    if repo_root.resolve() == Path.cwd().resolve():  # the CLI: name paths as prepare's messages do
+        data_dir = Path(p["paths"].data)
     checks = pin_checks(data_dir)
     prepare = p["prepare"]
     root = data_dir / prepare.dataset
