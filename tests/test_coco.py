@@ -13,9 +13,10 @@ from PIL import Image
 
 from conftest import SAMPLE
 from sam3ft.data.coco import Category, Split, load_split, resolve_categories
+from sam3ft.data.roboflow import load_dataset
 from sam3ft.errors import DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
-from sam3ft.stages.prepare import convert_split, copy_image, load_dataset
+from sam3ft.stages.prepare import convert_split, copy_image
 
 SPLITS = ("train", "valid", "test")
 CLASS = "fuse neutrals"
@@ -288,15 +289,17 @@ def test_empty_split(root: Path) -> None:
     assert err.fix is not None and "'train'" in err.fix
 
 
-def test_required_split_folder_missing(root: Path) -> None:
+def test_train_split_folder_missing(root: Path) -> None:
+    shutil.rmtree(root / "train")
+    err = expect_error(lambda: load_dataset(root), root / "train", "split: folder missing")
+    assert err.fix is not None and "'train'" in err.fix
+
+
+def test_valid_and_test_split_folders_may_be_missing(root: Path) -> None:
     shutil.rmtree(root / "valid")
-    err = expect_error(lambda: load_dataset(root), root / "valid", "split: folder missing")
-    assert err.fix is not None and "'valid'" in err.fix
-
-
-def test_optional_test_split_may_be_missing(root: Path) -> None:
+    assert [s.name for s in load_dataset(root)] == ["train", "test"]
     shutil.rmtree(root / "test")
-    assert [s.name for s in load_dataset(root)] == ["train", "valid"]
+    assert [s.name for s in load_dataset(root)] == ["train"]
 
 
 def test_dataset_folder_missing(tmp_path: Path) -> None:
@@ -471,7 +474,13 @@ def test_negatives_folder_becomes_a_split_without_annotations(root: Path) -> Non
     negatives.mkdir()
     Image.new("RGB", (64, 48)).save(negatives / "empty box.jpg")
     splits = {s.name: s for s in load_dataset(root)}
-    assert splits["negatives"].images == [{"id": 0, "file_name": "empty box.jpg", "width": 64, "height": 48}]
+    (image,) = splits["negatives"].images
+    assert {k: image[k] for k in ("id", "file_name", "width", "height")} == {
+        "id": 0,
+        "file_name": "empty box.jpg",
+        "width": 64,
+        "height": 48,
+    }
     coco = convert_split(splits["negatives"], resolve_categories(list(splits.values()), {}))
     assert coco["annotations"] == [] and coco["categories"][0]["id"] == 1
     (negatives / "bad.jpg").write_bytes(b"nope")

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, write_params
+from conftest import REPO, SAMPLE, write_params
 from sam3ft import doctor
 from sam3ft.__main__ import main as cli
+from sam3ft.data.doctor import dataset_checks
 from sam3ft.doctor import Check
 from sam3ft.model.build import bundled_vocab
 from sam3ft.model.spec import load_preset
@@ -36,6 +37,7 @@ def repo(tmp_path, monkeypatch) -> Path:
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     shutil.copy(REPO / ".dvc" / "config", tmp_path / ".dvc" / "config")
     (tmp_path / "bundled-store").mkdir()
+    shutil.copytree(SAMPLE, tmp_path / "data" / SAMPLE.name)  # the dataset checks read it
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.aws/credentials of this machine
     for name in (*FAKE_SECRETS, "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
@@ -72,11 +74,11 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_shipped_params_all_ok_except_placeholder_remote(repo, capsys):
-    checks = doctor.run_checks(repo / "params.yaml", repo)
+    checks = doctor.run_checks(repo / "params.yaml", repo) + dataset_checks(repo / "params.yaml", repo)
     names = [c.name for c in checks]
     for expected in ("python", "torch", "sam3", "dvc", "dvclive", "hydra-core", "params", "model"):
         assert expected in names
-    for expected in ("accelerator", "vram", "disk", "secrets", "threads", "remote bundled"):
+    for expected in ("accelerator", "vram", "disk", "secrets", "threads", "remote bundled", "dataset"):
         assert expected in names
     problems = [c for c in checks if c.status != "OK"]
     assert [(c.status, c.name) for c in problems] == [("WARN", "remote storage (default)")]

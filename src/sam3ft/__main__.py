@@ -45,9 +45,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from sam3ft.data.doctor import dataset_checks
     from sam3ft.doctor import run_checks
 
-    checks = run_checks(args.params, Path.cwd())
+    checks = run_checks(args.params, Path.cwd()) + dataset_checks(args.params, Path.cwd())
     for c in checks:
         print(f"{c.status:<4}  {c.name}: {c.detail}" + (f"  -> fix: {c.fix}" if c.status != "OK" else ""))
     fails, warns = (sum(c.status == s for c in checks) for s in ("FAIL", "WARN"))

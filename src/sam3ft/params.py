@@ -36,6 +36,7 @@ RECIPE_KEYS = (
     "batched_loss",
 )
 T = TypeVar("T")
+CARVED_SPLITS = {"valid": 0.2, "test": 0.1}  # prepare.split default: what prepare carves from train
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,27 @@ class Prepare:
     """Category name -> text prompt, for exports whose class names read badly."""
     preview_images: int = 4
     """How many images preview.png shows."""
+    split: dict[str, float] = field(default_factory=lambda: dict(CARVED_SPLITS))
+    """Share of train's source photos carved into each of valid/test when the export lacks that
+    split folder (at least one photo each while train keeps one); an exported split is kept as is."""
+    seed: int = 0
+    """Seed of the carving: the same export and seed always give the same splits. Apart from
+    base.seed, so retraining with another seed is measured on the same validation images."""
+    allow_leakage: bool = False
+    """Accept the same image file (by content) in two splits, with a warning instead of an error."""
 
     def __post_init__(self) -> None:
         _check(self.preview_images >= 0, "prepare.preview_images", self.preview_images, ">= 0")
+        _check(self.seed >= 0, "prepare.seed", self.seed, "an integer >= 0")
+        _check(
+            set(self.split) <= set(CARVED_SPLITS),
+            "prepare.split",
+            self.split,
+            f"shares for {list(CARVED_SPLITS)} only, e.g. {CARVED_SPLITS}",
+        )
+        for name, share in self.split.items():
+            _check(0 <= share < 1, f"prepare.split.{name}", share, "a share in [0, 1)")
+        _check(sum(self.split.values()) < 1, "prepare.split", self.split, "shares summing to less than 1")
         for name, prompt in self.prompts.items():
             _check(bool(prompt.strip()), f"prepare.prompts.{name}", prompt, "a non-empty text")
 
@@ -330,8 +349,9 @@ class Trainer:
 class Evaluate:
     """What the evaluate stage measures."""
 
-    splits: list[str]
-    """Prepared splits to evaluate (each gets its own metrics block)."""
+    splits: list[str] | None
+    """Prepared splits to evaluate (each gets its own metrics block); null: every split prepare
+    wrote except train (valid, test when exported or carved, negatives)."""
     max_dets: int
     """Detections kept per image and prompt, best first."""
     threshold: float
@@ -340,8 +360,9 @@ class Evaluate:
     """Images per split drawn with ground truth and predictions (dvclive images)."""
 
     def __post_init__(self) -> None:
-        _check(len(self.splits) > 0, "evaluate.splits", self.splits, "at least one split")
-        _check(len(set(self.splits)) == len(self.splits), "evaluate.splits", self.splits, "no duplicates")
+        if self.splits is not None:
+            _check(len(self.splits) > 0, "evaluate.splits", self.splits, "null or at least one split")
+            _check(len(set(self.splits)) == len(self.splits), "evaluate.splits", self.splits, "no duplicates")
         _check(self.max_dets >= 1, "evaluate.max_dets", self.max_dets, ">= 1")
         _check(0.0 <= self.threshold <= 1.0, "evaluate.threshold", self.threshold, "a score in [0, 1]")
         _check(self.overlays >= 0, "evaluate.overlays", self.overlays, ">= 0")

@@ -8,19 +8,29 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from warnings import catch_warnings, simplefilter
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sam3ft.errors import DatasetError
+from sam3ft.io import sha256_file
 from sam3ft.layout import ANNOTATIONS_FILE
 
 log = logging.getLogger(__name__)
 
 BOX_TOLERANCE_PX = 1.0  # boxes may overhang the image by this much (rounding in exports); clipped
+MAX_PIXELS = 8192 * 8192
+"""Largest image (width x height, ~67 MP) prepare accepts; bigger ones must be downscaled first."""
+SHA256 = "_sha256"  # image record key: sha256 of the file's bytes (duplicates, leakage); never written
+DOWNSCALE_FIX = (
+    f"downscale it to at most {MAX_PIXELS:,} pixels (e.g. 8192x8192; SAM3 sees it at 1008 px anyway): "
+    "re-export from Roboflow with a Resize preprocessing step, which scales the boxes too"
+)
 
 
 @dataclass
@@ -111,17 +121,44 @@ def normalized_image(img: Image.Image) -> Image.Image:
     return img
 
 
+def open_image(path: Path, where: Path, label: str) -> Image.Image:
+    """`path` opened by PIL with only its header read; refused above MAX_PIXELS before any decoding.
+
+    PIL itself raises DecompressionBombError (no file named) above twice its own limit and warns
+    above it; both become a DatasetError naming the file and the fix.
+    """
+    try:
+        with catch_warnings():
+            simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _fail(where, label, f"image too large (PIL: {exc})", DOWNSCALE_FIX) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise _fail(where, label, f"unreadable image ({exc})", "replace or drop it") from exc
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        img.close()
+        raise _fail(
+            where,
+            label,
+            f"image is {width}x{height} = {width * height:,} pixels, above the limit of {MAX_PIXELS:,}",
+            DOWNSCALE_FIX,
+        )
+    return img
+
+
 def _check_image_file(path: Path, record: dict[str, Any], json_path: Path, warnings: list[str]) -> None:
     label = f"image id={record['id']} ({record['file_name']})"
     if not path.is_file():
         raise _fail(json_path, label, "image file not found", f"add {path.name} or drop the record")
     try:
-        with Image.open(path) as img:
+        with open_image(path, json_path, label) as img:
             img.load()  # decodes fully: truncated files fail here, not mid-training
             fixes = image_fixes(img)
             size = normalized_image(img).size if fixes else img.size
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise _fail(json_path, label, f"unreadable image ({exc})", "replace or drop it") from exc
+    record[SHA256] = sha256_file(path)  # duplicates and leakage (data/splits.py), never written
     declared = (record.get("width"), record.get("height"))
     if declared != size:
         hint = " (after applying its EXIF orientation)" if any("exif" in f for f in fixes) else ""
@@ -307,9 +344,14 @@ def resolve_categories(splits: list[Split], prompts: dict[str, str]) -> list[Cat
                 f"differ from split '{first.name}'",
                 "export all splits together",
             )
-    used = {a["category_id"] for s in splits for a in s.annotations}
-    parents = {c["supercategory"] for c in first.categories if c.get("supercategory")}
-    kept = [c for c in first.categories if c["id"] in used or c["name"] not in parents]
+    children = {
+        parent["name"]: [c["name"] for c in first.categories if c.get("supercategory") == parent["name"]]
+        for parent in first.categories
+    }
+    parents = {c["id"]: c["name"] for c in first.categories if set(children[c["name"]]) - {c["name"]}}
+    for split in splits:
+        _refuse_parent_annotations(split, parents, children)
+    kept = [c for c in first.categories if c["id"] not in parents]
     unknown = sorted(set(prompts) - {c["name"] for c in kept})
     if unknown:
         raise DatasetError(
@@ -320,6 +362,22 @@ def resolve_categories(splits: list[Split], prompts: dict[str, str]) -> list[Cat
         Category(i + 1, c["name"], prompts.get(c["name"], c["name"]))
         for i, c in enumerate(sorted(kept, key=lambda c: c["id"]))
     ]
+
+
+def _refuse_parent_annotations(split: Split, parents: dict[int, str], children: dict[str, list[str]]) -> None:
+    """An object labelled with a parent category would become one more class and text prompt."""
+    on_parent = [a for a in split.annotations if a["category_id"] in parents]
+    if on_parent:
+        name = parents[on_parent[0]["category_id"]]
+        ids = [a["id"] for a in on_parent]
+        raise _fail(
+            split.directory / ANNOTATIONS_FILE,
+            f"annotation id={ids[0]}",
+            f"labelled {name!r}, the parent category of {children[name]}, not a class "
+            f"({len(ids)} annotation(s) in '{split.name}': ids {ids[:5]}{' ...' if len(ids) > 5 else ''})",
+            f"relabel them with one of {[c for c in children[name] if c != name]} in Roboflow and "
+            "re-export (or drop them)",
+        )
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -333,10 +391,31 @@ def load_image_folder(directory: Path, name: str, categories: list[dict[str, Any
     images = []
     for index, path in enumerate(files):
         try:
-            with Image.open(path) as img:
+            with open_image(path, path, "image") as img:
                 img.load()
                 width, height = img.size
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise _fail(path, "image", f"unreadable image ({exc})", "replace or remove it") from exc
-        images.append({"id": index, "file_name": path.name, "width": width, "height": height})
+        images.append(
+            {"id": index, "file_name": path.name, "width": width, "height": height, SHA256: sha256_file(path)}
+        )
     return Split(name, directory, images, [], categories)
+
+
+def check_objects_per_image(coco: dict[str, Any], limit: int, source: Path) -> list[str]:
+    """One warning per image and category with more objects than `limit` (trainer.max_ann_per_img).
+
+    sam3 asks one query per image and category and skips a datapoint whose query has more objects
+    than the limit (sam3/train/data/sam3_image_dataset.py:499 raises, and another image is loaded
+    in its place): such an image never trains. `coco` is a split's COCO dict (export or prepared).
+    """
+    counts = Counter((a["image_id"], a["category_id"]) for a in coco["annotations"])
+    names = {img["id"]: img["file_name"] for img in coco["images"]}
+    categories = {c["id"]: c["name"] for c in coco["categories"]}
+    return [
+        f"{source}: image id={image_id} ({names.get(image_id)}): {count} objects of "
+        f"{categories.get(category_id)!r}, more than trainer.max_ann_per_img={limit}: sam3 skips this "
+        f"image in training; fix: set trainer.max_ann_per_img: {count} (or more), or tile the image"
+        for (image_id, category_id), count in sorted(counts.items())
+        if count > limit
+    ]

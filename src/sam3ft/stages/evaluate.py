@@ -33,6 +33,7 @@ from sam3ft.viz import GROUND_TRUTH, PREDICTION, draw_boxes, draw_masks, segment
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "trainer", "evaluate"]
+EVAL_ORDER = ("valid", "test", "negatives")  # report order of prepared splits (evaluate.splits: null)
 SWEEP = [i / 20 for i in range(21)]  # score thresholds 0.00, 0.05, ..., 1.00
 
 
@@ -122,16 +123,23 @@ def split_report(
     return metrics, plots
 
 
+def prepared_eval_splits(prepared: Path) -> list[str]:
+    """Every split prepare wrote (stats.json) except train: valid first, then test, then the rest."""
+    names = [s for s in json.loads((prepared / "stats.json").read_text())["splits"] if s != "train"]
+    return sorted(names, key=lambda s: (EVAL_ORDER.index(s) if s in EVAL_ORDER else len(EVAL_ORDER), s))
+
+
 def run(p: dict[str, Any]) -> None:
     paths, evaluate = p["paths"], p["evaluate"]
     pin_threads(p["base"].threads)
     prepared = Path(paths.prepared)
-    missing = [s for s in evaluate.splits if not (prepared / s / ANNOTATIONS_FILE).is_file()]
+    splits = evaluate.splits if evaluate.splits is not None else prepared_eval_splits(prepared)
+    missing = [s for s in splits if not (prepared / s / ANNOTATIONS_FILE).is_file()]
     if missing:
         present = sorted(d.name for d in prepared.iterdir() if d.is_dir())
         raise ConfigError(
             f"params.yaml: evaluate.splits names {missing}, not in {prepared}",
-            fix=f"use splits the export has: {present}",
+            fix=f"use splits the export has: {present}, or null for all but train",
         )
     model, spec = load_trained(Path(paths.base), Path(paths.train) / CHECKPOINT)
     predictor = Predictor(model, spec.image_size, device_for(p["trainer"].accelerator))
@@ -140,7 +148,7 @@ def run(p: dict[str, Any]) -> None:
         (out / "predictions").mkdir()
         (out / "plots").mkdir()
         with open_live(out / "live") as live:
-            for split in evaluate.splits:
+            for split in splits:
                 split_dir = prepared / split
                 coco = json.loads((split_dir / ANNOTATIONS_FILE).read_text())
                 results = predict_split(predictor, split_dir, coco, evaluate.max_dets)

@@ -1,8 +1,9 @@
 """prepare: validate a Roboflow COCO export and write it in the layout sam3's dataset reads.
 
 Output (paths.prepared): <split>/_annotations.coco.json + images, stats.json, preview.png.
-Splits: train and valid (required), test, and `negatives/` (a plain folder of images that do not
-show the object; it becomes a split with no annotations, for image-level false-positive rates).
+Splits: train (required), valid and test (each carved from train by `prepare.split` when the export
+lacks it; see sam3ft.data.splits), and `negatives/` (a plain folder of images that do not show the
+object; it becomes a split with no annotations, for image-level false-positive rates).
 Category ids become 1..N and each category's `name` becomes its text prompt (sam3's
 COCO_FROM_JSON uses the name as the query text); the export's own name stays in `roboflow_name`.
 """
@@ -17,37 +18,15 @@ from typing import Any
 
 from PIL import Image
 
-from sam3ft.data.coco import (
-    Category,
-    Split,
-    load_image_folder,
-    load_split,
-    normalized_image,
-    resolve_categories,
-)
+from sam3ft.data.coco import Category, Split, normalized_image, resolve_categories
+from sam3ft.data.dvc_pin import check_pinned_remote
 from sam3ft.data.preview import draw_preview
-from sam3ft.errors import DatasetError
+from sam3ft.data.roboflow import check_eval_splits, plan_dataset
 from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import ANNOTATIONS_FILE
 
 log = logging.getLogger(__name__)
-SECTIONS = ["paths", "prepare"]
-REQUIRED_SPLITS = ("train", "valid")
-OPTIONAL_SPLITS = ("test",)
-NEGATIVES = "negatives"  # optional folder of images without the object (no JSON needed)
-
-
-def load_dataset(root: Path) -> list[Split]:
-    """Every split of the export, validated; train and valid must exist."""
-    if not root.is_dir():
-        raise DatasetError(
-            f"{root}: dataset folder not found", fix="set prepare.dataset to a folder under paths.data"
-        )
-    splits = [load_split(root / name, name) for name in REQUIRED_SPLITS]
-    splits += [load_split(root / name, name) for name in OPTIONAL_SPLITS if (root / name).is_dir()]
-    if (root / NEGATIVES).is_dir():
-        splits.append(load_image_folder(root / NEGATIVES, NEGATIVES, splits[0].categories))
-    return splits
+SECTIONS = ["paths", "prepare", "evaluate"]  # evaluate: only `splits`, checked here before training
 
 
 def convert_split(split: Split, categories: list[Category]) -> dict[str, Any]:
@@ -101,35 +80,50 @@ def split_stats(coco: dict[str, Any]) -> dict[str, Any]:
 
 def run(p: dict[str, Any]) -> None:
     paths, prepare = p["paths"], p["prepare"]
+    pin_warnings = check_pinned_remote(Path(paths.data))
     root = Path(paths.data) / prepare.dataset
-    splits = load_dataset(root)
-    categories = resolve_categories(splits, prepare.prompts)
-    for split in splits:
-        for warning in split.warnings:
-            log.warning(warning)
+    plan = plan_dataset(root, prepare.split, prepare.seed, prepare.allow_leakage)
+    categories = resolve_categories(plan.splits, prepare.prompts)
+    check_eval_splits(p["evaluate"].splits, plan.names, root)
+    split_warnings = [w for split in plan.splits for w in split.warnings]
+    for warning in pin_warnings + plan.carve_notes + plan.warnings + split_warnings:
+        log.warning(warning)
     stats: dict[str, Any] = {
         "dataset": prepare.dataset,
         "source_sha256": sha256_tree(root),
         "prompts": {c.name: c.prompt for c in categories},
         "splits": {},
     }
+    # only when present: an export with all its splits, and nothing to warn about, gives the
+    # stats.json it gave before these keys existed (the sample's dvc.lock hash stays)
+    if plan.carved:
+        stats["carved"] = plan.carved
+    if plan.warnings:
+        stats["warnings"] = plan.warnings
     with atomic_dir(Path(paths.prepared)) as out:
-        for split in splits:
-            coco = convert_split(split, categories)
-            (out / split.name).mkdir()
-            for record, img in zip(split.images, coco["images"], strict=True):
-                copy_image(
-                    split.directory / img["file_name"],
-                    out / split.name / img["file_name"],
-                    record.get("_fixes", []),
-                )
-            write_json(out / split.name / ANNOTATIONS_FILE, coco)
-            stats["splits"][split.name] = split_stats(coco)
-            stats["splits"][split.name]["warnings"] = split.warnings
-            if split.name == "train" and prepare.preview_images:
-                draw_preview(out / "train", coco, prepare.preview_images, out / "preview.png")
+        for split in plan.splits:
+            write_split(split, categories, out, stats, prepare.preview_images)
         write_json(out / "stats.json", stats)
     log.info("prepared %s: %s", root, {k: v["images"] for k, v in stats["splits"].items()})
+
+
+def write_split(
+    split: Split, categories: list[Category], out: Path, stats: dict[str, Any], preview_images: int
+) -> None:
+    """One split's images and COCO file under `out`, its entry in `stats`, and train's preview."""
+    coco = convert_split(split, categories)
+    (out / split.name).mkdir()
+    for record, img in zip(split.images, coco["images"], strict=True):
+        copy_image(
+            split.directory / img["file_name"],
+            out / split.name / img["file_name"],
+            record.get("_fixes", []),
+        )
+    write_json(out / split.name / ANNOTATIONS_FILE, coco)
+    stats["splits"][split.name] = split_stats(coco)
+    stats["splits"][split.name]["warnings"] = split.warnings
+    if split.name == "train" and preview_images:
+        draw_preview(out / "train", coco, preview_images, out / "preview.png")
 
 
 def main() -> None:
