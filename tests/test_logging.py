@@ -62,7 +62,13 @@ def test_secret_names_are_told_by_whole_words():
     from sam3ft.compat import is_secret_name
 
     secret = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"]
-    secret += ["AWS_SESSION_TOKEN", "SAM3FT_API_KEY", "GITHUB_TOKEN", "DB_PASSWORD", "AZURE_STORAGE_SAS_TOKEN"]
+    secret += [
+        "AWS_SESSION_TOKEN",
+        "SAM3FT_API_KEY",
+        "GITHUB_TOKEN",
+        "DB_PASSWORD",
+        "AZURE_STORAGE_SAS_TOKEN",
+    ]
     plain = ["TOKENIZERS_PARALLELISM", "AWS_CA_BUNDLE", "AWS_REGION", "AWS_ENDPOINT_URL", "PATH", "KEYBOARD"]
     assert [n for n in secret if not is_secret_name(n)] == []
     assert [n for n in plain if is_secret_name(n)] == []

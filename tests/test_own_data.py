@@ -85,7 +85,14 @@ def run_prepare(
     """The prepare stage on `tmp_path/data/<dataset>`; returns the prepared folder."""
     out = tmp_path / "prepared"
     paths = Paths(
-        data=str(tmp_path / "data"), base="b", prepared=str(out), train="t", eval="e", export="x", scratch="s"
+        data=str(tmp_path / "data"),
+        base="b",
+        prepared=str(out),
+        train="t",
+        eval="e",
+        export="x",
+        scratch="s",
+        check="c",
     )
     p = {
         "paths": paths,

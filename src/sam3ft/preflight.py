@@ -7,13 +7,11 @@ that import.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from sam3ft import params as params_module
 from sam3ft.errors import ConfigError
-from sam3ft.layout import ANNOTATIONS_FILE
 from sam3ft.model.spec import load_preset
 
 # Presets with more parameters than this train on the CPU only when trainer.allow_cpu says so.
@@ -92,15 +90,6 @@ def check_devices(
         )
 
 
-def count_images(annotations: Path) -> int | None:
-    """Images listed in a COCO file; None where it cannot be read (prepare reports why)."""
-    try:
-        images = json.loads(annotations.read_text())["images"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return len(images) if isinstance(images, list) else None
-
-
 def updates_per_epoch(trainer: params_module.Trainer, train_images: int) -> int:
     """Optimizer steps in one process's epoch: each process gets 1/world of the images
     (DistributedSampler), and the loader drops a last batch short of `batch_size` and the batches
@@ -128,8 +117,3 @@ def check_steps(trainer: params_module.Trainer, train_images: int, annotations: 
         f"{world} process(es): every epoch would train no step",
         fix=fix,
     )
-
-
-def raw_train_annotations(paths: params_module.Paths, prepare: params_module.Prepare) -> Path:
-    """The export's train split as the user copied it (before prepare)."""
-    return Path(paths.data) / prepare.dataset / "train" / ANNOTATIONS_FILE

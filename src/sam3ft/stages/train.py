@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from sam3ft.console import stdout_to
+from sam3ft.data.coco import check_objects_per_image
 from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb, train_checkpoints_gb
 from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
@@ -180,7 +181,12 @@ def run(p: dict[str, Any]) -> None:
     if trainer.segmentation:
         check_masks(data_dir / "train")
     train_images = count_images(data_dir / "train")
-    check_steps(trainer, train_images, data_dir / "train" / ANNOTATIONS_FILE)
+    train_json = data_dir / "train" / ANNOTATIONS_FILE
+    check_steps(trainer, train_images, train_json)
+    for warning in check_objects_per_image(
+        json.loads(train_json.read_text()), trainer.max_ann_per_img, train_json
+    ):
+        log.warning(warning)
     scratch = Path(paths.scratch) / "train"
     knobs = trainer_knobs(p, spec, manifest, base_dir, data_dir, scratch, train_images)
     cfg = compose_trainer_config(knobs, name=config_name(trainer.segmentation))
