@@ -37,13 +37,13 @@ HASHED = (
 
 def cpu() -> dict[str, object]:
     info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    flags = set(fields.get("flags\t\t", "").split())
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())}
+    isa = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx", "amx", "fma", "f16c")))
     return {
-        "vendor": fields.get("vendor_id\t", "").strip(),
-        "model": fields.get("model name\t", "").strip(),
-        "avx2": "avx2" in flags,
-        "avx512f": "avx512f" in flags,
+        "vendor": fields.get("vendor_id", ""),
+        "model": fields.get("model name", ""),
+        "cpuid_model": int(fields.get("model", "0") or 0),
+        "isa": " ".join(isa),
         "glibc": platform.libc_ver()[1],
     }
 
