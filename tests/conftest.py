@@ -36,10 +36,8 @@ def write_params(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def checkout_copy(dst: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
-    """A new git repo at `dst` holding what a fresh clone of this checkout would (tracked and
-    untracked-but-not-ignored files, committed); returns the environment to run its stages and DVC
-    in: this venv's tools first on PATH, the copy's own `src/` on PYTHONPATH."""
+def copy_worktree(dst: Path) -> None:
+    """Tracked and untracked-but-not-ignored files: what a fresh clone of this commit would hold."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
@@ -51,6 +49,12 @@ def checkout_copy(dst: Path, extra_env: dict[str, str] | None = None) -> dict[st
         if src.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
+
+
+def checkout_copy(dst: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """A new git repo at `dst` holding `copy_worktree`, committed; returns the environment to run
+    its stages and DVC in: this venv's tools first on PATH, the copy's own `src/` on PYTHONPATH."""
+    copy_worktree(dst)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_"))}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",

@@ -7,6 +7,7 @@ fake secrets planted in the environment; each test then checks one promise on th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -54,6 +55,36 @@ def test_repro_runs_every_stage_within_five_minutes(pipeline):
     for stage in ("check", "fetch", "prepare", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
     assert pipeline["seconds"] < 300
+
+
+def test_repro_prints_about_a_screen_per_stage(pipeline):
+    """sam3's model summary, its prints and pycocotools' tables go to .work/ logs; known import
+    warnings are filtered at the stages' entry point."""
+    out = pipeline["repro"].stdout + pipeline["repro"].stderr
+    lines = [line for line in out.replace("\r", "\n").splitlines() if line.strip() and "step/s" not in line]
+    assert len(lines) < 60, "\n".join(lines)
+    for noise in ("Model is _Sam3Image", "Average Precision", "torch.jit.script", "Disabling autocast"):
+        assert noise not in out
+    logs = pipeline["repo"] / ".work/train/logs"
+    assert "Model is _Sam3Image" in (logs / "log.txt").read_text()
+    assert "Raw dataset length" in (logs / "stdout.txt").read_text()
+
+
+def test_a_stage_run_by_another_python_says_how_to_enter_the_venv(pipeline, tmp_path):
+    """`.venv/bin/dvc` run without activating the venv: the stages' `python` is another one."""
+    repo, env, dvc = pipeline["repo"], pipeline["env"], pipeline["dvc"]
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(Path(sys.base_prefix) / "bin" / "python3")  # no sam3ft installed
+    other = {**env, "PATH": f"{bare}{os.pathsep}{env['PATH']}", "PYTHONPATH": ""}
+    failed = subprocess.run(
+        [*dvc, "repro", "-f", "check"], cwd=repo, env=other, capture_output=True, text=True
+    )
+    assert failed.returncode != 0
+    assert "cannot import sam3ft; fix: source .venv/bin/activate" in failed.stderr, failed.stderr[-2000:]
+    assert "ModuleNotFoundError" not in failed.stderr
+    run([*dvc, "checkout", "-q", "artifacts/check.json"], repo, env)  # -f removed it before the guard
+    assert "up to date" in run([*dvc, "status"], repo, env).stdout
 
 
 def committed(rel: str) -> str:

@@ -26,8 +26,9 @@ import pytest
 from dvc.repo import Repo
 from moto.server import ThreadedMotoServer
 
+from conftest import copy_worktree
 from sam3ft.io import sha256_file
-from test_pipeline import copy_worktree, run
+from test_pipeline import run
 
 pytestmark = pytest.mark.slow
 
