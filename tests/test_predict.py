@@ -99,7 +99,7 @@ def test_predict_images_writes_exact_json_and_overlays(tmp_path):
     )
     written = json.loads((tmp_path / "out" / "detections.json").read_text())
     broken = str(tmp_path / "broken.jpg")
-    assert written["errors"][broken].startswith(f"{broken}: cannot read image")
+    assert written["errors"][broken] == f"{broken}: not an image (or a damaged one)"
     assert written == {
         "threshold": 0.5,
         "prompts": {"1": "fuse cutout"},

@@ -3,6 +3,7 @@
 sam3ft stage NAME [--params params.yaml]     run one pipeline stage (what dvc.yaml calls)
 sam3ft predict IMAGE... [--model DIR]        detect with an exported model: detections.json,
                                              COCO pre-labels and overlays under --out
+sam3ft serve [--model DIR] [--port 8000]     answer POST /predict (multipart image) over HTTP
 sam3ft doctor [--params params.yaml]         check this machine for the configured run (exit 1 on FAIL)
 """
 
@@ -120,6 +121,14 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port a user may bind (1024..65535)."""
+    value = positive_int(text)
+    if not 1024 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is outside 1024..65535")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -129,6 +138,36 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be 1 or more")
     return value
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Check the export and settings (no torch here), then run the server until stopped."""
+    from sam3ft.model.info import model_version, operating_threshold, read_info
+
+    model_dir = args.model or default_model_dir()
+    info = read_info(model_dir)
+    if info["mode"] == "delta" and (args.base is None or not args.base.is_file()):
+        raise Sam3ftError(f"{model_dir} is a delta export: it needs its base weights", fix="pass --base FILE")
+    threshold, note = (args.threshold, None) if args.threshold is not None else operating_threshold(info)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    from sam3ft.serve import ServeConfig, build_server
+
+    config = ServeConfig(
+        model_dir=model_dir,
+        base=args.base,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        threshold=threshold,
+        max_dets=args.max_dets,
+        prompts={int(k): v for k, v in info["prompts"].items()},
+        masks=not args.boxes_only,
+        max_upload_bytes=args.max_upload_mb * 2**20,
+    )
+    server = build_server(config, model_version(info))
+    server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
+    return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -215,6 +254,33 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the mask head of a model that has one (faster; no masks in detections.json)",
     )
+    serve = sub.add_parser(
+        "serve",
+        help="answer detection requests over HTTP",
+        description="Serve an exported model over HTTP (LitServe): POST /predict (multipart: image, "
+        "optional prompt and threshold) returns JSON detections; GET /health; GET /info. With "
+        "SAM3FT_API_KEY set, requests need the header X-API-Key.",
+    )
+    serve.add_argument("--model", type=Path, help="an export folder; default: as for predict")
+    serve.add_argument("--base", type=Path, help="base weights file, for a delta export only")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=port_number, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument(
+        "--threshold",
+        type=unit_interval,
+        help="default score threshold of requests that send none; default: the model's operating one",
+    )
+    serve.add_argument("--max-dets", type=positive_int, default=100, help="per image and prompt (100)")
+    serve.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch (default: 1)")
+    serve.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    serve.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    serve.add_argument("--boxes-only", action="store_true", help="skip the mask head (no masks returned)")
+    serve.add_argument(
+        "--max-upload-mb", type=positive_int, default=50, help="largest image upload accepted, MB (50)"
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
     doctor = sub.add_parser("doctor", help="check this machine for the configured run")
     doctor.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
@@ -225,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(f"sam3ft.stages.{args.name}").main()
         return 0
     try:
-        return _predict(args)
+        return _serve(args) if args.command == "serve" else _predict(args)
     except Sam3ftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -88,7 +88,9 @@ def open_image(source: Path | IO[bytes], name: str) -> Image.Image:
                 return normalized_image(opened).convert("RGB")
     except Image.DecompressionBombError as exc:  # above 2x PIL's limit: refused at open, size unread
         raise too_large(name, None, None) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (or a damaged one)", fix="give a JPEG or PNG file") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: cannot read image ({exc})", fix="give a JPEG or PNG file") from exc
 
 

@@ -1,0 +1,153 @@
+"""`sam3ft serve`: the real server (LitServe) on loopback, a real tiny export with a mask head, a real
+HTTP client. One server for the module: it starts in seconds but loads the model in its own process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import REPO, SAMPLE, write_tiny_export
+from test_predict_inputs import RED, close, exif_jpeg, png_header
+
+KEY = "test-key-0123456789abcdef"  # SAM3FT_API_KEY of the server under test
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[dict]:
+    tmp = tmp_path_factory.mktemp("serve")
+    model = write_tiny_export(tmp / "model", masks=True, threshold=0.25)
+    port, log = free_port(), tmp / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "SAM3FT_API_KEY": KEY}
+    command = [sys.executable, "-m", "sam3ft", "serve", "--model", str(model), "--port", str(port)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*command, "--device", "cpu", "--max-upload-mb", "1"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"no /health in 90 s:\n{log.read_text()}"
+            time.sleep(0.3)
+        yield {"url": url, "log": log, "model": json.loads((model / "model.json").read_text())}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def post(server: dict, files: dict | None = None, data: dict | None = None, key: str | None = KEY, **kw):
+    headers = {"X-API-Key": key} if key is not None else {}
+    return httpx.post(f"{server['url']}/predict", files=files, data=data, headers=headers, timeout=60, **kw)
+
+
+def photo_bytes() -> bytes:
+    return sorted((SAMPLE / "valid").glob("*.jpg"))[0].read_bytes()
+
+
+def test_predict_returns_boxes_masks_and_the_model_version(server):
+    reply = post(server, files={"image": ("a.jpg", photo_bytes(), "image/jpeg")}, data={"threshold": "0"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert (body["width"], body["height"], body["threshold"]) == (512, 512, 0.0)
+    assert body["model"]["weights_sha256"] == server["model"]["weights_sha256"]
+    dets = body["detections"]
+    assert len(dets) == 20  # every query of the tiny model at threshold 0
+    assert [d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True)
+    for det in dets:
+        x0, y0, x1, y1 = det["box_xyxy"]
+        assert 0 <= x0 <= x1 <= 512 and 0 <= y0 <= y1 <= 512
+        assert det["prompt"] == "fuse neutrals" and det["segmentation"]["size"] == [512, 512]
+    # the default threshold is the model's operating one (0.25 in this export)
+    default = post(server, files={"image": ("a.jpg", photo_bytes(), "image/jpeg")}).json()
+    assert default["threshold"] == 0.25
+    assert default["detections"] == [d for d in dets if d["score"] >= 0.25]
+    prompted = post(
+        server, files={"image": ("a.jpg", photo_bytes())}, data={"prompt": "screw", "threshold": "0"}
+    )
+    assert {d["prompt"] for d in prompted.json()["detections"]} == {"screw"}
+
+
+def test_exif_orientation_is_applied(server, tmp_path):
+    photo = exif_jpeg(tmp_path / "phone.jpg", 6).read_bytes()  # stored 100 x 200, upright 200 x 100
+    body = post(server, files={"image": ("phone.jpg", photo)}, data={"threshold": "0"}).json()
+    assert (body["width"], body["height"]) == (200, 100)
+    assert all(d["box_xyxy"][2] <= 200 and d["box_xyxy"][3] <= 100 for d in body["detections"])
+    assert all(d["segmentation"]["size"] == [100, 200] for d in body["detections"])
+    assert close(Image.open(io.BytesIO(photo)).convert("RGB").getpixel((50, 50)), RED)
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "status", "message"),
+    [
+        ({"image": ("notes.txt", b"hello, not a photo")}, None, 415, "notes.txt: not an image"),
+        ({"image": ("big.png", png_header(20_000, 20_000))}, None, 413, "above the 89 MP limit"),
+        ({"image": ("a.jpg", b"x" * (2 * 2**20))}, None, 413, "request body above 1 MB"),
+        ({"image": ("a.jpg", b"x")}, {"colour": "red"}, 422, "unknown form field(s) ['colour']"),
+        ({"picture": ("a.jpg", b"x")}, None, 422, "unknown form field(s) ['picture']"),
+        (None, {"threshold": "0.5"}, 415, "send multipart/form-data"),
+        ({"image": ("a.jpg", b"x")}, {"threshold": "2"}, 422, "threshold 2.0 is outside 0..1"),
+        ({"image": ("a.jpg", b"x")}, {"threshold": "high"}, 422, "'high' is not a number"),
+    ],
+)
+def test_bad_uploads_are_4xx_with_a_message_and_the_server_stays_up(server, files, data, status, message):
+    reply = post(server, files=files, data=data)
+    assert reply.status_code == status, reply.text
+    assert message in reply.json()["detail"]
+    assert httpx.get(f"{server['url']}/health", timeout=5).text == "ok"
+
+
+def test_json_body_is_refused(server):
+    reply = httpx.post(f"{server['url']}/predict", json={"image": "a.jpg"}, headers={"X-API-Key": KEY})
+    assert reply.status_code == 415 and "multipart/form-data" in reply.json()["detail"]
+
+
+def test_api_key_is_required_but_not_for_health(server):
+    files = {"image": ("a.jpg", photo_bytes())}
+    assert post(server, files=files, key=None).status_code == 401
+    assert post(server, files=files, key="wrong").status_code == 401
+    assert post(server, files=files, key=KEY[:-1]).status_code == 401
+    assert httpx.get(f"{server['url']}/health").status_code == 200
+    assert httpx.get(f"{server['url']}/info").status_code == 401
+
+
+def test_burst_of_16_concurrent_requests(server):
+    photo = photo_bytes()
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda _: post(server, files={"image": ("a.jpg", photo)}), range(16)))
+    assert [r.status_code for r in replies] == [200] * 16
+    assert all(r.json() == replies[0].json() for r in replies)  # one model, same answer every time
+
+
+def test_logs_hold_no_key_and_no_body(server):
+    post(server, files={"image": ("secret-name.jpg", b"BODYMARKER" * 10)})
+    time.sleep(0.5)
+    log = Path(server["log"]).read_bytes()
+    assert b"POST /predict" in log  # the access log is there
+    assert KEY.encode() not in log and b"BODYMARKER" not in log
