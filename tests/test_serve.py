@@ -135,6 +135,15 @@ def test_api_key_is_required_but_not_for_health(server):
     assert post(server, files=files, key=KEY[:-1]).status_code == 401
     assert httpx.get(f"{server['url']}/health").status_code == 200
     assert httpx.get(f"{server['url']}/info").status_code == 401
+    assert httpx.get(f"{server['url']}/info", headers={"X-API-Key": KEY}).json()["model"]["threshold"] == 0.25
+
+
+def test_page_for_people_is_one_self_contained_file(server):
+    reply = httpx.get(f"{server['url']}/")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
+    page = reply.text
+    assert '<input type="file" name="image"' in page and 'fetch("predict"' in page
+    assert "http://" not in page and "https://" not in page  # no CDN, nothing fetched from elsewhere
 
 
 def test_burst_of_16_concurrent_requests(server):

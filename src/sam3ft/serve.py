@@ -4,6 +4,7 @@
                     -> {"detections": [{box_xyxy, score, category_id, label, segmentation?}], "model": ...}
     GET  /health    "ok" once the model is loaded (503 before)
     GET  /info      the model's version (weights sha256) and the server's settings
+    GET  /          a page for people: upload a photo, see the overlay and a table of detections
 
 The model is loaded once, in LitServe's worker process; images get the same EXIF handling, pixel
 limit and detection records as `sam3ft predict`. A bad upload is a 4xx with a message and the server
@@ -23,14 +24,16 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException
 from starlette.datastructures import UploadFile
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sam3ft.inference import ImageError, detection_record, open_image
 
 API_KEY_ENV = "SAM3FT_API_KEY"
 FIELDS = {"image", "prompt", "threshold"}
-OPEN_PATHS = {"/health"}  # answered without the API key: load balancers probe it
+# answered without the API key: load balancers probe /health; the page (/) holds no data, and sends
+# the key its user types with each request
+OPEN_PATHS = {"/health", "/"}
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def build_server(config: ServeConfig, model: dict[str, Any], timeout: float = 60
     if key:
         middlewares.append((ApiKeyMiddleware, {"key": key}))
     accelerator = "cpu" if config.device == "cpu" else "auto"
-    return ls.LitServer(
+    server = ls.LitServer(
         DetectAPI(config, model),
         accelerator=accelerator,
         devices=1,
@@ -186,3 +189,10 @@ def build_server(config: ServeConfig, model: dict[str, Any], timeout: float = 60
         middlewares=middlewares,
         model_metadata={"model": model, "threshold": config.threshold, "max_dets": config.max_dets},
     )
+    page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
+    # LitServe answers GET / with "litserve running" (litserve/server.py `register_endpoints`);
+    # routes match in order, so its route goes and ours takes the path
+    routes = server.app.router.routes
+    routes[:] = [r for r in routes if getattr(r, "path", None) != "/"]
+    server.app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
+    return server
