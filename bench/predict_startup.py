@@ -51,7 +51,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_export(Path(tmp) / "model")
         predict = [sys.executable, "-m", "sam3ft", "predict", str(image), "--model", str(model)]
-        predict += ["--out", str(Path(tmp) / "out"), "--device", "cpu", "--threads", "1"]
+        predict += [
+            "--out",
+            str(Path(tmp) / "out"),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--threshold",
+            "0.5",
+        ]
         missing = [sys.executable, "-m", "sam3ft", "predict", "no-such.jpg", "--model", str(model)]
         timed(predict, env)  # warm the page cache: every later run reads the same files
         runs = [timed(predict, env) for _ in range(args.runs)]
@@ -62,11 +71,15 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f} at the end (shared machine)",
-        "command": " ".join(["OMP_NUM_THREADS=1", *predict[1:]]).replace(str(REPO) + "/", ""),
+        "command": " ".join(["OMP_NUM_THREADS=1", "python", *predict[1:]])
+        .replace(str(model), "<tiny export>")
+        .replace(str(Path(tmp) / "out"), "<tmp>/out")
+        .replace(str(REPO) + "/", ""),
         "src": str(args.src),
         "first_detection_s_median": statistics.median(seconds),
         "first_detection_s_runs": seconds,
         "first_detection_cpu_s_median": round(statistics.median(cpu for _, cpu, _ in runs), 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
         "missing_path_refused_s_median": round(statistics.median(wall for wall, _, _ in refusals), 2),
         "missing_path_exit_codes": sorted({rc for *_, rc in refusals}),
     }

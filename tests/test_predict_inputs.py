@@ -4,6 +4,7 @@ with EXIF orientation, images above the pixel limit, and the COCO pre-labels pre
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -175,7 +176,19 @@ def test_real_tiny_export_prelabels_round_trip(tmp_path):
         shutil.copy(path, photos)
     out = tmp_path / "out"
     args = ["predict", str(photos), "--model", str(model), "--out", str(out), "--threshold", "0"]
-    assert cli([*args, "--max-dets", "3"]) == 0
+    # the command line as users run it: it ends without interpreter teardown (`end_now`)
+    env = {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PATH": os.environ["PATH"]}
+    done = subprocess.run(
+        [sys.executable, "-m", "sam3ft", *args, "--max-dets", "3"], capture_output=True, env=env
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr.decode().endswith(
+        f"2 image(s), 6 detection(s) >= 0.0 -> {out / 'detections.json'}, "
+        f"pre-labels {out / '_annotations.coco.json'}, overlays {out / 'overlays'}; 0 failed\n"
+    )
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(
+        p.stem + ".jpg" for p in photos.iterdir()
+    )
     shutil.copy(out / "_annotations.coco.json", photos)
     split = load_split(photos, "train")
     assert len(split.images) == 2 and len(split.annotations) == 6
