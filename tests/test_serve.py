@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from conftest import REPO, SAMPLE, write_tiny_export
 from test_predict_inputs import RED, close, exif_jpeg, png_header
@@ -160,3 +163,45 @@ def test_logs_hold_no_key_and_no_body(server):
     log = Path(server["log"]).read_bytes()
     assert b"POST /predict" in log  # the access log is there
     assert KEY.encode() not in log and b"BODYMARKER" not in log
+
+
+def browser_page():
+    """A headless Chromium page through Playwright, or a skip where either is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    return sync_api.sync_playwright(), executable
+
+
+def test_page_in_a_browser_draws_detections_and_decodes_masks(server, tmp_path):
+    """The page as a person uses it: pick a photo, type the key, press Detect; its table lists the
+    detections and its RLE decoder gives pycocotools' runs."""
+    playwright, executable = browser_page()
+    photo = sorted((SAMPLE / "valid").glob("*.jpg"))[0]
+    expected = post(server, files={"image": ("a.jpg", photo.read_bytes())}, data={"threshold": "0.2"}).json()
+    assert expected["detections"], "pick a threshold that keeps some detections"
+    with playwright as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{server['url']}/")
+        page.set_input_files("input[name=image]", str(photo))
+        page.fill("input[name=threshold]", "0.2")
+        page.fill("#key", KEY)
+        page.click("button")
+        page.wait_for_function("document.getElementById('status').textContent.includes('detection(s)')")
+        rows = page.eval_on_selector_all("#table tbody tr", "rows => rows.map(r => r.innerText.split('\\t'))")
+        rle = expected["detections"][0]["segmentation"]
+        counts = page.evaluate("s => rleCounts(s)", rle["counts"])
+        size = page.eval_on_selector("#canvas", "c => [c.width, c.height]")
+        browser.close()
+    assert errors == []
+    assert len(rows) == len(expected["detections"])
+    assert [float(r[2]) for r in rows] == [round(d["score"], 3) for d in expected["detections"]]
+    assert size == [512, 512]
+    flat = mask_utils.decode({**rle, "counts": rle["counts"].encode()}).flatten(order="F")
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    assert counts == (runs if flat[0] == 0 else [0, *runs])  # COCO runs start with a run of zeros
