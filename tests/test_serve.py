@@ -59,7 +59,12 @@ def server(tmp_path_factory) -> Iterator[dict]:
                 pass
             assert time.monotonic() < deadline, f"no /health in 90 s:\n{log.read_text()}"
             time.sleep(0.3)
-        yield {"url": url, "log": log, "model": json.loads((model / "model.json").read_text())}
+        yield {
+            "url": url,
+            "log": log,
+            "model": json.loads((model / "model.json").read_text()),
+            "model_dir": model,
+        }
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -205,3 +210,17 @@ def test_page_in_a_browser_draws_detections_and_decodes_masks(server, tmp_path):
     changes = np.flatnonzero(np.diff(flat)) + 1
     runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
     assert counts == (runs if flat[0] == 0 else [0, *runs])  # COCO runs start with a run of zeros
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(server):
+    port = server["url"].rsplit(":", 1)[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    model = ["--model", str(Path(server["model_dir"]))]
+    done = subprocess.run(
+        [sys.executable, "-m", "sam3ft", "serve", *model, "--port", port],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "fix: pick another --port" in done.stderr

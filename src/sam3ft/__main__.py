@@ -111,6 +111,21 @@ def default_model_dir() -> Path:
     return model_dir
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind once to see that the server will be able to (before its workers load the model)."""
+    import socket
+
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise Sam3ftError(
+            f"cannot listen on {host}:{port} ({exc.strerror})",
+            fix="pick another --port, stop the program using it, or give an address of this machine",
+        ) from exc
+
+
 def unit_interval(text: str) -> float:
     """argparse type: a number in [0, 1]."""
     try:
@@ -152,6 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
     threshold, note = (args.threshold, None) if args.threshold is not None else operating_threshold(info)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    check_port_free(args.host, args.port)
     from sam3ft.serve import ServeConfig, build_server
 
     config = ServeConfig(
