@@ -131,9 +131,9 @@ def test_images_above_the_pixel_limit_fail_alone(tmp_path, monkeypatch, capsys):
     assert [r["image"] for r in written["images"]] == [str(folder / "b_ok.png")]
     assert written["failed"] == [str(folder / "a_big.png"), str(folder / "c_huge.png")]
     assert written["errors"][str(folder / "a_big.png")] == (
-        f"{folder / 'a_big.png'}: 10000x10000 = 100 MP is above the 89 MP limit"
+        f"{folder / 'a_big.png'}: 10000x10000 = 100 MP is above the 67 MP limit"
     )
-    assert "above the 89 MP limit" in written["errors"][str(folder / "c_huge.png")]
+    assert "above the 67 MP limit" in written["errors"][str(folder / "c_huge.png")]
     err = capsys.readouterr().err
     assert "Traceback" not in err and "fix: downscale it" in err
 

@@ -28,10 +28,9 @@ from sam3ft.viz import PREDICTION, draw_boxes, draw_masks, segmentation_mask
 if TYPE_CHECKING:
     from sam3ft.model.predict import Detection, Predictor
 
-# Largest image accepted, in pixels: PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS),
-# about a 9500 x 9500 photo; larger ones are refused per image before their pixels are decoded.
-# The same limit as prepare's: at merge this becomes `from sam3ft.data.coco import MAX_PIXELS`.
-MAX_PIXELS = 89_478_485
+# Largest image accepted (width x height, ~67 MP), prepare's limit: larger ones are refused per image
+# before their pixels are decoded. At merge: `from sam3ft.data.coco import MAX_PIXELS` (same value).
+MAX_PIXELS = 8192 * 8192
 
 
 class ImageError(Sam3ftError):
