@@ -151,12 +151,12 @@ def test_collect_images_folders_globs_and_missing(tmp_path):
         collect_images([str(tmp_path / "a.png"), str(tmp_path / "gone.jpg")])
 
 
-def fake_export(directory: Path, threshold: float | None = 0.4) -> Path:
+def fake_export(directory: Path, threshold: float | None = 0.4, mode: str = "full") -> Path:
     """An export folder that passes model.json's checks; `load_export` is swapped for FixedModel."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "model.safetensors").write_bytes(b"")
     (directory / "vocab.txt.gz").write_bytes(b"")
-    info = {"format": FORMAT, "mode": "full", "weights": "model.safetensors", "vocab": "vocab.txt.gz"}
+    info = {"format": FORMAT, "mode": mode, "weights": "model.safetensors", "vocab": "vocab.txt.gz"}
     info |= {"prompts": {"1": "fuse"}, "weights_sha256": "ab" * 32, "spec": {"name": "fixed"}}
     if threshold is not None:
         info["threshold"] = threshold

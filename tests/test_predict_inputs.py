@@ -40,6 +40,8 @@ def test_bad_arguments_exit_2_with_a_fix_and_no_torch_import(tmp_path):
         "threshold 2": ["predict", ok, "--model", str(model), "--threshold", "2"],
         "max-dets 0": ["predict", ok, "--model", str(model), "--max-dets", "0"],
         "missing model": ["predict", ok, "--model", str(tmp_path / "nowhere")],
+        "delta, no base": ["predict", ok, "--model", str(fake_export(tmp_path / "delta", mode="delta"))],
+        "serve, port 80": ["serve", "--model", str(model), "--port", "80"],
     }
     script = (
         "import json, sys\nfrom sam3ft.__main__ import main\ncodes = {}\n"
@@ -58,7 +60,9 @@ def test_bad_arguments_exit_2_with_a_fix_and_no_torch_import(tmp_path):
         "--threshold: 2 is outside 0..1" in done.stderr and "--max-dets: 0 must be 1 or more" in done.stderr
     )
     assert f"{tmp_path / 'nowhere'} is not a folder: not a sam3ft export" in done.stderr
-    assert done.stderr.count("fix: ") == 2  # the two that are ours; argparse prints its usage instead
+    assert "is a delta export: it needs the base weights" in done.stderr
+    assert "--port: 80 is outside 1024..65535" in done.stderr
+    assert done.stderr.count("fix: ") == 3  # the three that are ours; argparse prints its usage instead
 
 
 def test_default_model_is_the_checkouts_export(tmp_path, monkeypatch):

@@ -25,15 +25,26 @@ STAGES = ("fetch", "prepare", "train", "evaluate", "export")
 def _predict(args: argparse.Namespace) -> int:
     """Check every argument and the export folder first (no torch imported), then load and detect."""
     from sam3ft.inference import collect_images
-    from sam3ft.model.info import model_version, operating_threshold, read_info
+    from sam3ft.model.info import model_version
 
-    model_dir = args.model or default_model_dir()
-    info = read_info(model_dir)
+    model_dir, info, threshold = _checked_export(args)
     images = collect_images(args.inputs)
     if not images:
         raise Sam3ftError(f"no .jpg/.png images in {args.inputs}", fix="give image files, folders or globs")
     if args.out.exists() and not args.out.is_dir():
         raise Sam3ftError(f"--out {args.out} is a file", fix="give a folder for the results")
+    prompts = {1: args.prompt} if args.prompt else {int(k): v for k, v in info["prompts"].items()}
+    predictor = _load_predictor(args, model_dir)
+    return _run_predict(args, predictor, images, prompts, threshold, model_version(info))
+
+
+def _checked_export(args: argparse.Namespace) -> tuple[Path, dict[str, Any], float]:
+    """--model (or the checkout's export), its model.json checked, and the score threshold to use:
+    --threshold, else the model's operating threshold (a note on stderr when it has none)."""
+    from sam3ft.model.info import operating_threshold, read_info
+
+    model_dir = args.model or default_model_dir()
+    info = read_info(model_dir)
     if info["mode"] == "delta" and (args.base is None or not args.base.is_file()):
         raise Sam3ftError(
             f"{model_dir} is a delta export: it needs the base weights it was trained from",
@@ -42,9 +53,7 @@ def _predict(args: argparse.Namespace) -> int:
     threshold, note = (args.threshold, None) if args.threshold is not None else operating_threshold(info)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    prompts = {1: args.prompt} if args.prompt else {int(k): v for k, v in info["prompts"].items()}
-    predictor = _load_predictor(args, model_dir)
-    return _run_predict(args, predictor, images, prompts, threshold, model_version(info))
+    return model_dir, info, threshold
 
 
 def _load_predictor(args: argparse.Namespace, model_dir: Path) -> Any:
@@ -158,15 +167,9 @@ def positive_int(text: str) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """Check the export and settings (no torch here), then run the server until stopped."""
-    from sam3ft.model.info import model_version, operating_threshold, read_info
+    from sam3ft.model.info import model_version
 
-    model_dir = args.model or default_model_dir()
-    info = read_info(model_dir)
-    if info["mode"] == "delta" and (args.base is None or not args.base.is_file()):
-        raise Sam3ftError(f"{model_dir} is a delta export: it needs its base weights", fix="pass --base FILE")
-    threshold, note = (args.threshold, None) if args.threshold is not None else operating_threshold(info)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    model_dir, info, threshold = _checked_export(args)
     check_port_free(args.host, args.port)
     from sam3ft.serve import ServeConfig, build_server
 
