@@ -224,3 +224,14 @@ def test_a_busy_port_is_refused_before_the_model_loads(server):
     )
     assert done.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "fix: pick another --port" in done.stderr
+
+
+def test_a_model_that_does_not_load_ends_the_server_with_a_fix(server, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(server["model_dir"], broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sam3ft", "serve", "--model", str(broken), "--port", str(free_port())]
+    done = subprocess.run([*command, "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert f"error: the model in {broken} did not load in the server's worker" in done.stderr

@@ -171,6 +171,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     model_dir, info, threshold = _checked_export(args)
     check_port_free(args.host, args.port)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise Sam3ftError(f"--device {args.device}, but CUDA is not available", fix="use --device cpu")
     from sam3ft.serve import ServeConfig, build_server
 
     config = ServeConfig(
@@ -186,7 +191,15 @@ def _serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_mb * 2**20,
     )
     server = build_server(config, model_version(info))
-    server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
+    try:
+        server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
+    except RuntimeError as exc:
+        if "workers failed to start" not in str(exc):  # litserve/server.py `verify_worker_status`
+            raise
+        raise Sam3ftError(
+            f"the model in {model_dir} did not load in the server's worker (its error is above)",
+            fix=f"try it alone: sam3ft predict IMAGE --model {model_dir} --device {args.device}",
+        ) from exc
     return 0
 
 
