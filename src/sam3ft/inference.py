@@ -37,6 +37,10 @@ class ImageError(Sam3ftError):
     """One input image cannot be used (unreadable, not an image, too large); the others go on."""
 
 
+class ImageTooLarge(ImageError):
+    """An image with more than MAX_PIXELS pixels."""
+
+
 @dataclass
 class PredictReport:
     """What one predict run produced: per-image records and the inputs that failed (with why)."""
@@ -93,9 +97,9 @@ def open_image(source: Path | IO[bytes], name: str) -> Image.Image:
         raise ImageError(f"{name}: cannot read image ({exc})", fix="give a JPEG or PNG file") from exc
 
 
-def too_large(name: str, width: int | None, height: int | None) -> ImageError:
+def too_large(name: str, width: int | None, height: int | None) -> ImageTooLarge:
     size = f"{width}x{height} = {width * height / 1e6:.0f} MP" if width and height else "its size"
-    return ImageError(
+    return ImageTooLarge(
         f"{name}: {size} is above the {MAX_PIXELS / 1e6:.0f} MP limit",
         fix="downscale it (e.g. to 4000 px on the long side); the model sees it at its own resolution anyway",
     )

@@ -1,7 +1,9 @@
 """`sam3ft serve`: an HTTP endpoint for an exported model, on LitServe (FastAPI + uvicorn underneath).
 
     POST /predict   multipart form: `image` (a JPEG/PNG file), optional `prompt`, `threshold` (0..1)
-                    -> {"detections": [{box_xyxy, score, category_id, label, segmentation?}], "model": ...}
+                    -> {"detections": [{box_xyxy, score, category_id, prompt (the label),
+                        segmentation (COCO RLE, with a mask head)}], "width", "height", "threshold",
+                        "model": {preset, weights_sha256, checkpoint_sha256, format}}
     GET  /health    "ok" once the model is loaded (503 before)
     GET  /info      the model's version (weights sha256) and the server's settings
     GET  /          a page for people: upload a photo, see the overlay and a table of detections
@@ -27,7 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sam3ft.inference import ImageError, detection_record, open_image
+from sam3ft.inference import ImageError, ImageTooLarge, detection_record, open_image
 
 API_KEY_ENV = "SAM3FT_API_KEY"
 FIELDS = {"image", "prompt", "threshold"}
@@ -96,7 +98,7 @@ class DetectAPI(ls.LitAPI):
 
 def parse_form(form: Any, config: ServeConfig) -> tuple[Any, dict[int, str], float]:
     """The checked request: an `image` file (EXIF applied, under the pixel limit), the prompt and the
-    threshold (the served defaults when absent). Raises HTTPException 400/413/415/422."""
+    threshold (the served defaults when absent). Raises HTTPException 413/415/422."""
     if not hasattr(form, "keys"):
         raise HTTPException(415, "send multipart/form-data with an `image` file field")
     unknown = sorted(set(form.keys()) - FIELDS)
@@ -115,7 +117,7 @@ def parse_form(form: Any, config: ServeConfig) -> tuple[Any, dict[int, str], flo
     try:
         image = open_image(io.BytesIO(data), name)
     except ImageError as exc:
-        status = 413 if "MP limit" in exc.message else 415
+        status = 413 if isinstance(exc, ImageTooLarge) else 415
         raise HTTPException(status, f"{exc.message}; {exc.fix}") from None
     return image, prompts, threshold
 
