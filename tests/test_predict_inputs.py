@@ -198,3 +198,22 @@ def test_real_tiny_export_prelabels_round_trip(tmp_path):
     assert len(split.images) == 2 and len(split.annotations) == 6
     assert all(a["segmentation"] and len(a["segmentation"][0]) >= 6 for a in split.annotations)
     assert len(COCO(str(photos / "_annotations.coco.json")).getAnnIds()) == 6
+
+
+def test_model_building_skips_sam3_and_timm_package_inits_until_used():
+    """Start-up: building an image model never runs sam3's or timm's `__init__.py` (video predictors,
+    every timm architecture); their names still resolve on first use."""
+    script = (
+        "import sys\nimport sam3ft.model.build, sam3ft.model.predict\n"
+        "heavy = ('sam3.model_builder', 'timm.models', 'sam3.train.trainer', 'sam3.train.loss.loss_fns')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "from sam3 import build_sam3_image_model\nimport timm\n"
+        "print(callable(build_sam3_image_model), callable(timm.create_model), timm.__version__ > '0')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src")},
+    )
+    assert done.stdout.splitlines() == ["[]", "True True True"], done.stderr
