@@ -59,15 +59,41 @@ def server(tmp_path_factory) -> Iterator[dict]:
                 pass
             assert time.monotonic() < deadline, f"no /health in 90 s:\n{log.read_text()}"
             time.sleep(0.3)
-        yield {
-            "url": url,
-            "log": log,
-            "model": json.loads((model / "model.json").read_text()),
-            "model_dir": model,
-        }
+        children = descendants(process.pid)
+        assert len(children) >= 2  # LitServe's API server and the model worker (plus its helpers)
+        model_json = json.loads((model / "model.json").read_text())
+        yield {"url": url, "log": log, "model": model_json, "model_dir": model}
     finally:
-        process.terminate()
+        process.terminate()  # SIGTERM, as `kill`, docker stop or systemd send it
         process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)], "server processes outlived SIGTERM"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie left for its parent to reap counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def post(server: dict, files: dict | None = None, data: dict | None = None, key: str | None = KEY, **kw):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,10 @@ def default_model_dir() -> Path:
     return model_dir
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def check_port_free(host: str, port: int) -> None:
     """Bind once to see that the server will be able to (before its workers load the model)."""
     import socket
@@ -191,6 +196,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_mb * 2**20,
     )
     server = build_server(config, model_version(info))
+    # LitServe shuts its API and model-worker processes down on KeyboardInterrupt only; SIGTERM
+    # (kill, docker stop, systemd, a test's terminate()) must do the same, or they outlive the server
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
     except RuntimeError as exc:
@@ -296,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--model", type=Path, help="an export folder; default: as for predict")
     serve.add_argument("--base", type=Path, help="base weights file, for a delta export only")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        choices=("127.0.0.1", "0.0.0.0", "::"),
+        help="127.0.0.1 (this machine only, the default), 0.0.0.0 or :: (all interfaces): LitServe's choices",
+    )
     serve.add_argument("--port", type=port_number, default=8000, help="TCP port (default: 8000)")
     serve.add_argument(
         "--threshold",
