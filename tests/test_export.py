@@ -56,7 +56,10 @@ def tree(tmp_path, shipped_params):
     coco["categories"] = [{"id": 1, "name": "fuse neutrals"}]
     write_json(valid / "_annotations.coco.json", coco)
     write_json(art / "train/run/dataset.json", {"prepared_sha256": "abc", "path": "x"})
-    write_json(art / "eval/metrics.json", {"valid": {"AP": 0.5, "AP50": 0.9, "AR@100": 0.6}})
+    write_json(
+        art / "eval/metrics.json",
+        {"valid": {"AP": 0.5, "AP50": 0.9, "AR@100": 0.6, "image_level": {"threshold": 0.4}}},
+    )
     for key in ("base", "prepared", "train", "eval", "export"):
         shipped_params["paths"][key] = str(art / key)
 
@@ -76,6 +79,7 @@ def test_bf16_export_reloads_exactly_and_stays_close(tree):
     assert 0 < parity["max_score_error"] <= 0.05 and parity["images"] == 2
     model, spec, info = load_export(out / "model")
     assert info["dtype"] == "bfloat16" and spec.name == "tiny"
+    assert info["threshold"] == 0.4  # evaluate's operating threshold: predict's and serve's default
     state = model.state_dict()
     rounded = {k: v.to(torch.bfloat16).float() if v.is_floating_point() else v for k, v in trained.items()}
     assert all(torch.equal(state[k], v) for k, v in rounded.items())  # RoPE's complex tables kept exact

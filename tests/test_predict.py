@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -94,9 +95,11 @@ def test_predict_images_writes_exact_json_and_overlays(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     images = collect_images([str(tmp_path / "*.png"), str(tmp_path / "broken.jpg")])
     report = predict_images(
-        Predictor(FixedModel(), 28), images, {1: "fuse cutout"}, 0.5, 100, tmp_path / "out"
+        Predictor(FixedModel(), 28), images, {1: "fuse cutout"}, 0.5, 100, tmp_path / "out", {"preset": "x"}
     )
     written = json.loads((tmp_path / "out" / "detections.json").read_text())
+    broken = str(tmp_path / "broken.jpg")
+    assert written["errors"][broken] == f"{broken}: not an image (or a damaged one)"
     assert written == {
         "threshold": 0.5,
         "prompts": {"1": "fuse cutout"},
@@ -116,12 +119,25 @@ def test_predict_images_writes_exact_json_and_overlays(tmp_path):
                 ],
             }
         ],
-        "failed": [str(tmp_path / "broken.jpg")],
+        "failed": [broken],
+        "errors": {broken: written["errors"][broken]},
+        "model": {"preset": "x"},
     }
-    assert report.failed == [str(tmp_path / "broken.jpg")]
+    assert report.failed == [broken]
     with Image.open(tmp_path / "out" / "overlays" / "box.jpg") as overlay:
         assert overlay.size == (200, 100)
         assert max(overlay.getpixel((50, 50))) > 150  # the red box edge was drawn at x=50
+        # the label: white text on a red band above the box (rows < 40), wider than the old 10 px font
+        band = [overlay.getpixel((x, 30)) for x in range(50, 150)]
+        assert sum(p[0] > 200 and p[1] < 80 for p in band) > 20
+        assert sum(min(p) > 200 for p in band) > 3  # white glyph pixels
+    coco = json.loads((tmp_path / "out" / "_annotations.coco.json").read_text())
+    assert coco["images"] == [{"id": 1, "file_name": "box.png", "width": 200, "height": 100}]
+    assert coco["annotations"] == [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [50.0, 40.0, 100.0, 20.0], "area": 2000.0,
+         "iscrowd": 0, "segmentation": [], "score": 0.839}
+    ]  # fmt: skip
+    assert coco["categories"] == [{"id": 1, "name": "fuse cutout", "supercategory": "none"}]
 
 
 def test_collect_images_folders_globs_and_missing(tmp_path):
@@ -131,21 +147,61 @@ def test_collect_images_folders_globs_and_missing(tmp_path):
     assert collect_images([str(tmp_path / "*.jpg"), str(tmp_path / "b.jpg")]) == [tmp_path / "b.jpg"]
     with pytest.raises(Sam3ftError, match="matches no file"):
         collect_images([str(tmp_path / "*.webp")])
+    with pytest.raises(Sam3ftError, match=r"no such file or folder: .*gone\.jpg"):
+        collect_images([str(tmp_path / "a.png"), str(tmp_path / "gone.jpg")])
 
 
-def test_cli_exits_nonzero_when_an_image_fails(tmp_path, monkeypatch):
-    """The real CLI path with the export loader swapped for the fixed model."""
+def fake_export(directory: Path, threshold: float | None = 0.4, mode: str = "full") -> Path:
+    """An export folder that passes model.json's checks; `load_export` is swapped for FixedModel."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.safetensors").write_bytes(b"")
+    (directory / "vocab.txt.gz").write_bytes(b"")
+    info = {"format": FORMAT, "mode": mode, "weights": "model.safetensors", "vocab": "vocab.txt.gz"}
+    info |= {"prompts": {"1": "fuse"}, "weights_sha256": "ab" * 32, "spec": {"name": "fixed"}}
+    if threshold is not None:
+        info["threshold"] = threshold
+    write_json(directory / "model.json", info)
+    return directory
+
+
+@pytest.fixture
+def fixed_export(tmp_path, monkeypatch):
+    """`sam3ft predict --model DIR` runs FixedModel (which loads nothing) through the real CLI."""
     import sam3ft.model.export as export
 
-    spec = SimpleNamespace(image_size=28)
     monkeypatch.setattr(
-        export, "load_export", lambda d, b, dtype: (FixedModel(), spec, {"prompts": {"1": "fuse"}})
+        export, "load_export", lambda d, b, dtype: (FixedModel(), SimpleNamespace(image_size=28), {})
     )
+    return fake_export(tmp_path / "model")
+
+
+def test_cli_exits_nonzero_when_an_image_fails(tmp_path, fixed_export):
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(fixed_export), "--out", str(out)]
+    assert cli([*args, str(tmp_path / "ok.jpg")]) == 0
+    assert cli([*args, str(tmp_path / "ok.jpg"), str(tmp_path / "broken.jpg")]) == 1
+    assert json.loads((out / "detections.json").read_text())["failed"] == [str(tmp_path / "broken.jpg")]
+    # a path that does not exist is a usage error, found before the model loads
+    assert cli([*args, str(tmp_path / "ok.jpg"), str(tmp_path / "gone.jpg")]) == 2
+
+
+def test_cli_threshold_defaults_to_the_models_operating_threshold(tmp_path, fixed_export, capsys):
+    """FixedModel scores 0.839 and 0.0064: the threshold decides how many are kept."""
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
     out = tmp_path / "out"
-    assert cli(["predict", str(tmp_path / "ok.jpg"), "--out", str(out)]) == 0
-    assert cli(["predict", str(tmp_path / "ok.jpg"), str(tmp_path / "gone.jpg"), "--out", str(out)]) == 1
-    assert json.loads((out / "detections.json").read_text())["failed"] == [str(tmp_path / "gone.jpg")]
+    args = ["predict", str(tmp_path / "ok.jpg"), "--out", str(out)]
+    assert cli([*args, "--model", str(fixed_export)]) == 0
+    written = json.loads((out / "detections.json").read_text())
+    assert written["threshold"] == 0.4 and len(written["images"][0]["detections"]) == 1
+    assert cli([*args, "--model", str(fixed_export), "--threshold", "0"]) == 0
+    assert len(json.loads((out / "detections.json").read_text())["images"][0]["detections"]) == 2
+    older = fake_export(tmp_path / "older", threshold=None)  # exported before model.json stored it
+    capsys.readouterr()
+    assert cli([*args, "--model", str(older)]) == 0
+    assert json.loads((out / "detections.json").read_text())["threshold"] == 0.5
+    assert "stores no operating threshold" in capsys.readouterr().err
 
 
 # image-level metrics, hand-computed: 3 positive images (ids 1-3), 2 negatives (ids 4-5)
@@ -450,11 +506,12 @@ def test_cli_device_and_dtype_flags(tmp_path, monkeypatch, capsys):
 
     def fake_load(d, b, dtype):
         loaded.append(dtype)
-        return FixedModel(), SimpleNamespace(image_size=28), {"prompts": {"1": "fuse"}}
+        return FixedModel(), SimpleNamespace(image_size=28), {}
 
     monkeypatch.setattr(export, "load_export", fake_load)
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
-    args = ["predict", str(tmp_path / "ok.jpg"), "--out", str(tmp_path / "out")]
+    model = fake_export(tmp_path / "model")
+    args = ["predict", str(tmp_path / "ok.jpg"), "--out", str(tmp_path / "out"), "--model", str(model)]
     assert cli([*args, "--device", "cpu"]) == 0
     assert cli([*args, "--device", "cpu", "--dtype", "bfloat16"]) == 0
     assert loaded == [torch.float32, torch.bfloat16]  # auto is float32 on the CPU

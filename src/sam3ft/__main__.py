@@ -1,7 +1,9 @@
 """`sam3ft` command line: the same functions the DVC stages call.
 
 sam3ft stage NAME [--params params.yaml]     run one pipeline stage (what dvc.yaml calls)
-sam3ft predict IMAGE... [--model DIR]        detect with an exported model, JSON to stdout
+sam3ft predict IMAGE... [--model DIR]        detect with an exported model: detections.json,
+                                             COCO pre-labels and overlays under --out
+sam3ft serve [--model DIR] [--port 8000]     answer POST /predict (multipart image) over HTTP
 sam3ft doctor [--params params.yaml]         check this machine for the configured run (exit 1 on FAIL)
 """
 
@@ -9,39 +11,204 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from sam3ft.errors import Sam3ftError
+from sam3ft.layout import ANNOTATIONS_FILE, MODEL_DIR, MODEL_JSON
 
 STAGES = ("fetch", "prepare", "train", "evaluate", "export")
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from sam3ft.inference import collect_images, predict_images
+    """Check every argument and the export folder first (no torch imported), then load and detect."""
+    from sam3ft.inference import collect_images
+    from sam3ft.model.info import model_version
+
+    model_dir, info, threshold = _checked_export(args)
+    images = collect_images(args.inputs)
+    if not images:
+        raise Sam3ftError(f"no .jpg/.png images in {args.inputs}", fix="give image files, folders or globs")
+    if args.out.exists() and not args.out.is_dir():
+        raise Sam3ftError(f"--out {args.out} is a file", fix="give a folder for the results")
+    prompts = {1: args.prompt} if args.prompt else {int(k): v for k, v in info["prompts"].items()}
+    predictor = _load_predictor(args, model_dir)
+    return _run_predict(args, predictor, images, prompts, threshold, model_version(info))
+
+
+def _checked_export(args: argparse.Namespace) -> tuple[Path, dict[str, Any], float]:
+    """--model (or the checkout's export), its model.json checked, and the score threshold to use:
+    --threshold, else the model's operating threshold (a note on stderr when it has none)."""
+    from sam3ft.model.info import operating_threshold, read_info
+
+    model_dir = args.model or default_model_dir()
+    info = read_info(model_dir)
+    if info["mode"] == "delta" and (args.base is None or not args.base.is_file()):
+        raise Sam3ftError(
+            f"{model_dir} is a delta export: it needs the base weights it was trained from",
+            fix="pass --base FILE (the fetch stage's weights file)",
+        )
+    threshold, note = (args.threshold, None) if args.threshold is not None else operating_threshold(info)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return model_dir, info, threshold
+
+
+def _load_predictor(args: argparse.Namespace, model_dir: Path) -> Any:
+    """The expensive part: torch, sam3 and the weights (a `Predictor`)."""
     from sam3ft.model.export import load_export
     from sam3ft.model.predict import Predictor, resolve_device, resolve_dtype
     from sam3ft.stages import pin_threads
 
     pin_threads(args.threads)
-    images = collect_images(args.inputs)
-    if not images:
-        raise Sam3ftError(f"no images found in {args.inputs}", fix="give image files, folders or globs")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, spec, info = load_export(args.model, args.base, dtype=dtype)
-    prompts = {1: args.prompt} if args.prompt else {int(k): v for k, v in info["prompts"].items()}
-    predictor = Predictor(
+    model, spec, _ = load_export(model_dir, args.base, dtype=dtype)
+    return Predictor(
         model, spec.image_size, device, dtype, args.compile, args.compile_scope, masks=not args.boxes_only
     )
-    report = predict_images(predictor, images, prompts, args.threshold, args.max_dets, args.out)
+
+
+def _run_predict(
+    args: argparse.Namespace,
+    predictor: Any,
+    images: list[Path],
+    prompts: dict[int, str],
+    threshold: float,
+    model: dict[str, Any],
+) -> int:
+    from sam3ft.inference import predict_images
+
+    report = predict_images(predictor, images, prompts, threshold, args.max_dets, args.out, model)
     found = sum(len(r["detections"]) for r in report.records)
     print(
-        f"{len(report.records)} image(s), {found} detection(s) >= {args.threshold} -> "
-        f"{args.out / 'detections.json'}; {len(report.failed)} failed",
+        f"{len(report.records)} image(s), {found} detection(s) >= {threshold} -> "
+        f"{args.out / 'detections.json'}, "
+        f"pre-labels {args.out / ANNOTATIONS_FILE}, overlays {args.out / 'overlays'}; "
+        f"{len(report.failed)} failed",
         file=sys.stderr,
     )
     return 1 if report.failed else 0
+
+
+def default_model_dir() -> Path:
+    """`paths.export`/model of the sam3ft checkout holding the current folder, else of the checkout
+    this package runs from (an editable install); an error saying what to pass when there is none."""
+    for root in [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]]:
+        if (root / "dvc.yaml").is_file() and (root / "params.yaml").is_file():
+            break
+    else:
+        raise Sam3ftError(
+            f"no --model given and {Path.cwd()} is not inside a sam3ft checkout (no dvc.yaml + params.yaml "
+            "above it)",
+            fix="pass --model DIR, an export folder (artifacts/export/model of a checkout after `dvc repro`)",
+        )
+    import yaml
+
+    try:
+        export = yaml.safe_load((root / "params.yaml").read_text())["paths"]["export"]
+    except (yaml.YAMLError, KeyError, TypeError) as exc:
+        raise Sam3ftError(f"{root / 'params.yaml'}: no paths.export ({exc})", fix="pass --model DIR") from exc
+    model_dir = root / export / MODEL_DIR
+    if not (model_dir / MODEL_JSON).is_file():
+        raise Sam3ftError(
+            f"no --model given and {root} has no exported model yet ({model_dir} is empty or missing)",
+            fix=f"run `dvc repro` (or `make pipeline`) in {root} first, or pass --model DIR",
+        )
+    return model_dir
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind once to see that the server will be able to (before its workers load the model)."""
+    import socket
+
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise Sam3ftError(
+            f"cannot listen on {host}:{port} ({exc.strerror})",
+            fix="pick another --port, stop the program using it, or give an address of this machine",
+        ) from exc
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0..1 (scores are probabilities)")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port a user may bind (1024..65535)."""
+    value = positive_int(text)
+    if not 1024 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is outside 1024..65535")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be 1 or more")
+    return value
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Check the export and settings (no torch here), then run the server until stopped."""
+    from sam3ft.model.info import model_version
+
+    model_dir, info, threshold = _checked_export(args)
+    check_port_free(args.host, args.port)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise Sam3ftError(f"--device {args.device}, but CUDA is not available", fix="use --device cpu")
+    from sam3ft.serve import ServeConfig, build_server
+
+    config = ServeConfig(
+        model_dir=model_dir,
+        base=args.base,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        threshold=threshold,
+        max_dets=args.max_dets,
+        prompts={int(k): v for k, v in info["prompts"].items()},
+        masks=not args.boxes_only,
+        max_upload_bytes=args.max_upload_mb * 2**20,
+    )
+    server = build_server(config, model_version(info))
+    # LitServe shuts its API and model-worker processes down on KeyboardInterrupt only; SIGTERM
+    # (kill, docker stop, systemd, a test's terminate()) must do the same, or they outlive the server
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
+    except RuntimeError as exc:
+        if "workers failed to start" not in str(exc):  # litserve/server.py `verify_worker_status`
+            raise
+        raise Sam3ftError(
+            f"the model in {model_dir} did not load in the server's worker (its error is above)",
+            fix=f"try it alone: sam3ft predict IMAGE --model {model_dir} --device {args.device}",
+        ) from exc
+    return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -64,26 +231,43 @@ def main(argv: list[str] | None = None) -> int:
     stage = sub.add_parser("stage", help="run one pipeline stage")
     stage.add_argument("name", choices=STAGES)
     stage.add_argument("--params", default="params.yaml")
-    predict = sub.add_parser("predict", help="detect objects with an exported model")
+    predict = sub.add_parser(
+        "predict",
+        help="detect objects with an exported model",
+        description="Detect objects in images with an exported model. Writes, under --out: "
+        "detections.json (boxes, scores, masks per image), _annotations.coco.json (the same as a COCO "
+        "dataset: pre-labels to import into Roboflow/CVAT/Label Studio, fix, and export back) and "
+        "overlays/. A summary goes to stderr; exit 1 if an image failed (the others are still done).",
+    )
     predict.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or globs")
     predict.add_argument(
         "--model",
         "--weights",
         type=Path,
-        default=Path("artifacts/export/model"),
-        help="an export folder (model.json + safetensors), default: this repo's export",
+        help="an export folder (model.json + safetensors); default: paths.export/model of the sam3ft "
+        "checkout you are in (or the one sam3ft is installed from)",
     )
     predict.add_argument("--base", type=Path, help="base weights file, for a delta export only")
     predict.add_argument("--prompt", help="text prompt (default: the classes the model was trained on)")
-    predict.add_argument("--threshold", type=float, default=0.5)
-    predict.add_argument("--max-dets", type=int, default=100)
+    predict.add_argument(
+        "--threshold",
+        type=unit_interval,
+        help="keep detections scoring at least this (0..1); default: the model's operating threshold "
+        "(evaluate.threshold, stored in model.json)",
+    )
+    predict.add_argument(
+        "--max-dets",
+        type=positive_int,
+        default=100,
+        help="at most this many detections per image and prompt, best first (default: 100)",
+    )
     predict.add_argument(
         "--out",
         type=Path,
         default=Path("predictions"),
-        help="folder for detections.json and overlays/ (default: predictions)",
+        help="folder for detections.json, _annotations.coco.json and overlays/ (default: predictions)",
     )
-    predict.add_argument("--threads", type=int, default=1)
+    predict.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch (default: 1)")
     predict.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     predict.add_argument(
         "--dtype",
@@ -112,6 +296,38 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the mask head of a model that has one (faster; no masks in detections.json)",
     )
+    serve = sub.add_parser(
+        "serve",
+        help="answer detection requests over HTTP",
+        description="Serve an exported model over HTTP (LitServe): POST /predict (multipart: image, "
+        "optional prompt and threshold) returns JSON detections; GET /health; GET /info. With "
+        "SAM3FT_API_KEY set, requests need the header X-API-Key.",
+    )
+    serve.add_argument("--model", type=Path, help="an export folder; default: as for predict")
+    serve.add_argument("--base", type=Path, help="base weights file, for a delta export only")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        choices=("127.0.0.1", "0.0.0.0", "::"),
+        help="127.0.0.1 (this machine only, the default), 0.0.0.0 or :: (all interfaces): LitServe's choices",
+    )
+    serve.add_argument("--port", type=port_number, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument(
+        "--threshold",
+        type=unit_interval,
+        help="default score threshold of requests that send none; default: the model's operating one",
+    )
+    serve.add_argument("--max-dets", type=positive_int, default=100, help="per image and prompt (100)")
+    serve.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch (default: 1)")
+    serve.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    serve.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    serve.add_argument("--boxes-only", action="store_true", help="skip the mask head (no masks returned)")
+    serve.add_argument(
+        "--max-upload-mb", type=positive_int, default=50, help="largest image upload accepted, MB (50)"
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
     doctor = sub.add_parser("doctor", help="check this machine for the configured run")
     doctor.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
@@ -122,10 +338,24 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(f"sam3ft.stages.{args.name}").main()
         return 0
     try:
-        return _predict(args)
+        code = _serve(args) if args.command == "serve" else _predict(args)
     except Sam3ftError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    if argv is None and args.command == "predict" and "torch" in sys.modules:
+        end_now(code)
+    return code
+
+
+def end_now(code: int) -> None:
+    """End a command-line `predict` without the interpreter's teardown, which finalises every module
+    torch, torchvision and sam3 loaded (most of a second on a small CPU). Safe here: its files are
+    written and closed (the JSON fsynced by `sam3ft.io`), no child process or thread is left; the
+    streams are flushed.
+    Only for the real command line (`argv` None): callers of `main([...])` get the code back."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -103,12 +103,12 @@ def _mem_meter_update(self: Any, n: int = 1, reset_peak_usage: bool = True) -> N
     self.peak = max(self.peak, self.val)
 
 
-def apply() -> None:
-    """Install every workaround that applies to this machine."""
-    import sam3.train.trainer as trainer_module
-    from sam3.train.loss import loss_fns
-
-    if "env" not in _APPLIED:
+def apply(training: bool = True) -> None:
+    """Install every workaround that applies to this machine; `training=False`: only those inference
+    needs, without importing sam3's trainer and losses (about a second of imports, torchmetrics, scipy)."""
+    if training and "env" not in _APPLIED:
+        import sam3.train.trainer as trainer_module
+        from sam3.train.loss import loss_fns
         from sam3.train.utils import train_utils
 
         trainer_module.log_env_variables = log_env_names_only  # type: ignore[attr-defined]

@@ -5,4 +5,5 @@ SPEC_FILE = "model_spec.yaml"  # fetch: the resolved ModelSpec
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"  # fetch/export: text tokenizer vocabulary
 ANNOTATIONS_FILE = "_annotations.coco.json"  # Roboflow's and sam3's per-split COCO file
 CHECKPOINT = "checkpoint.pt"  # train: sam3 trainer checkpoint
+MODEL_DIR = "model"  # export: the shipped model's folder inside paths.export
 MODEL_JSON = "model.json"  # export: how to rebuild the model

@@ -294,7 +294,7 @@ def build_model(
     `coord_cache`: allocate the decoder's coordinate cache on CUDA now, as upstream does; by default
     the first forward makes it on the model's device (see `_decoder`).
     """
-    compat.apply()
+    compat.apply(training=training)
     backbone = SAM3VLBackbone(visual=_vision(spec), text=_text(spec, bpe_path), scalp=1)
     transformer = TransformerWrapper(
         encoder=_encoder(spec), decoder=_decoder(spec, coord_cache), d_model=spec.d_model

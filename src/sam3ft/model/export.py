@@ -8,7 +8,6 @@ and is loaded on top of them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from sam3ft.errors import WeightsError
 from sam3ft.io import sha256_file
 from sam3ft.layout import MODEL_JSON
 from sam3ft.model.build import build_model, empty_weights
+from sam3ft.model.info import FORMAT, read_info
 from sam3ft.model.predict import cast_backbone
 from sam3ft.model.spec import ModelSpec
 from sam3ft.model.weights import (
@@ -30,8 +30,6 @@ from sam3ft.model.weights import (
     save_safetensors,
     verify_and_load,
 )
-
-FORMAT = "sam3ft-export/1"
 
 
 def cast(state: StateDict, dtype: torch.dtype) -> StateDict:
@@ -74,9 +72,7 @@ def load_export(
     float32 by default; `dtype=torch.bfloat16` keeps the backbone's weights in bf16 as stored (no
     upcast, half the memory) and only the small grounding head in float32 (see `cast_backbone`).
     """
-    info = json.loads((export_dir / MODEL_JSON).read_text())
-    if info.get("format") != FORMAT:
-        raise WeightsError(f"{export_dir / MODEL_JSON}: not a {FORMAT} export", fix="export with sam3ft")
+    info = read_info(export_dir)
     spec = ModelSpec.from_dict(info["spec"], source=str(export_dir / MODEL_JSON))
     with empty_weights():  # no random init to overwrite: the full model builds in seconds, not ~30 s
         model = build_model(spec, str(export_dir / info["vocab"]), training=False, coord_cache=False)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from sam3ft.errors import ConfigError, WeightsError
 from sam3ft.io import atomic_dir, atomic_write_text, sha256_file, write_json
-from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, MODEL_JSON, VOCAB_NAME
+from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, MODEL_DIR, MODEL_JSON, VOCAB_NAME
 from sam3ft.model.build import build_model
 from sam3ft.model.export import FORMAT, cast, delta_state, load_export, write_weights
 from sam3ft.model.load import load_trained
@@ -71,6 +71,20 @@ def max_differences(
     return {name: round(value, 8) for name, value in errors.items()}
 
 
+def operating_threshold(metrics: dict[str, Any]) -> float:
+    """evaluate.threshold, as evaluate recorded it beside the metrics it computed at it (every split
+    carries the same one): `sam3ft predict` and `serve` use it as their default score threshold."""
+    found = {
+        m["image_level"]["threshold"] for m in metrics.values() if "threshold" in m.get("image_level", {})
+    }
+    if len(found) != 1:
+        raise ConfigError(
+            f"evaluate's metrics.json records {len(found)} operating thresholds ({sorted(found)}), not one",
+            fix="re-run evaluate (dvc repro) so metrics.json matches evaluate.threshold",
+        )
+    return float(found.pop())
+
+
 def model_card(info: dict[str, Any], metrics: dict[str, Any], run: Path) -> str:
     """README.md next to the weights: what it is, where it came from, how well it does, how to load it."""
     dataset = json.loads((run / "dataset.json").read_text())
@@ -91,6 +105,8 @@ def model_card(info: dict[str, Any], metrics: dict[str, Any], run: Path) -> str:
     return f"""# SAM3 fine-tuned with sam3ft ({info["spec"]["name"]} preset)
 
 Finds: {", ".join(f"`{p}`" for p in info["prompts"].values())} (text prompts).
+Operating score threshold: {info["threshold"]} (evaluate.threshold; `sam3ft predict` and `sam3ft serve`
+default to it).
 Weights: `{info["weights"]}`, {info["dtype"]}, mode `{info["mode"]}`, keys in sam3.pt's layout (`detector.`).
 
 - Base weights: {origin}; sha256 `{base_hash}`
@@ -130,8 +146,9 @@ def run(p: dict[str, Any]) -> None:
     if base_file is not None and export.mode == "delta":
         state = delta_state(state, image_model_state(read_weights_file(base_file))[0])
     images, prompts = validation_images(Path(paths.prepared))
+    metrics = json.loads((Path(paths.eval) / "metrics.json").read_text())
     with atomic_dir(Path(paths.export)) as out:
-        model_dir = out / "model"
+        model_dir = out / MODEL_DIR
         model_dir.mkdir()
         info = {
             "format": FORMAT,
@@ -140,9 +157,10 @@ def run(p: dict[str, Any]) -> None:
             "mode": export.mode,
             "vocab": VOCAB_NAME,
             "resolution": spec.image_size,
-            "dir": Path(paths.export, "model").as_posix(),
+            "dir": Path(paths.export, MODEL_DIR).as_posix(),
             "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3},
             "prompts": {str(k): v for k, v in prompts.items()},
+            "threshold": operating_threshold(metrics),
             "checkpoint_sha256": sha256_file(checkpoint),
             "base": {k: v for k, v in manifest["weights"].items() if k in ("source", "location", "sha256")},
             **write_weights(model_dir, state, "model", export.torch_file),
@@ -165,7 +183,6 @@ def run(p: dict[str, Any]) -> None:
                 f"export.tolerance={export.tolerance}",
                 fix="export float32, or raise the tolerance",
             )
-        metrics = json.loads((Path(paths.eval) / "metrics.json").read_text())
         atomic_write_text(model_dir / "README.md", model_card(info, metrics, Path(paths.train) / "run"))
         write_json(
             out / "parity.json",

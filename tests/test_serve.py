@@ -1,0 +1,263 @@
+"""`sam3ft serve`: the real server (LitServe) on loopback, a real tiny export with a mask head, a real
+HTTP client. One server for the module: it starts in seconds but loads the model in its own process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from conftest import REPO, SAMPLE, write_tiny_export
+from test_predict_inputs import RED, close, exif_jpeg, png_header
+
+KEY = "test-key-0123456789abcdef"  # SAM3FT_API_KEY of the server under test
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[dict]:
+    tmp = tmp_path_factory.mktemp("serve")
+    model = write_tiny_export(tmp / "model", masks=True, threshold=0.25)
+    port, log = free_port(), tmp / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "SAM3FT_API_KEY": KEY}
+    command = [sys.executable, "-m", "sam3ft", "serve", "--model", str(model), "--port", str(port)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*command, "--device", "cpu", "--max-upload-mb", "1"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"no /health in 90 s:\n{log.read_text()}"
+            time.sleep(0.3)
+        children = descendants(process.pid)
+        assert len(children) >= 2  # LitServe's API server and the model worker (plus its helpers)
+        model_json = json.loads((model / "model.json").read_text())
+        yield {"url": url, "log": log, "model": model_json, "model_dir": model}
+    finally:
+        process.terminate()  # SIGTERM, as `kill`, docker stop or systemd send it
+        process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)], "server processes outlived SIGTERM"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie left for its parent to reap counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def post(server: dict, files: dict | None = None, data: dict | None = None, key: str | None = KEY, **kw):
+    headers = {"X-API-Key": key} if key is not None else {}
+    return httpx.post(f"{server['url']}/predict", files=files, data=data, headers=headers, timeout=60, **kw)
+
+
+def photo_bytes() -> bytes:
+    return sorted((SAMPLE / "valid").glob("*.jpg"))[0].read_bytes()
+
+
+def test_predict_returns_boxes_masks_and_the_model_version(server):
+    reply = post(server, files={"image": ("a.jpg", photo_bytes(), "image/jpeg")}, data={"threshold": "0"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert (body["width"], body["height"], body["threshold"]) == (512, 512, 0.0)
+    assert body["model"]["weights_sha256"] == server["model"]["weights_sha256"]
+    dets = body["detections"]
+    assert len(dets) == 20  # every query of the tiny model at threshold 0
+    assert [d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True)
+    for det in dets:
+        x0, y0, x1, y1 = det["box_xyxy"]
+        assert 0 <= x0 <= x1 <= 512 and 0 <= y0 <= y1 <= 512
+        assert det["prompt"] == "fuse neutrals" and det["segmentation"]["size"] == [512, 512]
+    # the default threshold is the model's operating one (0.25 in this export)
+    default = post(server, files={"image": ("a.jpg", photo_bytes(), "image/jpeg")}).json()
+    assert default["threshold"] == 0.25
+    assert default["detections"] == [d for d in dets if d["score"] >= 0.25]
+    prompted = post(
+        server, files={"image": ("a.jpg", photo_bytes())}, data={"prompt": "screw", "threshold": "0"}
+    )
+    assert {d["prompt"] for d in prompted.json()["detections"]} == {"screw"}
+
+
+def test_exif_orientation_is_applied(server, tmp_path):
+    photo = exif_jpeg(tmp_path / "phone.jpg", 6).read_bytes()  # stored 100 x 200, upright 200 x 100
+    body = post(server, files={"image": ("phone.jpg", photo)}, data={"threshold": "0"}).json()
+    assert (body["width"], body["height"]) == (200, 100)
+    assert all(d["box_xyxy"][2] <= 200 and d["box_xyxy"][3] <= 100 for d in body["detections"])
+    assert all(d["segmentation"]["size"] == [100, 200] for d in body["detections"])
+    assert close(Image.open(io.BytesIO(photo)).convert("RGB").getpixel((50, 50)), RED)
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "status", "message"),
+    [
+        ({"image": ("notes.txt", b"hello, not a photo")}, None, 415, "notes.txt: not an image"),
+        ({"image": ("big.png", png_header(20_000, 20_000))}, None, 413, "above the 67 MP limit"),
+        ({"image": ("a.jpg", b"x" * (2 * 2**20))}, None, 413, "request body above 1 MB"),
+        ({"image": ("a.jpg", b"x")}, {"colour": "red"}, 422, "unknown form field(s) ['colour']"),
+        ({"picture": ("a.jpg", b"x")}, None, 422, "unknown form field(s) ['picture']"),
+        (None, {"threshold": "0.5"}, 415, "send multipart/form-data"),
+        ({"image": ("a.jpg", b"x")}, {"threshold": "2"}, 422, "threshold 2.0 is outside 0..1"),
+        ({"image": ("a.jpg", b"x")}, {"threshold": "high"}, 422, "'high' is not a number"),
+    ],
+)
+def test_bad_uploads_are_4xx_with_a_message_and_the_server_stays_up(server, files, data, status, message):
+    reply = post(server, files=files, data=data)
+    assert reply.status_code == status, reply.text
+    assert message in reply.json()["detail"]
+    assert httpx.get(f"{server['url']}/health", timeout=5).text == "ok"
+
+
+def test_json_body_is_refused(server):
+    reply = httpx.post(f"{server['url']}/predict", json={"image": "a.jpg"}, headers={"X-API-Key": KEY})
+    assert reply.status_code == 415 and "multipart/form-data" in reply.json()["detail"]
+
+
+def test_api_key_is_required_but_not_for_health(server):
+    files = {"image": ("a.jpg", photo_bytes())}
+    assert post(server, files=files, key=None).status_code == 401
+    assert post(server, files=files, key="wrong").status_code == 401
+    assert post(server, files=files, key=KEY[:-1]).status_code == 401
+    assert httpx.get(f"{server['url']}/health").status_code == 200
+    assert httpx.get(f"{server['url']}/info").status_code == 401
+    assert httpx.get(f"{server['url']}/info", headers={"X-API-Key": KEY}).json()["model"]["threshold"] == 0.25
+
+
+def test_page_for_people_is_one_self_contained_file(server):
+    reply = httpx.get(f"{server['url']}/")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
+    page = reply.text
+    assert '<input type="file" name="image"' in page and 'fetch("predict"' in page
+    assert "http://" not in page and "https://" not in page  # no CDN, nothing fetched from elsewhere
+
+
+def test_burst_of_16_concurrent_requests(server):
+    photo = photo_bytes()
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda _: post(server, files={"image": ("a.jpg", photo)}), range(16)))
+    assert [r.status_code for r in replies] == [200] * 16
+    assert all(r.json() == replies[0].json() for r in replies)  # one model, same answer every time
+
+
+def test_logs_hold_no_key_and_no_body(server):
+    post(server, files={"image": ("secret-name.jpg", b"BODYMARKER" * 10)})
+    time.sleep(0.5)
+    log = Path(server["log"]).read_bytes()
+    assert b"POST /predict" in log  # the access log is there
+    assert KEY.encode() not in log and b"BODYMARKER" not in log
+
+
+def browser_page():
+    """A headless Chromium page through Playwright, or a skip where either is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    return sync_api.sync_playwright(), executable
+
+
+def test_page_in_a_browser_draws_detections_and_decodes_masks(server, tmp_path):
+    """The page as a person uses it: pick a photo, type the key, press Detect; its table lists the
+    detections and its RLE decoder gives pycocotools' runs."""
+    playwright, executable = browser_page()
+    photo = sorted((SAMPLE / "valid").glob("*.jpg"))[0]
+    expected = post(server, files={"image": ("a.jpg", photo.read_bytes())}, data={"threshold": "0.2"}).json()
+    assert expected["detections"], "pick a threshold that keeps some detections"
+    with playwright as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{server['url']}/")
+        page.set_input_files("input[name=image]", str(photo))
+        page.fill("input[name=threshold]", "0.2")
+        page.fill("#key", KEY)
+        page.click("button")
+        page.wait_for_function("document.getElementById('status').textContent.includes('detection(s)')")
+        rows = page.eval_on_selector_all("#table tbody tr", "rows => rows.map(r => r.innerText.split('\\t'))")
+        rle = expected["detections"][0]["segmentation"]
+        counts = page.evaluate("s => rleCounts(s)", rle["counts"])
+        size = page.eval_on_selector("#canvas", "c => [c.width, c.height]")
+        browser.close()
+    assert errors == []
+    assert len(rows) == len(expected["detections"])
+    assert [float(r[2]) for r in rows] == [round(d["score"], 3) for d in expected["detections"]]
+    assert size == [512, 512]
+    flat = mask_utils.decode({**rle, "counts": rle["counts"].encode()}).flatten(order="F")
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    assert counts == (runs if flat[0] == 0 else [0, *runs])  # COCO runs start with a run of zeros
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(server):
+    port = server["url"].rsplit(":", 1)[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    model = ["--model", str(Path(server["model_dir"]))]
+    done = subprocess.run(
+        [sys.executable, "-m", "sam3ft", "serve", *model, "--port", port],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "fix: pick another --port" in done.stderr
+
+
+def test_a_model_that_does_not_load_ends_the_server_with_a_fix(server, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(server["model_dir"], broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sam3ft", "serve", "--model", str(broken), "--port", str(free_port())]
+    done = subprocess.run([*command, "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert f"error: the model in {broken} did not load in the server's worker" in done.stderr
