@@ -21,9 +21,11 @@ pipeline: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
-# Set up, lint, type-check, then the whole test suite (includes an end-to-end `dvc repro`).
+# Set up, lint, type-check, then the whole test suite (includes an end-to-end `dvc repro`): one
+# worker per core, each test file on one worker (its module fixtures, e.g. the pipeline, run once).
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/dvc pull -q data.dvc
+	$(BIN)/python -m pytest -q -n $(shell nproc) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -19,8 +19,11 @@ SAMPLE = REPO / "data" / "find-fuse-neutrals-v5"
 @pytest.fixture(scope="session", autouse=True)
 def sample_dataset() -> Path:
     """The bundled sample, restored from the in-repo DVC store if this checkout lacks it (offline)."""
-    if not SAMPLE.is_dir():
-        subprocess.run([sys.executable, "-m", "dvc", "pull", "data.dvc"], cwd=REPO, check=True)
+    from filelock import FileLock  # one pull, also with several pytest-xdist workers
+
+    with FileLock(REPO / ".pytest-sample.lock"):
+        if not SAMPLE.is_dir():
+            subprocess.run([sys.executable, "-m", "dvc", "pull", "data.dvc"], cwd=REPO, check=True)
     assert SAMPLE.is_dir(), f"{SAMPLE} missing after dvc pull"
     return SAMPLE
 

@@ -88,7 +88,7 @@ def test_every_stage_runs_after_the_check():
     for name, stage in STAGES.items():
         if name != "check":
             assert "${paths.check}" in stage["deps"], name
-    assert STAGES["check"]["outs"] == ["${paths.check}"]
+    assert STAGES["check"]["outs"] == [{"${paths.check}": {"persist": True}}]
     assert set(STAGES["check"]["params"]) == set(params.SECTIONS)
 
 

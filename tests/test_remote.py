@@ -229,6 +229,7 @@ def experiment(tmp_path_factory, s3, env, hub, origin) -> dict:
     c = clone(hub, tmp_path_factory.mktemp("c") / "sam3ft", env)
     use_bucket(c, env, s3)
     dvc(c, env, "exp", "pull", "origin", EXPERIMENT)
+    dvc(c, env, "pull", "data.dvc")  # push: false keeps the sample out of `exp push`/`exp pull`
     dvc(c, env, "exp", "apply", EXPERIMENT)
     return {"hashes": hashes, "repo": c}
 

@@ -21,13 +21,14 @@ from sam3ft.layout import ANNOTATIONS_FILE
 from sam3ft.preflight import check_devices, check_preset, check_steps, preset_params, visible_gpus
 
 SECTIONS = list(params_module.SECTIONS)  # every section: each has its validator
-CHECKS = ["params", "preset", "devices", "dataset", "evaluate splits", "batch"]
+CHECKS = ["params", "devices", "preset", "dataset", "evaluate splits", "batch"]
 
 
 def run(p: dict[str, Any]) -> None:
     model, trainer = p["model"], p["trainer"]
-    check_preset(model, trainer)
+    # where the run can train at all comes first: a GPU-sized preset on a CPU is the news, not its resolution
     check_devices(model, trainer, p["launcher"], preset_params(model.preset), visible_gpus())
+    check_preset(model, trainer)
     prepare = p["prepare"]
     root = Path(p["paths"].data) / prepare.dataset
     plan = plan_dataset(root, prepare.split, prepare.seed, prepare.allow_leakage)  # what prepare will write
