@@ -101,3 +101,10 @@ def test_lock_cpu_record_names_the_committed_checkpoint():
         "dvc.lock was re-made: rewrite tests/lock_cpu.json with this machine's cpu_type() "
         f"(tests/conftest.py) and {out['md5']}"
     )
+
+
+def test_byte_code_is_not_a_dependency():
+    """Folder deps (src/sam3ft/data, src/sam3ft/model) would otherwise hash the __pycache__ that tests
+    and editable installs leave there, so a fresh clone's dvc.lock would differ from a used checkout's."""
+    ignored = (REPO / ".dvcignore").read_text().splitlines()
+    assert "__pycache__/" in ignored and "*.pyc" in ignored
