@@ -98,8 +98,10 @@ def test_worse_than_base_names_split_and_metric():
 
 def test_base_metrics_of_other_splits_are_refused(tmp_path):
     (tmp_path / METRICS_FILE).write_text(json.dumps({"valid": {"AP": 0.0}}))
-    with pytest.raises(ConfigError, match=r"on \['valid'\], evaluate.splits gives \['valid', 'test'\]"):
+    with pytest.raises(ConfigError, match=r"on \['valid'\], evaluate.splits gives \['test', 'valid'\]"):
         read_base_metrics(tmp_path, ["valid", "test"])
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"valid": {}, "test": {}}))  # sorted keys
+    assert read_base_metrics(tmp_path, ["valid", "test"]) == {"valid": {}, "test": {}}
     assert read_base_metrics(tmp_path / "missing", ["valid"]) is None
 
 

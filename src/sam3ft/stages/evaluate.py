@@ -196,9 +196,9 @@ def read_base_metrics(baseline: Path, splits: list[str]) -> dict[str, Any] | Non
         )
         return None
     base: dict[str, Any] = json.loads(path.read_text())
-    if list(base) != splits:
+    if set(base) != set(splits):  # write_json sorts keys: compare as sets
         raise ConfigError(
-            f"{path} has the base model's metrics on {list(base)}, evaluate.splits gives {splits}",
+            f"{path} has the base model's metrics on {sorted(base)}, evaluate.splits gives {sorted(splits)}",
             fix="run the baseline stage again (`dvc repro` does)",
         )
     return base
