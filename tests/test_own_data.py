@@ -89,6 +89,7 @@ def run_prepare(
         base="b",
         prepared=str(out),
         train="t",
+        baseline="z",
         eval="e",
         export="x",
         scratch="s",

@@ -52,7 +52,7 @@ def pipeline(tmp_path_factory):
 
 def test_repro_runs_every_stage_within_five_minutes(pipeline):
     out = pipeline["repro"].stdout
-    for stage in ("check", "fetch", "prepare", "train", "evaluate", "export"):
+    for stage in ("check", "fetch", "prepare", "baseline", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
     assert pipeline["seconds"] < 300
 

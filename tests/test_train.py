@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def workspace(tmp_path: Path, shipped: dict, data: Path = REPO / "data", **trainer) -> Path:
     """params.yaml with every path under tmp_path, fetch and prepare done; returns the params file."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    for key in ("base", "prepared", "train", "eval", "export", "scratch"):
+    for key in ("base", "prepared", "train", "baseline", "eval", "export", "scratch"):
         shipped["paths"][key] = str(tmp_path / key)
     shipped["paths"]["data"] = str(data)
     shipped["trainer"].update(trainer)

@@ -20,7 +20,7 @@ from typing import Any
 from sam3ft.errors import Sam3ftError
 from sam3ft.layout import ANNOTATIONS_FILE, MODEL_DIR, MODEL_JSON
 
-STAGES = ("check", "fetch", "prepare", "train", "evaluate", "export")
+STAGES = ("check", "fetch", "prepare", "baseline", "train", "evaluate", "export")
 
 
 def _predict(args: argparse.Namespace) -> int:

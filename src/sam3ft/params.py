@@ -53,6 +53,8 @@ class Paths:
     """train output: trainer checkpoint, run record, dvclive logs."""
     eval: str
     """evaluate output: metrics.json and COCO predictions."""
+    baseline: str
+    """baseline output: metrics.json of the base model (fetch's weights, before any training)."""
     export: str
     """export output: safetensors weights and model.json."""
     check: str

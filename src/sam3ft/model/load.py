@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from sam3.model.sam3_image import Sam3Image
 
-from sam3ft.layout import SPEC_FILE, VOCAB_NAME
+from sam3ft.layout import MANIFEST, SPEC_FILE, VOCAB_NAME
 from sam3ft.model.build import build_model
 from sam3ft.model.spec import ModelSpec, load_spec_file
-from sam3ft.model.weights import load_trainer_checkpoint, verify_and_load
+from sam3ft.model.weights import load_base_weights, load_trainer_checkpoint, verify_and_load
 
 MASK_HEAD = "segmentation_head."  # parameter prefix of the mask head
 
@@ -26,6 +27,24 @@ def load_trained(base_dir: Path, checkpoint: Path) -> tuple[Sam3Image, ModelSpec
     spec = spec.with_mask_head(any(k.startswith(MASK_HEAD) for k in state))
     model = build_model(spec, str(base_dir / VOCAB_NAME), training=False, coord_cache=False)
     verify_and_load(model, state, str(checkpoint))
+    return model.eval(), spec
+
+
+def load_base(base_dir: Path, seed: int) -> tuple[Sam3Image, ModelSpec]:
+    """The eval-mode model the train stage starts from: the preset built right after
+    `torch.manual_seed(seed)`, then fetch's weights loaded as the trainer's
+    `model_weight_initializer` loads them (none with `fetch.weights: none`).
+
+    sam3's trainer seeds with seed * max_epochs (`set_seeds`, sam3/train/utils/train_utils.py:104):
+    the same init for base.seed 0; for another seed its random init also depends on
+    trainer.max_epochs, which this deliberately leaves out so that trainer changes keep the base.
+    """
+    spec = load_spec_file(base_dir / SPEC_FILE)
+    manifest = json.loads((base_dir / MANIFEST).read_text())
+    torch.manual_seed(seed)
+    model = build_model(spec, str(base_dir / VOCAB_NAME), training=False, coord_cache=False)
+    if "file" in manifest["weights"]:
+        load_base_weights(model, base_dir / manifest["weights"]["file"], manifest["min_loaded"])
     return model.eval(), spec
 
 

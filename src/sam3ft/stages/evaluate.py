@@ -4,7 +4,9 @@ Outputs (paths.eval), per split:
 - metrics.json: COCO box metrics (pycocotools) and image-level detection at `evaluate.threshold`
   (TP/FP/FN/TN counting images without annotations as negatives, precision, recall, F1, specificity);
   with a mask head (a `trainer.segmentation: true` run, or the sam3 preset), `segm`: the same COCO
-  metrics on masks, for splits whose annotations all carry masks;
+  metrics on masks, for splits whose annotations all carry masks; `base`: the baseline stage's
+  metrics of the base model on the same splits (a warning when the fine-tuned valid AP50 or AP is
+  below it);
 - predictions/<split>.json: COCO results records (`segmentation` RLE too, with a mask head);
 - plots/<split>_threshold.json (precision/recall/F1 vs score threshold), plots/<split>_pr.json
   (PR curve at IoU 0.5), plots/<split>_confusion.json (image-level confusion matrix rows);
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ from PIL import Image
 
 from sam3ft.errors import ConfigError
 from sam3ft.io import atomic_dir, write_json
-from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT
+from sam3ft.layout import ANNOTATIONS_FILE, BASE_BLOCK, CHECKPOINT, METRICS_FILE
 from sam3ft.live import open_live
 from sam3ft.metrics.coco import coco_box_metrics, coco_mask_metrics, has_masks, pr_curve
 from sam3ft.metrics.image_level import best_scores, confusion, confusion_rows, threshold_sweep
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "trainer", "evaluate"]
 EVAL_ORDER = ("valid", "test", "negatives")  # report order of prepared splits (evaluate.splits: null)
 SWEEP = [i / 20 for i in range(21)]  # score thresholds 0.00, 0.05, ..., 1.00
+WATCHED = ("AP50", "AP")  # valid metrics where a fine-tuned model below the base gets a warning
 
 
 def predict_split(
@@ -129,11 +134,10 @@ def prepared_eval_splits(prepared: Path) -> list[str]:
     return sorted(names, key=lambda s: (EVAL_ORDER.index(s) if s in EVAL_ORDER else len(EVAL_ORDER), s))
 
 
-def run(p: dict[str, Any]) -> None:
-    paths, evaluate = p["paths"], p["evaluate"]
-    pin_threads(p["base"].threads)
-    prepared = Path(paths.prepared)
-    splits = evaluate.splits if evaluate.splits is not None else prepared_eval_splits(prepared)
+def eval_splits(prepared: Path, named: list[str] | None) -> list[str]:
+    """`evaluate.splits` resolved against what prepare wrote: null is every split but train; a
+    named split prepare did not write is an error naming the ones it did."""
+    splits = named if named is not None else prepared_eval_splits(prepared)
     missing = [s for s in splits if not (prepared / s / ANNOTATIONS_FILE).is_file()]
     if missing:
         present = sorted(d.name for d in prepared.iterdir() if d.is_dir())
@@ -141,28 +145,92 @@ def run(p: dict[str, Any]) -> None:
             f"params.yaml: evaluate.splits names {missing}, not in {prepared}",
             fix=f"use splits the export has: {present}, or null for all but train",
         )
+    return splits
+
+
+@dataclass
+class SplitEval:
+    """One split's ground truth, predictions, metrics and plot rows."""
+
+    split: str
+    coco: dict[str, Any]
+    results: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    plots: dict[str, list[dict[str, Any]]]
+
+
+def evaluate_splits(
+    predictor: Predictor, prepared: Path, splits: list[str], max_dets: int, threshold: float
+) -> Iterator[SplitEval]:
+    """Predict and score each prepared split in turn: what evaluate does with the trained model and
+    baseline with the base model, so their numbers compare."""
+    for split in splits:
+        split_dir = prepared / split
+        coco = json.loads((split_dir / ANNOTATIONS_FILE).read_text())
+        results = predict_split(predictor, split_dir, coco, max_dets)
+        metrics, plots = split_report(split_dir / ANNOTATIONS_FILE, coco, results, threshold)
+        log.info("%s: %s", split, {k: v for k, v in metrics.items() if k in ("AP", "AP50")})
+        yield SplitEval(split, coco, results, metrics, plots)
+
+
+def worse_than_base(
+    tuned: dict[str, Any], base: dict[str, Any], split: str = "valid", keys: tuple[str, ...] = WATCHED
+) -> list[str]:
+    """One line per metric of `keys` where the fine-tuned model scores below the base on `split`."""
+    if split not in tuned or split not in base:
+        return []
+    return [
+        f"{split} {key}: the fine-tuned model ({tuned[split][key]}) is below the base model "
+        f"({base[split][key]}): training made it worse"
+        for key in keys
+        if key in tuned[split] and key in base[split] and tuned[split][key] < base[split][key]
+    ]
+
+
+def read_base_metrics(baseline: Path, splits: list[str]) -> dict[str, Any] | None:
+    """baseline's metrics, for the same splits; None (with a warning) when baseline has not run."""
+    path = baseline / METRICS_FILE
+    if not path.is_file():
+        log.warning(
+            "%s missing: no base block in metrics.json; fix: `dvc repro` runs the baseline stage", path
+        )
+        return None
+    base: dict[str, Any] = json.loads(path.read_text())
+    if set(base) != set(splits):  # write_json sorts keys: compare as sets
+        raise ConfigError(
+            f"{path} has the base model's metrics on {sorted(base)}, evaluate.splits gives {sorted(splits)}",
+            fix="run the baseline stage again (`dvc repro` does)",
+        )
+    return base
+
+
+def run(p: dict[str, Any]) -> None:
+    paths, evaluate = p["paths"], p["evaluate"]
+    pin_threads(p["base"].threads)
+    prepared = Path(paths.prepared)
+    splits = eval_splits(prepared, evaluate.splits)
+    base = read_base_metrics(Path(paths.baseline), splits)
     model, spec = load_trained(Path(paths.base), Path(paths.train) / CHECKPOINT)
     predictor = Predictor(model, spec.image_size, device_for(p["trainer"].accelerator))
-    metrics = {}
+    metrics: dict[str, Any] = {}
     with atomic_dir(Path(paths.eval)) as out:
         (out / "predictions").mkdir()
         (out / "plots").mkdir()
         with open_live(out / "live") as live:
-            for split in splits:
-                split_dir = prepared / split
-                coco = json.loads((split_dir / ANNOTATIONS_FILE).read_text())
-                results = predict_split(predictor, split_dir, coco, evaluate.max_dets)
-                write_json(out / "predictions" / f"{split}.json", results)
-                metrics[split], plots = split_report(
-                    split_dir / ANNOTATIONS_FILE, coco, results, evaluate.threshold
-                )
-                for kind, rows in plots.items():
-                    write_json(out / "plots" / f"{split}_{kind}.json", rows)
-                for record in coco["images"][: evaluate.overlays]:
-                    name = f"{split}/{Path(record['file_name']).stem}.jpg"
-                    live.log_image(name, overlay(split_dir, record, coco, results, evaluate.threshold))
-                log.info("%s: %s", split, {k: v for k, v in metrics[split].items() if k in ("AP", "AP50")})
-        write_json(out / "metrics.json", metrics)
+            for ev in evaluate_splits(predictor, prepared, splits, evaluate.max_dets, evaluate.threshold):
+                split_dir = prepared / ev.split
+                write_json(out / "predictions" / f"{ev.split}.json", ev.results)
+                metrics[ev.split] = ev.metrics
+                for kind, rows in ev.plots.items():
+                    write_json(out / "plots" / f"{ev.split}_{kind}.json", rows)
+                for record in ev.coco["images"][: evaluate.overlays]:
+                    name = f"{ev.split}/{Path(record['file_name']).stem}.jpg"
+                    live.log_image(name, overlay(split_dir, record, ev.coco, ev.results, evaluate.threshold))
+        if base is not None:
+            for line in worse_than_base(metrics, base):
+                log.warning("%s", line)
+            metrics[BASE_BLOCK] = base
+        write_json(out / METRICS_FILE, metrics)
 
 
 def main() -> None:

@@ -23,7 +23,15 @@ from PIL import Image
 
 from sam3ft.errors import ConfigError, WeightsError
 from sam3ft.io import atomic_dir, atomic_write_text, sha256_file, write_json
-from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, MODEL_DIR, MODEL_JSON, VOCAB_NAME
+from sam3ft.layout import (
+    ANNOTATIONS_FILE,
+    BASE_BLOCK,
+    CHECKPOINT,
+    MANIFEST,
+    MODEL_DIR,
+    MODEL_JSON,
+    VOCAB_NAME,
+)
 from sam3ft.model.build import build_model
 from sam3ft.model.export import FORMAT, cast, delta_state, load_export, write_weights
 from sam3ft.model.load import load_trained
@@ -147,6 +155,7 @@ def run(p: dict[str, Any]) -> None:
         state = delta_state(state, image_model_state(read_weights_file(base_file))[0])
     images, prompts = validation_images(Path(paths.prepared))
     metrics = json.loads((Path(paths.eval) / "metrics.json").read_text())
+    metrics.pop(BASE_BLOCK, None)  # the base model's numbers: the card and threshold are the fine-tuned's
     with atomic_dir(Path(paths.export)) as out:
         model_dir = out / MODEL_DIR
         model_dir.mkdir()
