@@ -142,7 +142,7 @@ class Trainer:
     num_gpus: int
     """GPUs per node, one training process each; 0 trains on the CPU."""
     max_epochs: int
-    """Epochs to train (the trainer runs exactly this many)."""
+    """Epochs to train (the trainer runs exactly this many, or fewer when `patience` stops it)."""
     batch_size: int
     """Images per batch."""
     grad_accum: int
