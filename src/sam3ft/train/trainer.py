@@ -24,7 +24,7 @@ from sam3.train.utils.train_utils import AverageMeter, get_amp_type
 
 from sam3ft.errors import Sam3ftError
 from sam3ft.train.optim import DeviceGradScaler, GradientClipper
-from sam3ft.train.run import read_stats
+from sam3ft.train.run import STATS_FILES, read_stats
 from sam3ft.train.select import BEST_CHECKPOINT, metric_curve, select_epoch
 from sam3ft.train.transfer import unpack
 
@@ -225,7 +225,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         writes logs and checkpoints) and tells the other ranks."""
         decision = [False]
         if self.distributed_rank == 0:
-            stats = read_stats(Path(self.logging_conf.log_dir), "val_stats.json")
+            stats = read_stats(Path(self.logging_conf.log_dir), STATS_FILES[1])  # val_stats.json
             curve = [point for point in metric_curve(stats, self.select) if point[0] <= self.epoch]
             chosen = select_epoch(curve, self.min_delta, self.patience)
             if chosen.epoch == self.epoch:
