@@ -64,6 +64,10 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
             new = "float16"
         elif field.name == "optimizer":
             new = "adamw_bf16"
+        elif field.name == "select":
+            new = "last" if value != "last" else "AP"
+        elif field.name == "min_delta":
+            new = value + 0.01
         elif field.name in ("recipe", "lora_rank", "lora_alpha"):
             # a recipe's values are checked to reach the config in test_every_recipe_composes; LoRA
             # needs the trunk frozen, so perturb it on top of the lora recipe
@@ -78,6 +82,14 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
             perturbed = dict(loaded, trainer=dataclasses.replace(base, **{field.name: new}))
             other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
             assert other != baseline_lora, f"trainer.{field.name} does not reach the trainer config"
+            continue
+        elif field.name == "val_epoch_freq":  # more than 1 only without best-epoch selection
+            base = dataclasses.replace(base, select="last")
+            last = dict(loaded, trainer=base)
+            baseline_last = resolved_yaml(compose_trainer_config(knobs_for(last)).trainer)
+            perturbed = dict(loaded, trainer=dataclasses.replace(base, val_epoch_freq=value + 1))
+            other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
+            assert other != baseline_last, "trainer.val_epoch_freq does not reach the trainer config"
             continue
         elif field.name == "resolution":
             continue  # tied to the preset; covered by test_resolution_must_match_preset

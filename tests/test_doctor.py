@@ -118,13 +118,16 @@ def test_vram_estimate_against_a_faked_gpu(repo, shipped_params, monkeypatch):
 
 
 def test_disk_formula():
-    trainer, f32 = SimpleNamespace(max_epochs=12, checkpoint_freq=0), SimpleNamespace(dtype="float32")
+    trainer = SimpleNamespace(max_epochs=12, checkpoint_freq=0, select="last")
+    f32 = SimpleNamespace(dtype="float32")
     # sam3: checkpoint 12 B x 840 M = 10.08 GB, in scratch + paths.train + cache, and 2 x 3.36 GB export
     assert doctor.disk_needed_gb(840e6, trainer, f32) == pytest.approx(3 * 10.08 + 2 * 3.36)
     bf16 = SimpleNamespace(dtype="bfloat16")
     assert doctor.disk_needed_gb(840e6, trainer, bf16) == pytest.approx(3 * 10.08 + 2 * 1.68)
     trainer.checkpoint_freq = 4  # checkpoint_4, _8, _12 kept besides checkpoint.pt
     assert doctor.disk_needed_gb(840e6, trainer, f32) == pytest.approx(6 * 10.08 + 2 * 3.36)
+    trainer.select = "AP50"  # best.pt besides
+    assert doctor.disk_needed_gb(840e6, trainer, f32) == pytest.approx(7 * 10.08 + 2 * 3.36)
 
 
 def test_too_little_disk_fails_with_the_numbers(repo, shipped_params, monkeypatch, capsys):
@@ -134,8 +137,8 @@ def test_too_little_disk_fails_with_the_numbers(repo, shipped_params, monkeypatc
     code, out = run_cli(capsys, "--params", "params.yaml")
     assert code == 1
     line = next(x for x in out.splitlines() if x.startswith("FAIL  disk"))
-    # tiny: 3 x 51.6 MB checkpoints + 2 x 17.2 MB exported weights = 0.19 GB
-    assert "0.1 GB free" in line and "writes ~0.19 GB" in line and "free at least 0.1 GB" in line
+    # tiny: 4 x 51.6 MB checkpoints (best.pt among them) + 2 x 17.2 MB exported weights = 0.24 GB
+    assert "0.1 GB free" in line and "writes ~0.24 GB" in line and "free at least 0.2 GB" in line
 
 
 def test_secrets_never_printed(repo, shipped_params, monkeypatch, capsys):

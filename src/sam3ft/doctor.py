@@ -194,7 +194,8 @@ def disk_needed_gb(n_params: float, trainer: params_module.Trainer, export: para
     not saved). That predicts the measured 10.0 GB for sam3 (840 M) and 50.6 MB for tiny (4.3 M).
     train  = checkpoint x (1 + extras) in paths.scratch: the trainer's checkpoint.pt, plus one
              checkpoint_<epoch>.pt kept every trainer.checkpoint_freq epochs, i.e. max_epochs // freq
-             extras (sam3/train/trainer.py:348 saves when (epoch + 1) % save_freq == 0)
+             extras (sam3/train/trainer.py:348 saves when (epoch + 1) % save_freq == 0), plus best.pt
+             when trainer.select is a metric
            + checkpoint in paths.train (the normalised copy the train stage writes)
            + checkpoint in .dvc/cache (DVC's copy of that output; reflinks or hardlinks would save it).
     export = model weights at export.dtype (4 or 2 B/param) x 2: paths.export and its .dvc/cache copy.
@@ -208,6 +209,7 @@ def disk_needed_gb(n_params: float, trainer: params_module.Trainer, export: para
 def train_checkpoints_gb(n_params: float, trainer: params_module.Trainer) -> float:
     """GB of trainer checkpoints the train stage leaves: the train part of disk_needed_gb."""
     extras = trainer.max_epochs // trainer.checkpoint_freq if trainer.checkpoint_freq > 0 else 0
+    extras += trainer.select != "last"  # best.pt, once checkpoint.pt has moved past the best epoch
     checkpoint = 12 * n_params
     return (checkpoint * (1 + extras) + checkpoint + checkpoint) / GB
 

@@ -19,6 +19,9 @@ from sam3ft.model.spec import PATCH_SIZE
 
 DEFAULT_PARAMS = Path("params.yaml")
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16")  # built by sam3ft.train.optim.make_optimizer
+# box metrics the trainer's validation logs every epoch (named as sam3ft.train.logging.val_metrics
+# names them) that trainer.select may pick; the per-size ones are left out (-1 without such objects)
+SELECT_METRICS = ("AP", "AP50", "AP75", "AR@1", "AR@10", "AR@100")
 # trainer keys a recipe (configs/recipes/<trainer.recipe>.yaml) sets where params.yaml leaves null
 RECIPE_KEYS = (
     "optimizer",
@@ -141,7 +144,7 @@ class Trainer:
     num_gpus: int
     """GPUs per node, one training process each; 0 trains on the CPU."""
     max_epochs: int
-    """Epochs to train (the trainer runs exactly this many)."""
+    """Epochs to train (the trainer runs exactly this many, or fewer when `patience` stops it)."""
     batch_size: int
     """Images per batch."""
     grad_accum: int
@@ -175,7 +178,7 @@ class Trainer:
     timescale: int
     """Inverse-square-root schedule timescale, steps."""
     val_epoch_freq: int
-    """Validate every N epochs (and always after the last)."""
+    """Validate every N epochs (and always after the last); 1 when `select` is a metric."""
     checkpoint_freq: int
     """Keep checkpoint_<epoch>.pt every N epochs; 0 keeps only the latest."""
     amp: bool
@@ -188,6 +191,13 @@ class Trainer:
     segmentation: bool
     """Train masks too: COCO polygons/RLE of the train split, mask + semantic losses, a mask head
     (added to presets without one) and the neck levels feeding it. false: boxes only, those frozen."""
+    select: str = "AP50"
+    """The epoch whose checkpoint is tracked (and so evaluated and exported): `last`, or the best
+    validation value of a metric in SELECT_METRICS (ties: the earliest epoch)."""
+    min_delta: float = 0.0
+    """A later epoch is better only when it beats the best so far by more than this."""
+    patience: int = 0
+    """Stop after this many validated epochs without improvement of `select`; 0 = off."""
     num_nodes: int = 1
     """Machines (SLURM nodes) with num_gpus each; more than 1 needs launcher.kind: slurm."""
     allow_cpu: bool = False
@@ -288,6 +298,28 @@ class Trainer:
         for name in ("lr_scale", "lr_transformer", "lr_vision", "lr_text", "grad_clip"):
             _check(getattr(self, name) > 0, f"trainer.{name}", getattr(self, name), "> 0")
         _check(0 < self.layer_decay <= 1, "trainer.layer_decay", self.layer_decay, "in (0, 1]")
+        _check(
+            self.select in ("last", *SELECT_METRICS),
+            "trainer.select",
+            self.select,
+            f"last or one of {list(SELECT_METRICS)}",
+        )
+        _check(
+            self.select == "last" or self.val_epoch_freq == 1,
+            "trainer.val_epoch_freq",
+            self.val_epoch_freq,
+            f"1 while trainer.select is {self.select!r} (the best epoch is chosen among validated "
+            "epochs), or set trainer.select: last",
+        )
+        _check(self.min_delta >= 0, "trainer.min_delta", self.min_delta, ">= 0")
+        _check(self.patience >= 0, "trainer.patience", self.patience, ">= 0 (0 = off)")
+        _check(
+            self.patience == 0 or self.select != "last",
+            "trainer.patience",
+            self.patience,
+            "0 while trainer.select is last (early stopping watches the selected metric; set "
+            "trainer.select: AP50, say)",
+        )
         _check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, ">= 0")
         _check(
             self.resolution % PATCH_SIZE == 0 and self.resolution > 0,

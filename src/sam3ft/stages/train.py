@@ -1,7 +1,8 @@
 """train: run sam3's Trainer on the prepared dataset; outputs the checkpoint, run record, dvclive.
 
-Outputs (paths.train): checkpoint.pt (sam3's trainer format), run/ (resolved trainer config, params,
-dataset hash, package versions, the trainer's per-epoch stats), dvclive/ (metrics and plots).
+Outputs (paths.train): checkpoint.pt (sam3's trainer format; the epoch trainer.select chose), run/
+(resolved trainer config, params, dataset hash, package versions, the trainer's per-epoch stats,
+selection.json: which epoch and why), dvclive/ (metrics and plots).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from sam3ft.console import stdout_to
@@ -31,6 +33,7 @@ from sam3ft.train.launch import launch_local, launch_slurm
 from sam3ft.train.logging import STEPS_FILE, log_steps_to_dvclive, log_to_dvclive, read_steps
 from sam3ft.train.memory import param_counts, training_peak_gb
 from sam3ft.train.run import STATS_FILES, normalise_checkpoint, prepare_scratch, read_stats
+from sam3ft.train.select import BEST_CHECKPOINT, TIES, metric_curve, select_epoch
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "model", "trainer", "launcher"]
@@ -171,6 +174,45 @@ def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
             raise ConfigError(f"not enough GPU memory: {vram.detail}", fix=vram.fix)
 
 
+def selection_record(
+    trainer: Any, train_stats: list[dict[str, Any]], val_stats: list[dict[str, Any]], logs: Path
+) -> dict[str, Any]:
+    """Which epoch's checkpoint is tracked and why, checked against the epochs the trainer logged:
+    all of max_epochs, or fewer after an early stop. `epoch` is 0-based, as dvclive's step."""
+    trained = len(train_stats)
+    record: dict[str, Any] = {"select": trainer.select, "max_epochs": trainer.max_epochs}
+    if trainer.select == "last":
+        expected = trainer.max_epochs
+        record.update(epoch=trained - 1, metric=None, value=None)
+    else:
+        chosen = select_epoch(metric_curve(val_stats, trainer.select), trainer.min_delta, trainer.patience)
+        expected = chosen.last_epoch + 1 if chosen.stop else trainer.max_epochs
+        record.update(
+            epoch=chosen.epoch,
+            metric=f"val/{trainer.select}",
+            value=chosen.value,
+            ties=TIES,
+            min_delta=trainer.min_delta,
+            patience=trainer.patience,
+        )
+    if trained != expected:
+        raise RuntimeError(f"trainer logged {trained} epochs, expected {expected}; see {logs / 'log.txt'}")
+    record.update(epochs_trained=trained, stopped_early=trained < trainer.max_epochs)
+    return record
+
+
+def tracked_checkpoint(checkpoints: Path, selection: dict[str, Any]) -> Path:
+    """The scratch checkpoint of the selected epoch (best.pt, or the latest for `last`)."""
+    path = checkpoints / (CHECKPOINT if selection["select"] == "last" else BEST_CHECKPOINT)
+    held = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    if held != selection["epoch"] + 1:  # the trainer counts epochs done
+        raise RuntimeError(
+            f"{path} holds the weights after epoch {held - 1}, but the validation logs select epoch "
+            f"{selection['epoch']}; delete {checkpoints.parent} and run the train stage again"
+        )
+    return path
+
+
 def run(p: dict[str, Any]) -> None:
     paths, base, trainer = p["paths"], p["base"], p["trainer"]
     pin_threads(base.threads)
@@ -203,14 +245,13 @@ def run(p: dict[str, Any]) -> None:
         launch(cfg, trainer, p["launcher"], scratch)
     logs = scratch / "logs"
     train_stats, val_stats = (read_stats(logs, name) for name in STATS_FILES)
-    if len(train_stats) != trainer.max_epochs:
-        raise RuntimeError(
-            f"trainer logged {len(train_stats)} epochs, expected {trainer.max_epochs}; see {logs / 'log.txt'}"
-        )
+    selection = selection_record(trainer, train_stats, val_stats, logs)
+    source = tracked_checkpoint(scratch / "checkpoints", selection)
     with atomic_dir(Path(paths.train)) as out:
-        normalise_checkpoint(scratch / "checkpoints" / CHECKPOINT, out / CHECKPOINT)
+        normalise_checkpoint(source, out / CHECKPOINT)
         record = out / "run"
         record.mkdir()
+        write_json(record / "selection.json", selection)
         (record / "trainer_config.yaml").write_text(fingerprint["trainer_config"])
         (record / "params.yaml").write_text(
             yaml.safe_dump({k: dataclasses.asdict(v) for k, v in p.items()}, sort_keys=True)
@@ -225,7 +266,14 @@ def run(p: dict[str, Any]) -> None:
         log_steps_to_dvclive(out / "dvclive-steps", read_steps(logs / STEPS_FILE))
     # the tracked copy is complete: drop the scratch checkpoints (GBs for sam3), keep logs/telemetry
     shutil.rmtree(scratch / "checkpoints", ignore_errors=True)
-    log.info("trained %d epochs -> %s", len(train_stats), paths.train)
+    log.info(
+        "trained %d epochs%s; tracking epoch %d (%s) -> %s",
+        len(train_stats),
+        " (stopped early)" if selection["stopped_early"] else "",
+        selection["epoch"],
+        "last" if selection["metric"] is None else f"best {trainer.select} {selection['value']:.4f}",
+        paths.train,
+    )
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """sam3's Trainer with three switches more: a single training process may skip the DDP wrapper, a
 training step may read its loss values from the device once instead of once per loss term, and a
-model whose training forward is compiled with CUDA graphs gets its first step eager."""
+model whose training forward is compiled with CUDA graphs gets its first step eager; and it keeps
+the best validated epoch's checkpoint and stops early."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from sam3.train.utils.train_utils import AverageMeter, get_amp_type
 
 from sam3ft.errors import Sam3ftError
 from sam3ft.train.optim import DeviceGradScaler, GradientClipper
+from sam3ft.train.run import STATS_FILES, read_stats
+from sam3ft.train.select import BEST_CHECKPOINT, metric_curve, select_epoch
 from sam3ft.train.transfer import unpack
 
 
@@ -98,6 +101,19 @@ def checkpoint_bytes(checkpoint: Any) -> int:
     return 0
 
 
+def keep_as(checkpoint: Path, kept: Path) -> None:
+    """`kept` becomes a copy of `checkpoint`, atomically: a hard link where the filesystem has them
+    (no bytes copied; the trainer replaces checkpoint.pt by a new file, so the link keeps the old
+    content), else a copy."""
+    tmp = kept.with_name(kept.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(checkpoint, tmp)
+    except OSError:  # no hard links here (e.g. some network filesystems)
+        shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, kept)
+
+
 class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type information
     """sam3's Trainer plus
 
@@ -123,6 +139,9 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
       trees where it begins (outputs of the previous step's graphs may then be overwritten).
     - Python's cyclic garbage collector leaves the objects alive after the first training step
       alone (`_freeze_gc`).
+    - `select` (a validation metric, or `last`): after each validation, the best epoch's
+      checkpoint is kept as best.pt beside checkpoint.pt, and `patience` validated epochs without
+      improvement stop training (`_select_after_val`).
     """
 
     logger: Any  # sam3's Logger; a _HeldLogger while a step runs
@@ -134,8 +153,15 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         ddp_one_process: bool = True,
         sync_once: bool = False,
         compile_model: bool = False,
+        select: str = "last",
+        min_delta: float = 0.0,
+        patience: int = 0,
         **kwargs: Any,
     ) -> None:
+        self.select = select
+        self.min_delta = min_delta
+        self.patience = patience
+        self._validated_epoch: int | None = None  # the epoch this process last validated
         self.ddp_one_process = ddp_one_process
         self.sync_once = sync_once
         self.compile_model = compile_model
@@ -178,6 +204,49 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
                 "resumes from it",
             ) from exc
         os.replace(tmp, checkpoint_path)
+
+    def run_val(self) -> None:
+        """Upstream's validation, then (with `select`) the best checkpoint kept and early stopping.
+        An epoch this process validated already is not validated again: after an early stop,
+        upstream's `run` validates the epoch its loop ended on once more."""
+        if self._validated_epoch == self.epoch:
+            return
+        super().run_val()
+        self._validated_epoch = self.epoch
+        if self.select != "last":
+            self._select_after_val()
+
+    def _select_after_val(self) -> None:
+        """Decide from the logged validation curve up to this epoch (logs survive a kill, so a resumed
+        run, which re-validates the epoch of its checkpoint, decides as the unbroken run): when this
+        epoch is the best, checkpoint.pt (saved before this validation, so it holds exactly the
+        validated weights) becomes best.pt; when `patience` epochs brought no improvement, the loop's
+        bound drops to this epoch, so upstream's `run_train` ends after it. Rank 0 decides (it alone
+        writes logs and checkpoints) and tells the other ranks."""
+        decision = [False]
+        if self.distributed_rank == 0:
+            stats = read_stats(Path(self.logging_conf.log_dir), STATS_FILES[1])  # val_stats.json
+            curve = [point for point in metric_curve(stats, self.select) if point[0] <= self.epoch]
+            chosen = select_epoch(curve, self.min_delta, self.patience)
+            if chosen.epoch == self.epoch:
+                folder = Path(self.checkpoint_conf.save_dir)
+                keep_as(folder / "checkpoint.pt", folder / BEST_CHECKPOINT)
+            decision = [chosen.stop]
+            if chosen.stop:
+                logging.info(
+                    "early stop after epoch %d: %s has not improved by more than %g for %d epochs "
+                    "(best %.4f at epoch %d)",
+                    self.epoch,
+                    self.select,
+                    self.min_delta,
+                    self.patience,
+                    chosen.value,
+                    chosen.epoch,
+                )
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(decision, src=0)
+        if decision[0]:
+            self.max_epochs = self.epoch + 1
 
     def _step(self, batch: Any, model: torch.nn.Module, phase: str) -> Any:
         """Upstream's step on the batch unpacked onto the device (our collate packs it: one copy)."""
