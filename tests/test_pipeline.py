@@ -169,12 +169,16 @@ def test_metrics_cover_valid_and_test(pipeline):
 
 def test_trainer_validation_matches_evaluate_on_valid(pipeline):
     """Two independent paths, sam3's in-trainer COCO evaluator and our predictor + pycocotools,
-    agree on the final model's validation AP."""
+    agree on the selected epoch's validation AP (the checkpoint evaluate scores)."""
     repo = pipeline["repo"]
-    live = json.loads((repo / "artifacts/train/dvclive/metrics.json").read_text())
+    selected = json.loads((repo / "artifacts/train/run/selection.json").read_text())
+    stats = json.loads((repo / "artifacts/train/run/val_stats.json").read_text())
+    (row,) = [r for r in stats if r["Trainer/epoch"] == selected["epoch"]]
     ours = json.loads((repo / "artifacts/eval/metrics.json").read_text())["valid"]
-    assert live["val"]["AP"] == pytest.approx(ours["AP"], abs=1e-4)
-    assert live["val"]["AP50"] == pytest.approx(ours["AP50"], abs=1e-4)
+    key = "Meters_train/val_valid/detection/coco_eval_bbox_AP"
+    assert row[f"{key}_50"] == pytest.approx(ours["AP50"], abs=1e-4)
+    assert row[f"{key}_50"] == pytest.approx(selected["value"], abs=1e-12)  # selected by AP50
+    assert row[key] == pytest.approx(ours["AP"], abs=1e-4)
 
 
 def test_status_clean_and_second_repro_is_a_noop(pipeline):
