@@ -57,7 +57,7 @@ def test_the_base_is_the_trainers_seeded_init(workspace):
     assert all(torch.equal(loaded[k], started[k]) for k in started)
 
 
-def test_evaluate_puts_the_base_beside_the_fine_tuned_and_warns_when_below(workspace, caplog):
+def test_evaluate_puts_the_base_beside_the_fine_tuned_and_warns_when_below(workspace):
     """A "fine-tuned" checkpoint that is the trainer's seeded init scores exactly what baseline
     scored the base at; with the base's valid AP50 raised, evaluate warns naming split and metric."""
     p = params.load(["paths", "base", "trainer"], workspace)
@@ -72,15 +72,24 @@ def test_evaluate_puts_the_base_beside_the_fine_tuned_and_warns_when_below(works
     torch.save({"model": start}, checkpoint)
     raised = {"valid": {**base["valid"], "AP50": base["valid"]["AP50"] + 0.25}}
     base_file.write_text(json.dumps(raised))
-    with caplog.at_level(logging.WARNING, logger="sam3ft.stages.evaluate"):
+    # a handler on the stage's own logger, not caplog's on the root: a process that ran sam3's
+    # trainer before has another logging.root (sam3/train/utils/logger.py:231)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("sam3ft.stages.evaluate")
+    logger.addHandler(handler)
+    try:
         evaluate.run(params.load(evaluate.SECTIONS, workspace))
+    finally:
+        logger.removeHandler(handler)
 
     metrics = json.loads((Path(p["paths"].eval) / METRICS_FILE).read_text())
     assert set(metrics) == {"valid", BASE_BLOCK}
     assert metrics["valid"] == base["valid"]  # the same model, the same code: the same numbers
     assert metrics[BASE_BLOCK] == raised
     assert set(metrics[BASE_BLOCK]["valid"]) == set(metrics["valid"])
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert warnings == worse_than_base(metrics, raised)
     assert len(warnings) == 1 and warnings[0].startswith("valid AP50: the fine-tuned model")
 
