@@ -1,7 +1,7 @@
 """Does the CPU pipeline give the same bytes on this CPU as on another? One row per run.
 
 Copies this checkout (tracked and untracked-not-ignored files, plus the restored `data/`) to a
-temporary folder, runs the five stages there with `python -m sam3ft.stages.<name>` under the given
+temporary folder, runs the pipeline stages there with `python -m sam3ft.stages.<name>` under the given
 environment (CUDA hidden), and appends one JSON row to `bench/results/cpu_repro.jsonl`: the CPU
 (vendor, model, AVX2/AVX-512), the torch build, the ATen kernel set actually used, the md5 of every
 tracked training output and the evaluate metrics. Compare rows made on two machines.
@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("fetch", "prepare", "train", "evaluate", "export")
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import copy_worktree, cpu_type, cpuinfo  # noqa: E402  (tests/ is no package)
+
+STAGES = ("check", "fetch", "prepare", "baseline", "train", "evaluate", "export")  # dvc.yaml order
 HASHED = (
     "artifacts/train/checkpoint.pt",
     "artifacts/train/dvclive/metrics.json",
@@ -36,14 +39,12 @@ HASHED = (
 
 
 def cpu() -> dict[str, object]:
-    info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())}
-    isa = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx", "amx", "fma", "f16c")))
+    """The CPU type the tests compare (vendor, vector instruction sets), plus what identifies the host."""
+    fields = cpuinfo()
     return {
-        "vendor": fields.get("vendor_id", ""),
+        **cpu_type(),
         "model": fields.get("model name", ""),
         "cpuid_model": int(fields.get("model", "0") or 0),
-        "isa": " ".join(isa),
         "glibc": platform.libc_ver()[1],
     }
 
@@ -51,20 +52,10 @@ def cpu() -> dict[str, object]:
 def copy_checkout(dst: Path) -> None:
     """What a fresh clone holds (where git is at hand, else the tree minus outputs), plus `data/`."""
     try:
-        listed = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        ).stdout.decode()
+        copy_worktree(dst)
     except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git (GPU host)
         skip = shutil.ignore_patterns(".git", ".venv", ".work", ".whl", "artifacts", "data", "cache", "tmp")
         shutil.copytree(REPO, dst, ignore=skip, dirs_exist_ok=True)
-    else:
-        for rel in filter(None, listed.split("\0")):
-            if (REPO / rel).is_file():
-                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(REPO / rel, dst / rel)
     shutil.copytree(REPO / "data", dst / "data")
 
 

@@ -78,10 +78,15 @@ def cpu_type() -> dict[str, object]:
     """What decides which float kernels torch, MKL and oneDNN run: the vendor and the vector
     instruction sets. Two machines that agree here computed the same bits in every run we have
     (bench/results/cpu_repro.jsonl); the model number does not matter (VMs report their own)."""
-    first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    fields = cpuinfo()
     isa = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx", "amx", "fma", "f16c")))
     return {"vendor": fields.get("vendor_id", ""), "isa": isa}
+
+
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (vendor_id, model name, flags, ...)."""
+    first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
 
 
 LOCK_CPU = REPO / "tests" / "lock_cpu.json"  # the CPU type the committed dvc.lock was made on
