@@ -222,13 +222,12 @@ def run(p: dict[str, Any]) -> None:
     check_devices(p["model"], trainer, p["launcher"], preset_params(p["model"].preset), visible_gpus())
     if trainer.segmentation:
         check_masks(data_dir / "train")
-    train_images = count_images(data_dir / "train")
     train_json = data_dir / "train" / ANNOTATIONS_FILE
+    train_coco = json.loads(train_json.read_text())
+    train_images = len(train_coco["images"])
     check_steps(trainer, train_images, train_json)
-    for warning in check_objects_per_image(
-        json.loads(train_json.read_text()), trainer.max_ann_per_img, train_json
-    ):
-        log.warning(warning)
+    for warning in check_objects_per_image(train_coco, trainer.max_ann_per_img, train_json):
+        log.warning(warning)  # such an image never trains
     scratch = Path(paths.scratch) / "train"
     knobs = trainer_knobs(p, spec, manifest, base_dir, data_dir, scratch, train_images)
     cfg = compose_trainer_config(knobs, name=config_name(trainer.segmentation))
