@@ -19,7 +19,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sam3ft.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,7 +168,7 @@ def compile_cache(path: Path, slow_s: float = 20.0) -> None:
 
 def trainer_params(
     path: Path, recipe: str, batch: int, workers: int | None = None, overrides: dict[str, Any] | None = None
-) -> dict[str, Any]:
+) -> Params:
     import yaml
 
     from sam3ft import params
@@ -179,9 +182,9 @@ def trainer_params(
             data["trainer"][key] = yaml.safe_load(value)
     if workers is not None:
         data["trainer"]["num_workers"] = workers
-    return {
-        name: params.section_from_dict(params.SECTIONS[name], data[name], name) for name in stage.SECTIONS
-    }
+    return params.Params(
+        {name: params.section_from_dict(params.SECTIONS[name], data[name], name) for name in stage.SECTIONS}
+    )
 
 
 def one(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,9 +218,9 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     elif loader != "stream":
         raise SystemExit(f"{args.one}: loader must be stream or per-epoch")
     p = trainer_params(Path(args.params), recipe, int(batch), args.workers, overrides)
-    paths = p["paths"]
+    paths = p.paths
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
-    manifest, spec = stage.load_base(base_dir, p["model"].preset)
+    manifest, spec = stage.load_base(base_dir, p.model.preset)
     out = Path(args.scratch) / args.one.replace(":", "_").replace("=", "-")
     knobs = stage.trainer_knobs(
         p, spec, manifest, base_dir, data_dir, out, stage.count_images(data_dir / "train")
@@ -313,20 +316,20 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "recipe": recipe,
         "batch": int(batch),
-        "optimizer": p["trainer"].optimizer,
-        "trainable": p["trainer"].trainable,
-        "lora_rank": p["trainer"].lora_rank,
-        "autocast_cache": p["trainer"].autocast_cache,
-        "ddp_one_process": p["trainer"].ddp_one_process,
-        "sync_once": p["trainer"].sync_once,
-        "compile_trunk": p["trainer"].compile_trunk,
-        "compile_layers": p["trainer"].compile_layers,
-        "act_ckpt_text": p["trainer"].act_ckpt_text,
-        "act_ckpt_geometry": p["trainer"].act_ckpt_geometry,
-        "batched_loss": p["trainer"].batched_loss,
+        "optimizer": p.trainer.optimizer,
+        "trainable": p.trainer.trainable,
+        "lora_rank": p.trainer.lora_rank,
+        "autocast_cache": p.trainer.autocast_cache,
+        "ddp_one_process": p.trainer.ddp_one_process,
+        "sync_once": p.trainer.sync_once,
+        "compile_trunk": p.trainer.compile_trunk,
+        "compile_layers": p.trainer.compile_layers,
+        "act_ckpt_text": p.trainer.act_ckpt_text,
+        "act_ckpt_geometry": p.trainer.act_ckpt_geometry,
+        "batched_loss": p.trainer.batched_loss,
         "overrides": overrides,
         "ddp": type(trainer.model).__name__ == "DistributedDataParallel",
-        "num_workers": p["trainer"].num_workers,
+        "num_workers": p.trainer.num_workers,
         "loader": loader,
         "params": n_params,
         "trainable_params": n_train,

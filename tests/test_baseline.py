@@ -50,9 +50,9 @@ def trainer_start(base_dir: Path, seed: int, max_epochs: int) -> dict[str, torch
 
 def test_the_base_is_the_trainers_seeded_init(workspace):
     p = params.load(["paths", "base", "trainer"], workspace)
-    base_dir = Path(p["paths"].base)
-    started = trainer_start(base_dir, p["base"].seed, p["trainer"].max_epochs)
-    loaded = load_base(base_dir, p["base"].seed)[0].state_dict()
+    base_dir = Path(p.paths.base)
+    started = trainer_start(base_dir, p.base.seed, p.trainer.max_epochs)
+    loaded = load_base(base_dir, p.base.seed)[0].state_dict()
     assert list(loaded) == list(started)
     assert all(torch.equal(loaded[k], started[k]) for k in started)
 
@@ -62,13 +62,13 @@ def test_evaluate_puts_the_base_beside_the_fine_tuned_and_warns_when_below(works
     scored the base at; with the base's valid AP50 raised, evaluate warns naming split and metric."""
     p = params.load(["paths", "base", "trainer"], workspace)
     baseline.run(params.load(baseline.SECTIONS, workspace))
-    base_file = Path(p["paths"].baseline) / METRICS_FILE
+    base_file = Path(p.paths.baseline) / METRICS_FILE
     base = json.loads(base_file.read_text())
     assert list(base) == ["valid"] and {"AP", "AP50", "image_level"} <= set(base["valid"])
 
-    checkpoint = Path(p["paths"].train) / CHECKPOINT
+    checkpoint = Path(p.paths.train) / CHECKPOINT
     checkpoint.parent.mkdir(parents=True)
-    start = trainer_start(Path(p["paths"].base), p["base"].seed, p["trainer"].max_epochs)
+    start = trainer_start(Path(p.paths.base), p.base.seed, p.trainer.max_epochs)
     torch.save({"model": start}, checkpoint)
     raised = {"valid": {**base["valid"], "AP50": base["valid"]["AP50"] + 0.25}}
     base_file.write_text(json.dumps(raised))
@@ -84,7 +84,7 @@ def test_evaluate_puts_the_base_beside_the_fine_tuned_and_warns_when_below(works
     finally:
         logger.removeHandler(handler)
 
-    metrics = json.loads((Path(p["paths"].eval) / METRICS_FILE).read_text())
+    metrics = json.loads((Path(p.paths.eval) / METRICS_FILE).read_text())
     assert set(metrics) == {"valid", BASE_BLOCK}
     assert metrics["valid"] == base["valid"]  # the same model, the same code: the same numbers
     assert metrics[BASE_BLOCK] == raised

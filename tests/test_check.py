@@ -33,7 +33,7 @@ def test_sam3_preset_on_the_cpu_is_refused_unless_asked_for(shipped_params, tmp_
     shipped_params["model"]["preset"] = "sam3"
     shipped_params["trainer"]["resolution"] = 1008
     p = load(shipped_params, tmp_path)
-    args = (p["model"], p["trainer"], p["launcher"], preflight.preset_params("sam3"))
+    args = (p.model, p.trainer, p.launcher, preflight.preset_params("sam3"))
     with pytest.raises(
         ConfigError, match=r"model\.preset='sam3' \(840 M parameters\).*hours per step"
     ) as no_gpu:
@@ -44,12 +44,12 @@ def test_sam3_preset_on_the_cpu_is_refused_unless_asked_for(shipped_params, tmp_
     assert one_gpu.value.fix.startswith("this machine has 1 CUDA device(s): set trainer.num_gpus: 1")
     shipped_params["trainer"]["allow_cpu"] = True
     p = load(shipped_params, tmp_path)
-    preflight.check_devices(p["model"], p["trainer"], p["launcher"], 840e6, gpus=0)  # asked for: passes
+    preflight.check_devices(p.model, p.trainer, p.launcher, 840e6, gpus=0)  # asked for: passes
 
 
 def test_tiny_preset_on_the_cpu_passes(shipped_params, tmp_path):
     p = load(shipped_params, tmp_path)
-    preflight.check_devices(p["model"], p["trainer"], p["launcher"], preflight.preset_params("tiny"), gpus=0)
+    preflight.check_devices(p.model, p.trainer, p.launcher, preflight.preset_params("tiny"), gpus=0)
 
 
 def test_resolution_other_than_the_presets_is_refused(shipped_params, tmp_path):

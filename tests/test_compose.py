@@ -19,7 +19,7 @@ from sam3ft.train.compose import compose_trainer_config, config_dir, resolved_ya
 
 
 def knobs_for(p: dict) -> dict:
-    spec = load_preset(p["model"].preset).with_mask_head(p["trainer"].segmentation)
+    spec = load_preset(p.model.preset).with_mask_head(p.trainer.segmentation)
     manifest = {"weights": {"source": "none"}, "min_loaded": 0.95}
     base, prepared, scratch = Path("artifacts/base"), Path("artifacts/prepared"), Path(".work/train")
     return trainer_knobs(p, spec, manifest, base, prepared, scratch, train_images=24)
@@ -42,8 +42,8 @@ def test_shipped_config_composes_with_shipped_params(loaded):
     cfg = compose_trainer_config(knobs_for(loaded))
     text = resolved_yaml(cfg)
     trainer = cfg.trainer
-    assert trainer.max_epochs == loaded["trainer"].max_epochs
-    assert trainer.data.train.batch_size == loaded["trainer"].batch_size
+    assert trainer.max_epochs == loaded.trainer.max_epochs
+    assert trainer.data.train.batch_size == loaded.trainer.batch_size
     assert trainer.skip_saving_ckpts is False  # upstream's default would save nothing
     assert "???" not in text
 
@@ -56,10 +56,10 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
     # pre-flight (tests/test_check.py)
     changed = {"num_gpus": None, "num_nodes": None, "amp": None, "allow_cpu": None}
     for field in dataclasses.fields(params.Trainer):
-        value = getattr(loaded["trainer"], field.name)
+        value = getattr(loaded.trainer, field.name)
         if field.name in changed:
             continue
-        base = loaded["trainer"]
+        base = loaded.trainer
         if field.name == "amp_dtype":
             new = "float16"
         elif field.name == "optimizer":
@@ -75,19 +75,19 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
                 continue
             base = dataclasses.replace(base, trainable=["neck", "heads"], lora_rank=4)
             baseline_lora = resolved_yaml(
-                compose_trainer_config(knobs_for(dict(loaded, trainer=base))).trainer
+                compose_trainer_config(knobs_for(loaded.replace(trainer=base))).trainer
             )
             value = getattr(base, field.name)
             new = value + 1 if field.name == "lora_rank" else value * 0.5
-            perturbed = dict(loaded, trainer=dataclasses.replace(base, **{field.name: new}))
+            perturbed = loaded.replace(trainer=dataclasses.replace(base, **{field.name: new}))
             other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
             assert other != baseline_lora, f"trainer.{field.name} does not reach the trainer config"
             continue
         elif field.name == "val_epoch_freq":  # more than 1 only without best-epoch selection
             base = dataclasses.replace(base, select="last")
-            last = dict(loaded, trainer=base)
+            last = loaded.replace(trainer=base)
             baseline_last = resolved_yaml(compose_trainer_config(knobs_for(last)).trainer)
-            perturbed = dict(loaded, trainer=dataclasses.replace(base, val_epoch_freq=value + 1))
+            perturbed = loaded.replace(trainer=dataclasses.replace(base, val_epoch_freq=value + 1))
             other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
             assert other != baseline_last, "trainer.val_epoch_freq does not reach the trainer config"
             continue
@@ -101,16 +101,16 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
             new = value + 1 if field.name != "resize_min" else value - 32
         else:
             new = value * 0.5
-        perturbed = dict(loaded, trainer=dataclasses.replace(base, **{field.name: new}))
-        name = config_name(perturbed["trainer"].segmentation)
+        perturbed = loaded.replace(trainer=dataclasses.replace(base, **{field.name: new}))
+        name = config_name(perturbed.trainer.segmentation)
         other = resolved_yaml(compose_trainer_config(knobs_for(perturbed), name=name).trainer)
         assert other != baseline, f"trainer.{field.name} does not reach the trainer config"
-    seeded = dict(loaded, base=dataclasses.replace(loaded["base"], seed=loaded["base"].seed + 1))
+    seeded = loaded.replace(base=dataclasses.replace(loaded.base, seed=loaded.base.seed + 1))
     assert resolved_yaml(compose_trainer_config(knobs_for(seeded)).trainer) != baseline
 
 
 def test_resolution_must_match_preset(loaded):
-    bad = dict(loaded, trainer=dataclasses.replace(loaded["trainer"], resolution=336))
+    bad = loaded.replace(trainer=dataclasses.replace(loaded.trainer, resolution=336))
     with pytest.raises(ConfigError, match="built for 224 px"):
         knobs_for(bad)
 
@@ -167,7 +167,7 @@ def test_every_recipe_composes(loaded, name):
     trainer = params.section_from_dict(params.Trainer, dict(data["trainer"], recipe=name), "trainer")
     recipe = params.load_recipe(name)
     assert {k: getattr(trainer, k) for k in params.RECIPE_KEYS} == recipe
-    cfg = compose_trainer_config(knobs_for(dict(loaded, trainer=trainer))).trainer
+    cfg = compose_trainer_config(knobs_for(loaded.replace(trainer=trainer))).trainer
     assert cfg.optim.optimizer.kind == recipe["optimizer"]
     assert cfg.model.trainable == recipe["trainable"] and cfg.model.lora_rank == recipe["lora_rank"]
 
@@ -207,7 +207,7 @@ def test_segmentation_adds_mask_losses_masks_group_and_train_masks_only(loaded):
     group trainable, a mask head on tiny, masks loaded for the train split only (validation with masks
     breaks sam3's resize, sam3/train/transforms/basic_for_api.py:213)."""
     boxes = compose_trainer_config(knobs_for(loaded))
-    seg = dict(loaded, trainer=dataclasses.replace(loaded["trainer"], segmentation=True))
+    seg = loaded.replace(trainer=dataclasses.replace(loaded.trainer, segmentation=True))
     masks = compose_trainer_config(knobs_for(seg), name=config_name(True))
     box_losses = OmegaConf.to_container(boxes.loss.loss_fns_find, resolve=True)
     mask_losses = OmegaConf.to_container(masks.loss.loss_fns_find, resolve=True)
@@ -221,6 +221,6 @@ def test_segmentation_adds_mask_losses_masks_group_and_train_masks_only(loaded):
     assert (train.dataset.load_segmentation, train.collate_fn.with_seg_masks) == (True, True)
     assert (val.dataset.load_segmentation, val.collate_fn.with_seg_masks) == (False, False)
     assert masks.trainer.model.segmentation is True and "segmentation" not in boxes.trainer.model
-    assert list(masks.trainer.model.trainable) == [*loaded["trainer"].trainable, "masks"]
-    assert list(boxes.trainer.model.trainable) == list(loaded["trainer"].trainable)
+    assert list(masks.trainer.model.trainable) == [*loaded.trainer.trainable, "masks"]
+    assert list(boxes.trainer.model.trainable) == list(loaded.trainer.trainable)
     assert "Masks" not in resolved_yaml(boxes)  # the box-only config is untouched

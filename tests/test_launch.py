@@ -49,11 +49,11 @@ def test_gpu_count_is_checked_before_anything_starts(shipped_params, tmp_path):
     shipped_params["trainer"]["num_gpus"] = gpus + 1
     loaded = params.load(train.SECTIONS, write_params(tmp_path / "p.yaml", shipped_params))
     with pytest.raises(ConfigError, match=r"this machine has \d+ CUDA device"):
-        preflight.check_devices(loaded["model"], loaded["trainer"], loaded["launcher"], 4e6, gpus)
+        preflight.check_devices(loaded.model, loaded.trainer, loaded.launcher, 4e6, gpus)
     shipped_params["trainer"].update(num_gpus=1, num_nodes=2)
     loaded = params.load(train.SECTIONS, write_params(tmp_path / "p.yaml", shipped_params))
     with pytest.raises(ConfigError, match=r"needs launcher\.kind: slurm"):
-        preflight.check_devices(loaded["model"], loaded["trainer"], loaded["launcher"], 4e6, gpus)
+        preflight.check_devices(loaded.model, loaded.trainer, loaded.launcher, 4e6, gpus)
 
 
 def test_effective_batch_is_recorded():

@@ -13,9 +13,9 @@ from sam3ft.errors import ConfigError
 
 def test_shipped_params_load_every_section():
     loaded = params.load(list(params.SECTIONS), REPO / "params.yaml")
-    assert set(loaded) == set(params.SECTIONS)
-    assert loaded["trainer"].resolution % 14 == 0
-    assert isinstance(loaded["trainer"].lr_scale, float)
+    assert set(loaded.sections) == set(params.SECTIONS)
+    assert loaded.trainer.resolution % 14 == 0
+    assert isinstance(loaded.trainer.lr_scale, float)
 
 
 @pytest.mark.parametrize(
@@ -68,13 +68,13 @@ def test_missing_key_and_unknown_section(tmp_path, shipped_params):
 def test_integer_accepted_where_float_expected(tmp_path, shipped_params):
     shipped_params["trainer"]["lr_scale"] = 1
     path = write_params(tmp_path / "params.yaml", shipped_params)
-    assert params.load(["trainer"], path)["trainer"].lr_scale == 1.0
+    assert params.load(["trainer"], path).trainer.lr_scale == 1.0
 
 
 def test_segmentation_is_accepted(tmp_path, shipped_params):
     shipped_params["trainer"]["segmentation"] = True
     path = write_params(tmp_path / "params.yaml", shipped_params)
-    assert params.load(["trainer"], path)["trainer"].segmentation is True
+    assert params.load(["trainer"], path).trainer.segmentation is True
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_compile_model_refuses_what_it_was_not_checked_with(tmp_path, shipped_pa
     the same settings without it load."""
     shipped_params["trainer"].update(trainer)
     path = write_params(tmp_path / "params.yaml", shipped_params)
-    assert params.load(["trainer"], path)["trainer"].compile_model is False
+    assert params.load(["trainer"], path).trainer.compile_model is False
     shipped_params["trainer"]["compile_model"] = True
     write_params(path, shipped_params)
     with pytest.raises(ConfigError, match=r"trainer\.compile_model=True is invalid") as err:
@@ -112,8 +112,17 @@ def test_a_stage_run_on_another_params_file_names_that_file(tmp_path, capsys):
     assert f"[train] error: {path}: trainer.batch_size=0 is invalid" in err and "params.yaml" not in err
 
 
-def test_in_file_keeps_the_default_name_and_other_messages():
-    message = "params.yaml: trainer.batch_size=0 is invalid"
-    assert params.in_file(message, params.DEFAULT_PARAMS) == message
-    assert params.in_file(message, Path("runs/gpu.yaml")) == "runs/gpu.yaml: trainer.batch_size=0 is invalid"
-    assert params.in_file("model preset 'x' not found", Path("gpu.yaml")) == "model preset 'x' not found"
+def test_in_file_names_the_params_file_for_params_values_only():
+    """Errors about a params value carry the key; the file name is put in front where they are printed."""
+    error = ConfigError("trainer.batch_size=0 is invalid", fix="use >= 1", key="trainer.batch_size")
+    assert params.in_file(error, params.DEFAULT_PARAMS) == "params.yaml: trainer.batch_size=0 is invalid"
+    assert params.in_file(error, Path("runs/gpu.yaml")) == "runs/gpu.yaml: trainer.batch_size=0 is invalid"
+    other = ConfigError("model preset 'x' not found", fix="use tiny")
+    assert params.in_file(other, Path("gpu.yaml")) == "model preset 'x' not found"
+
+
+def test_a_section_the_stage_did_not_load_is_a_key_error():
+    loaded = params.load(["paths", "trainer"], REPO / "params.yaml")
+    assert loaded.trainer.batch_size >= 1
+    with pytest.raises(KeyError, match="'export' was not loaded"):
+        _ = loaded.export

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from packaging.requirements import Requirement
@@ -102,20 +102,20 @@ def version_checks() -> list[Check]:
 # -- 2. params and preset ------------------------------------------------------------------------
 
 
-def load_params(path: Path) -> tuple[Check, dict[str, Any] | None]:
+def load_params(path: Path) -> tuple[Check, params_module.Params | None]:
     """Every params.yaml section through its validator; the typed sections when they are valid."""
     try:
         p = params_module.load(list(params_module.SECTIONS), path)
     except ConfigError as exc:
-        message = params_module.in_file(exc.message, path)
+        message = params_module.in_file(exc, path)
         detail = f"{message} (model, accelerator, vram, disk, secrets, threads not checked)"
         return Check("FAIL", "params", detail, exc.fix or "see README"), None
-    return Check("OK", "params", f"{path}: {len(p)} sections valid"), p
+    return Check("OK", "params", f"{path}: {len(p.sections)} sections valid"), p
 
 
-def check_preset(p: dict[str, Any]) -> Check:
+def check_preset(p: params_module.Params) -> Check:
     """The preset file exists, matches trainer.resolution, and doctor knows its size."""
-    name, resolution = p["model"].preset, p["trainer"].resolution
+    name, resolution = p.model.preset, p.trainer.resolution
     try:
         spec = load_preset(name)
     except ConfigError as exc:
@@ -405,22 +405,22 @@ def usable_cpus() -> int:
 # -- all together --------------------------------------------------------------------------------
 
 
-def run_params_checks(p: dict[str, Any], repo_root: Path, env: Mapping[str, str]) -> list[Check]:
+def run_params_checks(p: params_module.Params, repo_root: Path, env: Mapping[str, str]) -> list[Check]:
     """The checks that need valid params and an importable torch."""
     import torch
 
-    trainer, facts = p["trainer"], PRESETS.get(p["model"].preset)
+    trainer, facts = p.trainer, PRESETS.get(p.model.preset)
     checks = [check_preset(p), check_accelerator(trainer.accelerator)]
     if facts is not None:
         memory = cuda_memory_gb() if trainer.accelerator == "cuda" else None
         from sam3ft.model.build import bundled_vocab
 
-        estimate, how = vram_estimate_gb(load_preset(p["model"].preset), trainer, bundled_vocab())
+        estimate, how = vram_estimate_gb(load_preset(p.model.preset), trainer, bundled_vocab())
         checks.append(check_vram(estimate, how, *(memory or (None, None))))
         free_gb = shutil.disk_usage(repo_root).free / GB
-        checks.append(check_disk(disk_needed_gb(facts.params, trainer, p["export"]), free_gb, repo_root))
-    checks.append(check_secrets(p["fetch"].weights, env))
-    checks.append(check_threads(p["base"].threads, torch.get_num_threads(), usable_cpus()))
+        checks.append(check_disk(disk_needed_gb(facts.params, trainer, p.export), free_gb, repo_root))
+    checks.append(check_secrets(p.fetch.weights, env))
+    checks.append(check_threads(p.base.threads, torch.get_num_threads(), usable_cpus()))
     return checks
 
 

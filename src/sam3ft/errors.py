@@ -13,7 +13,13 @@ class Sam3ftError(Exception):
 
 
 class ConfigError(Sam3ftError):
-    """A params.yaml value or config file is invalid."""
+    """A params.yaml value or config file is invalid. `key` (e.g. "trainer.batch_size") marks a
+    value of the params file; where the error is printed, that file's name goes in front of it
+    (`sam3ft.params.in_file`), so a run on another file (`--params gpu.yaml`) names that one."""
+
+    def __init__(self, message: str, fix: str | None = None, key: str | None = None) -> None:
+        super().__init__(message, fix)
+        self.key = key
 
 
 class DatasetError(Sam3ftError):

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from sam3ft.errors import ConfigError
+from sam3ft.errors import ConfigError, Sam3ftError
 from sam3ft.model.spec import PATCH_SIZE
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -259,7 +259,7 @@ class Trainer:
         name = data.get("recipe", "stock")
         if not isinstance(name, str):
             raise ConfigError(
-                f"params.yaml: trainer.recipe={name!r} is invalid", fix=f"use one of {recipes()}"
+                f"trainer.recipe={name!r} is invalid", fix=f"use one of {recipes()}", key="trainer.recipe"
             )
         recipe = load_recipe(name)
         return {**data, **{k: recipe[k] for k in RECIPE_KEYS if data.get(k) is None}}
@@ -446,6 +446,64 @@ class Launcher:
         _check(self.cpus_per_task >= 1, "launcher.cpus_per_task", self.cpus_per_task, ">= 1")
 
 
+@dataclass(frozen=True)
+class Params:
+    """The params.yaml sections a stage loaded (`load`), each as its typed dataclass. Reading a
+    section the stage did not load is a bug in the stage's SECTIONS: it raises KeyError."""
+
+    sections: dict[str, object]
+
+    def _get(self, name: str, cls: type[T]) -> T:
+        value = self.sections.get(name)
+        if not isinstance(value, cls):
+            raise KeyError(f"params section {name!r} was not loaded; add it to the stage's SECTIONS")
+        return value
+
+    @property
+    def paths(self) -> Paths:
+        return self._get("paths", Paths)
+
+    @property
+    def base(self) -> Base:
+        return self._get("base", Base)
+
+    @property
+    def model(self) -> Model:
+        return self._get("model", Model)
+
+    @property
+    def fetch(self) -> Fetch:
+        return self._get("fetch", Fetch)
+
+    @property
+    def prepare(self) -> Prepare:
+        return self._get("prepare", Prepare)
+
+    @property
+    def trainer(self) -> Trainer:
+        return self._get("trainer", Trainer)
+
+    @property
+    def launcher(self) -> Launcher:
+        return self._get("launcher", Launcher)
+
+    @property
+    def evaluate(self) -> Evaluate:
+        return self._get("evaluate", Evaluate)
+
+    @property
+    def export(self) -> Export:
+        return self._get("export", Export)
+
+    def replace(self, **sections: object) -> Params:
+        """A copy with the given sections replaced (tests and benchmarks vary one section)."""
+        return Params({**self.sections, **sections})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Every loaded section as plain data, e.g. for a run record."""
+        return {name: dataclasses.asdict(v) for name, v in self.sections.items()}  # type: ignore[call-overload]
+
+
 def recipes_dir() -> Path:
     """`configs/recipes/` of the repository (the package lives in `src/sam3ft`)."""
     return Path(__file__).resolve().parents[2] / "configs" / "recipes"
@@ -460,7 +518,7 @@ def load_recipe(name: str) -> dict[str, Any]:
     path = recipes_dir() / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(
-            f"params.yaml: trainer.recipe={name!r} has no file {path}", fix=f"use one of {recipes()}"
+            f"trainer.recipe={name!r} has no file {path}", fix=f"use one of {recipes()}", key="trainer.recipe"
         )
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or set(data) != set(RECIPE_KEYS):
@@ -484,7 +542,7 @@ SECTIONS: dict[str, type] = {
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"params.yaml: {key}={value!r} is invalid", fix=f"use {allowed}")
+        raise ConfigError(f"{key}={value!r} is invalid", fix=f"use {allowed}", key=key)
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -509,7 +567,7 @@ def _matches(value: Any, hint: Any) -> bool:
 def section_from_dict(cls: type[T], data: Any, name: str) -> T:
     """Build one section, naming the exact key on any unknown key, missing key or wrong type."""
     if not isinstance(data, dict):
-        raise ConfigError(f"params.yaml: section '{name}' is not a mapping", fix="see README")
+        raise ConfigError(f"section '{name}' is not a mapping", fix="see README", key=name)
     if cls is Trainer:
         data = Trainer.with_recipe(data)
     hints = typing.get_type_hints(cls)
@@ -517,30 +575,31 @@ def section_from_dict(cls: type[T], data: Any, name: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"params.yaml: unknown key(s) {[f'{name}.{k}' for k in unknown]}",
+            f"unknown key(s) {[f'{name}.{k}' for k in unknown]}",
             fix=f"'{name}' accepts only {sorted(fields)}",
+            key=f"{name}.{unknown[0]}",
         )
     for key, f in fields.items():
         if key not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"params.yaml: missing key '{name}.{key}'", fix="add it")
+                raise ConfigError(f"missing key '{name}.{key}'", fix="add it", key=f"{name}.{key}")
             continue
         if not _matches(data[key], hints[key]):
             raise ConfigError(
-                f"params.yaml: {name}.{key}={data[key]!r} has the wrong type",
+                f"{name}.{key}={data[key]!r} has the wrong type",
                 fix=f"use a value of type {getattr(hints[key], '__name__', hints[key])}",
+                key=f"{name}.{key}",
             )
     values = {k: float(v) if hints[k] is float else v for k, v in data.items()}
     return cls(**values)
 
 
-def in_file(message: str, path: Path) -> str:
-    """Errors about params start with "params.yaml:", the file DVC runs the stages with; for a run
-    on another file (`--params`), that file's name instead."""
-    prefix = f"{DEFAULT_PARAMS}:"
-    if Path(path) == DEFAULT_PARAMS or not message.startswith(prefix):
-        return message
-    return f"{path}:{message[len(prefix) :]}"
+def in_file(exc: Sam3ftError, path: Path) -> str:
+    """`exc`'s message as printed: after the params file's name when it is about a value there
+    (ConfigError with a `key`), so a run on another file (`--params`) names that file."""
+    if isinstance(exc, ConfigError) and exc.key is not None:
+        return f"{path}: {exc.message}"
+    return exc.message
 
 
 def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -559,12 +618,12 @@ def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
     return data
 
 
-def load(names: list[str], path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Typed sections `names` of params.yaml, keyed by section name."""
+def load(names: list[str], path: Path = DEFAULT_PARAMS) -> Params:
+    """Typed sections `names` of params.yaml."""
     data = read_params(path)
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for name in names:
         if name not in data:
             raise ConfigError(f"{path}: missing section '{name}'", fix="add it (see README)")
         out[name] = section_from_dict(SECTIONS[name], data[name], name)
-    return out
+    return Params(out)

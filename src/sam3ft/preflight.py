@@ -43,9 +43,10 @@ def check_preset(model: params_module.Model, trainer: params_module.Trainer) -> 
     spec = load_preset(model.preset)
     if spec.image_size != trainer.resolution:
         raise ConfigError(
-            f"params.yaml: trainer.resolution={trainer.resolution} but preset {model.preset!r} is "
+            f"trainer.resolution={trainer.resolution} but preset {model.preset!r} is "
             f"built for {spec.image_size} px",
             fix=f"set trainer.resolution: {spec.image_size}",
+            key="trainer.resolution",
         )
 
 
@@ -66,13 +67,15 @@ def check_devices(
     preset on the CPU unless trainer.allow_cpu asks for it. `gpus`: CUDA devices visible here."""
     if trainer.num_nodes > 1 and launcher.kind != "slurm":
         raise ConfigError(
-            f"params.yaml: trainer.num_nodes={trainer.num_nodes} needs launcher.kind: slurm",
+            f"trainer.num_nodes={trainer.num_nodes} needs launcher.kind: slurm",
             fix="set launcher.kind: slurm (and its partition), or num_nodes: 1",
+            key="trainer.num_nodes",
         )
     if launcher.kind == "local" and trainer.num_gpus > gpus:
         raise ConfigError(
-            f"params.yaml: trainer.num_gpus={trainer.num_gpus} but this machine has {gpus} CUDA device(s)",
+            f"trainer.num_gpus={trainer.num_gpus} but this machine has {gpus} CUDA device(s)",
             fix=f"set trainer.num_gpus to at most {gpus} (0 = CPU), or use launcher.kind: slurm",
+            key="trainer.num_gpus",
         )
     big = preset_params is not None and preset_params > CPU_PRESET_PARAMS
     if big and trainer.num_gpus == 0 and not trainer.allow_cpu:
@@ -84,9 +87,10 @@ def check_devices(
             "(trainer.num_gpus: 1), or go back to model.preset: tiny"
         )
         raise ConfigError(
-            f"params.yaml: model.preset={model.preset!r} ({size}) with trainer.num_gpus=0 would train "
+            f"model.preset={model.preset!r} ({size}) with trainer.num_gpus=0 would train "
             "on the CPU, hours per step",
             fix=f"{where}; to train on the CPU anyway set trainer.allow_cpu: true",
+            key="model.preset",
         )
 
 
@@ -111,9 +115,10 @@ def check_steps(trainer: params_module.Trainer, train_images: int, annotations: 
     else:
         fix = f"set trainer.grad_accum: 1 and trainer.batch_size: {per_process} or less"
     raise ConfigError(
-        f"params.yaml: trainer.batch_size={trainer.batch_size} x trainer.grad_accum={accum} = "
+        f"trainer.batch_size={trainer.batch_size} x trainer.grad_accum={accum} = "
         f"{trainer.batch_size * accum} images per optimizer step per process, but "
         f"{annotations} has {train_images} training image(s), {per_process} for each of "
         f"{world} process(es): every epoch would train no step",
         fix=fix,
+        key="trainer.batch_size",
     )

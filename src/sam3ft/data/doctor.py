@@ -29,7 +29,7 @@ def describe(plan: Plan) -> str:
     return "; ".join(parts)
 
 
-def plan_checks(plan: Plan, root: Path, p: dict[str, object]) -> list[Check]:
+def plan_checks(plan: Plan, root: Path, p: params_module.Params) -> list[Check]:
     """What the plan says: splits and counts (OK), carving (OK, named), warnings (WARN)."""
     checks = [Check("OK", "dataset", f"{root}: {describe(plan)}")]
     for name, entry in plan.carved.items():
@@ -45,7 +45,7 @@ def plan_checks(plan: Plan, root: Path, p: dict[str, object]) -> list[Check]:
     checks += [Check("WARN", "dataset", warning, fix) for warning in warnings]
     train = next(s for s in plan.splits if s.name == "train")
     coco = {"images": train.images, "annotations": train.annotations, "categories": train.categories}
-    limit = p["trainer"].max_ann_per_img  # type: ignore[attr-defined]
+    limit = p.trainer.max_ann_per_img
     for warning in check_objects_per_image(coco, limit, train.directory):
         fix = "set trainer.max_ann_per_img to at least the count named, or tile the image"
         checks.append(Check("WARN", "dataset objects", warning, fix))
@@ -59,18 +59,18 @@ def dataset_checks(params_path: Path, repo_root: Path) -> list[Check]:
         p = params_module.load(SECTIONS, params_path)
     except ConfigError:
         return []
-    data_dir = repo_root / p["paths"].data
+    data_dir = repo_root / p.paths.data
     if repo_root.resolve() == Path.cwd().resolve():  # the CLI: name paths as prepare's messages do
-        data_dir = Path(p["paths"].data)
+        data_dir = Path(p.paths.data)
     checks = pin_checks(data_dir)
-    prepare = p["prepare"]
+    prepare = p.prepare
     root = data_dir / prepare.dataset
     try:
         plan = plan_dataset(root, prepare.split, prepare.seed, prepare.allow_leakage)
         resolve_categories(plan.splits, prepare.prompts)
-        check_eval_splits(p["evaluate"].splits, plan.names, root)
+        check_eval_splits(p.evaluate.splits, plan.names, root)
     except (DatasetError, ConfigError) as exc:
-        message = params_module.in_file(exc.message, params_path)
+        message = params_module.in_file(exc, params_path)
         return [*checks, Check("FAIL", "dataset", message, exc.fix or "see README")]
     return checks + plan_checks(plan, root, p)
 

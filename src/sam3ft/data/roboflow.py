@@ -106,8 +106,9 @@ def check_eval_splits(requested: list[str] | None, produced: list[str], root: Pa
     missing = [s for s in requested or [] if s not in produced]
     if missing:
         raise ConfigError(
-            f"params.yaml: evaluate.splits names {missing}, but prepare produces only {produced} from {root}",
+            f"evaluate.splits names {missing}, but prepare produces only {produced} from {root}",
             fix="set evaluate.splits: null (every prepared split but train), or list some of "
             f"{[s for s in produced if s != 'train']}; a missing valid/test is carved when prepare.split "
             "gives it a share",
+            key="evaluate.splits",
         )

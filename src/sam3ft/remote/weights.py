@@ -36,27 +36,32 @@ def parse_source(value: str) -> WeightsSource:
         match = _HF.match(value)
         if not match:
             raise ConfigError(
-                f"params.yaml: fetch.weights={value!r} is not a hub address",
+                f"fetch.weights={value!r} is not a hub address",
                 fix="use hf://owner/repo, hf://owner/repo/file.pt or hf://owner/repo@revision",
+                key="fetch.weights",
             )
         return WeightsSource("hf", match["repo"], match["file"] or HF_DEFAULT_FILE, match["rev"])
     if value.startswith("s3://"):
         bucket_key = value[len("s3://") :]
         if "/" not in bucket_key or bucket_key.endswith("/"):
             raise ConfigError(
-                f"params.yaml: fetch.weights={value!r} names no object", fix="use s3://bucket/path/to/sam3.pt"
+                f"fetch.weights={value!r} names no object",
+                fix="use s3://bucket/path/to/sam3.pt",
+                key="fetch.weights",
             )
         return WeightsSource("s3", value, bucket_key.rsplit("/", 1)[1])
     if "://" in value:
         raise ConfigError(
-            f"params.yaml: fetch.weights={value!r}: unknown scheme",
+            f"fetch.weights={value!r}: unknown scheme",
             fix="use none, hf://..., s3://... or a local path",
+            key="fetch.weights",
         )
     path = Path(value).expanduser()
     if not path.is_file():
         raise ConfigError(
-            f"params.yaml: fetch.weights={value!r}: no such file",
+            f"fetch.weights={value!r}: no such file",
             fix="give the path of a checkpoint (.pt or .safetensors), or none",
+            key="fetch.weights",
         )
     return WeightsSource("path", str(path), path.name)
 

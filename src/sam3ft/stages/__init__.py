@@ -10,7 +10,6 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from sam3ft import params as params_module
 from sam3ft.console import quiet_known_warnings
@@ -30,7 +29,7 @@ def pin_threads(threads: int) -> None:
         torch.set_num_interop_threads(threads)
 
 
-def stage_main(name: str, sections: list[str], run: Callable[[dict[str, Any]], None]) -> None:
+def stage_main(name: str, sections: list[str], run: Callable[[params_module.Params], None]) -> None:
     """Parse `--params`, load the stage's sections, run; user errors exit 2 with their fix."""
     parser = argparse.ArgumentParser(prog=f"python -m sam3ft.stages.{name}")
     parser.add_argument("--params", type=Path, default=params_module.DEFAULT_PARAMS)
@@ -40,7 +39,8 @@ def stage_main(name: str, sections: list[str], run: Callable[[dict[str, Any]], N
     try:
         run(params_module.load(sections, args.params))
     except Sam3ftError as exc:
-        print(f"[{name}] error: {params_module.in_file(str(exc), args.params)}", file=sys.stderr)
+        fix = f"\n  fix: {exc.fix}" if exc.fix else ""
+        print(f"[{name}] error: {params_module.in_file(exc, args.params)}{fix}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:  # a full disk outside the checkpoint writes (those say more themselves)
         if exc.errno != errno.ENOSPC:

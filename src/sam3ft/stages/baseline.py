@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
+from sam3ft import params as params_module
 from sam3ft.io import atomic_dir, write_json
 from sam3ft.layout import METRICS_FILE
 from sam3ft.model.load import device_for, load_base
@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "evaluate"]
 
 
-def run(p: dict[str, Any]) -> None:
-    paths, evaluate = p["paths"], p["evaluate"]
-    pin_threads(p["base"].threads)
+def run(p: params_module.Params) -> None:
+    paths, evaluate = p.paths, p.evaluate
+    pin_threads(p.base.threads)
     prepared = Path(paths.prepared)
     splits = eval_splits(prepared, evaluate.splits)
-    model, spec = load_base(Path(paths.base), p["base"].seed)
+    model, spec = load_base(Path(paths.base), p.base.seed)
     # no trainer params here (trainer.num_gpus picks evaluate's device): the GPU when there is one
     predictor = Predictor(model, spec.image_size, device_for("cuda"))
     metrics = {

@@ -12,7 +12,6 @@ Output (paths.check): check.json, the list of checks passed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from sam3ft import params as params_module
 from sam3ft.data.roboflow import check_eval_splits, plan_dataset
@@ -24,18 +23,18 @@ SECTIONS = list(params_module.SECTIONS)  # every section: each has its validator
 CHECKS = ["params", "devices", "preset", "dataset", "evaluate splits", "batch"]
 
 
-def run(p: dict[str, Any]) -> None:
-    model, trainer = p["model"], p["trainer"]
+def run(p: params_module.Params) -> None:
+    model, trainer = p.model, p.trainer
     # where the run can train at all comes first: a GPU-sized preset on a CPU is the news, not its resolution
-    check_devices(model, trainer, p["launcher"], preset_params(model.preset), visible_gpus())
+    check_devices(model, trainer, p.launcher, preset_params(model.preset), visible_gpus())
     check_preset(model, trainer)
-    prepare = p["prepare"]
-    root = Path(p["paths"].data) / prepare.dataset
+    prepare = p.prepare
+    root = Path(p.paths.data) / prepare.dataset
     plan = plan_dataset(root, prepare.split, prepare.seed, prepare.allow_leakage)  # what prepare will write
-    check_eval_splits(p["evaluate"].splits, plan.names, root)
+    check_eval_splits(p.evaluate.splits, plan.names, root)
     train = plan.splits[0]
     check_steps(trainer, len(train.images), train.directory / ANNOTATIONS_FILE)
-    out = Path(p["paths"].check)
+    out = Path(p.paths.check)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"passed": CHECKS})
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from sam3ft import params as params_module
 from sam3ft.errors import ConfigError
 from sam3ft.io import atomic_dir, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, BASE_BLOCK, CHECKPOINT, METRICS_FILE
@@ -142,8 +143,9 @@ def eval_splits(prepared: Path, named: list[str] | None) -> list[str]:
     if missing:
         present = sorted(d.name for d in prepared.iterdir() if d.is_dir())
         raise ConfigError(
-            f"params.yaml: evaluate.splits names {missing}, not in {prepared}",
+            f"evaluate.splits names {missing}, not in {prepared}",
             fix=f"use splits the export has: {present}, or null for all but train",
+            key="evaluate.splits",
         )
     return splits
 
@@ -204,14 +206,14 @@ def read_base_metrics(baseline: Path, splits: list[str]) -> dict[str, Any] | Non
     return base
 
 
-def run(p: dict[str, Any]) -> None:
-    paths, evaluate = p["paths"], p["evaluate"]
-    pin_threads(p["base"].threads)
+def run(p: params_module.Params) -> None:
+    paths, evaluate = p.paths, p.evaluate
+    pin_threads(p.base.threads)
     prepared = Path(paths.prepared)
     splits = eval_splits(prepared, evaluate.splits)
     base = read_base_metrics(Path(paths.baseline), splits)
     model, spec = load_trained(Path(paths.base), Path(paths.train) / CHECKPOINT)
-    predictor = Predictor(model, spec.image_size, device_for(p["trainer"].accelerator))
+    predictor = Predictor(model, spec.image_size, device_for(p.trainer.accelerator))
     metrics: dict[str, Any] = {}
     with atomic_dir(Path(paths.eval)) as out:
         (out / "predictions").mkdir()

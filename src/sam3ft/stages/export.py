@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sam3ft import params as params_module
 from sam3ft.errors import ConfigError, WeightsError
 from sam3ft.io import atomic_dir, atomic_write_text, sha256_file, write_json
 from sam3ft.layout import (
@@ -137,16 +138,17 @@ found = Predictor(model, spec.image_size).predict(Image.open("a.jpg"), {{1: {pro
 """
 
 
-def run(p: dict[str, Any]) -> None:
-    paths, export = p["paths"], p["export"]
-    pin_threads(p["base"].threads)
+def run(p: params_module.Params) -> None:
+    paths, export = p.paths, p.export
+    pin_threads(p.base.threads)
     base_dir, checkpoint = Path(paths.base), Path(paths.train) / CHECKPOINT
     manifest = json.loads((base_dir / MANIFEST).read_text())
     base_file = base_dir / manifest["weights"]["file"] if "file" in manifest["weights"] else None
     if export.mode == "delta" and base_file is None:
         raise ConfigError(
-            "params.yaml: export.mode=delta needs fetched base weights (fetch.weights is none)",
+            "export.mode=delta needs fetched base weights (fetch.weights is none)",
             fix="use export.mode: full, or fine-tune from pretrained weights",
+            key="export.mode",
         )
     trained, spec = load_trained(base_dir, checkpoint)
     dtype = getattr(torch, export.dtype)

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from sam3ft import params as params_module
 from sam3ft.io import atomic_dir, sha256_file, write_json
 from sam3ft.layout import MANIFEST, SPEC_FILE, VOCAB_NAME
 from sam3ft.model.build import build_model, bundled_vocab, empty_weights
@@ -49,8 +50,8 @@ def fetch_weights(source: WeightsSource, out: Path, spec: ModelSpec, min_loaded:
     }
 
 
-def run(p: dict[str, Any]) -> None:
-    paths, model, fetch, base = p["paths"], p["model"], p["fetch"], p["base"]
+def run(p: params_module.Params) -> None:
+    paths, model, fetch, base = p.paths, p.model, p.fetch, p.base
     spec = load_preset(model.preset)
     source = parse_source(fetch.weights)  # bad values fail here, before any download
     with atomic_dir(Path(paths.base)) as out:

@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from sam3ft import params as params_module
 from sam3ft.data.coco import Category, Split, normalized_image, resolve_categories
 from sam3ft.data.dvc_pin import check_pinned_remote
 from sam3ft.data.preview import draw_preview
@@ -78,13 +79,13 @@ def split_stats(coco: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(p: dict[str, Any]) -> None:
-    paths, prepare = p["paths"], p["prepare"]
+def run(p: params_module.Params) -> None:
+    paths, prepare = p.paths, p.prepare
     pin_warnings = check_pinned_remote(Path(paths.data))
     root = Path(paths.data) / prepare.dataset
     plan = plan_dataset(root, prepare.split, prepare.seed, prepare.allow_leakage)
     categories = resolve_categories(plan.splits, prepare.prompts)
-    check_eval_splits(p["evaluate"].splits, plan.names, root)
+    check_eval_splits(p.evaluate.splits, plan.names, root)
     split_warnings = [w for split in plan.splits for w in split.warnings]
     for warning in pin_warnings + plan.carve_notes + plan.warnings + split_warnings:
         log.warning(warning)

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 import yaml
+from omegaconf import DictConfig
 
+from sam3ft import params as params_module
 from sam3ft.console import stdout_to
 from sam3ft.data.coco import check_objects_per_image
 from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb, train_checkpoints_gb
@@ -53,7 +55,7 @@ def load_base(base_dir: Path, preset: str) -> tuple[dict[str, Any], ModelSpec]:
 
 
 def trainer_knobs(
-    p: dict[str, Any],
+    p: params_module.Params,
     spec: ModelSpec,
     manifest: dict[str, Any],
     base_dir: Path,
@@ -62,12 +64,13 @@ def trainer_knobs(
     train_images: int,
 ) -> dict[str, Any]:
     """Everything configs/train/sam3ft.yaml declares under `knobs`, from params and the spec."""
-    trainer = p["trainer"]
+    trainer = p.trainer
     if trainer.resolution != spec.image_size:
         raise ConfigError(
-            f"params.yaml: trainer.resolution={trainer.resolution} but model preset "
+            f"trainer.resolution={trainer.resolution} but model preset "
             f"{spec.name!r} is built for {spec.image_size} px (its RoPE tables are fixed at that size)",
             fix=f"set trainer.resolution: {spec.image_size}",
+            key="trainer.resolution",
         )
     on_gpu = trainer.accelerator == "cuda"
     weights = manifest["weights"]
@@ -81,7 +84,7 @@ def trainer_knobs(
         "out_dir": out_dir.as_posix(),
         "bpe_path": (base_dir / VOCAB_NAME).as_posix(),
         "model_spec": (base_dir / SPEC_FILE).as_posix(),
-        "seed": p["base"].seed,
+        "seed": p.base.seed,
         "num_queries": spec.num_queries,
         "pin_memory": on_gpu,
         "loss_device": trainer.accelerator,
@@ -129,7 +132,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def launch(cfg: Any, trainer: Any, launcher: Any, scratch: Path) -> None:
+def launch(
+    cfg: DictConfig, trainer: params_module.Trainer, launcher: params_module.Launcher, scratch: Path
+) -> None:
     """This machine (one process per GPU) or a SLURM job; both run sam3's trainer unchanged."""
     if launcher.kind == "slurm":
         launch_slurm(cfg, launcher, trainer.num_gpus, trainer.num_nodes, scratch / "submitit")
@@ -137,7 +142,7 @@ def launch(cfg: Any, trainer: Any, launcher: Any, scratch: Path) -> None:
         launch_local(cfg, trainer.num_gpus)
 
 
-def launch_record(trainer: Any, launcher: Any) -> dict[str, Any]:
+def launch_record(trainer: params_module.Trainer, launcher: params_module.Launcher) -> dict[str, Any]:
     """How the run was spread, and what that does to the batch (no automatic lr rescaling)."""
     return {
         "launcher": launcher.kind,
@@ -156,7 +161,7 @@ def count_images(split_dir: Path) -> int:
     return len(json.loads((split_dir / ANNOTATIONS_FILE).read_text())["images"])
 
 
-def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
+def preflight(spec: ModelSpec, trainer: params_module.Trainer, root: Path, vocab: Path) -> None:
     """Refuse, with numbers, a run that cannot fit the disk (or, on CUDA, the GPU) before it starts."""
     n_params, n_trained = param_counts(
         spec, vocab, trained_groups(trainer.trainable, trainer.segmentation), trainer.lora_rank
@@ -175,7 +180,10 @@ def preflight(spec: ModelSpec, trainer: Any, root: Path, vocab: Path) -> None:
 
 
 def selection_record(
-    trainer: Any, train_stats: list[dict[str, Any]], val_stats: list[dict[str, Any]], logs: Path
+    trainer: params_module.Trainer,
+    train_stats: list[dict[str, Any]],
+    val_stats: list[dict[str, Any]],
+    logs: Path,
 ) -> dict[str, Any]:
     """Which epoch's checkpoint is tracked and why, checked against the epochs the trainer logged:
     all of max_epochs, or fewer after an early stop. `epoch` is 0-based, as dvclive's step."""
@@ -213,13 +221,13 @@ def tracked_checkpoint(checkpoints: Path, selection: dict[str, Any]) -> Path:
     return path
 
 
-def run(p: dict[str, Any]) -> None:
-    paths, base, trainer = p["paths"], p["base"], p["trainer"]
+def run(p: params_module.Params) -> None:
+    paths, base, trainer = p.paths, p.base, p.trainer
     pin_threads(base.threads)
     base_dir, data_dir = Path(paths.base), Path(paths.prepared)
-    manifest, spec = load_base(base_dir, p["model"].preset)
+    manifest, spec = load_base(base_dir, p.model.preset)
     spec = spec.with_mask_head(trainer.segmentation)  # the architecture that trains
-    check_devices(p["model"], trainer, p["launcher"], preset_params(p["model"].preset), visible_gpus())
+    check_devices(p.model, trainer, p.launcher, preset_params(p.model.preset), visible_gpus())
     if trainer.segmentation:
         check_masks(data_dir / "train")
     train_json = data_dir / "train" / ANNOTATIONS_FILE
@@ -241,7 +249,7 @@ def run(p: dict[str, Any]) -> None:
     if prepare_scratch(scratch, fingerprint):
         log.info("resuming from %s (same params, data and code)", scratch / "checkpoints")
     with stdout_to(scratch / "logs" / "stdout.txt"):  # sam3's prints; its log lines are in log.txt
-        launch(cfg, trainer, p["launcher"], scratch)
+        launch(cfg, trainer, p.launcher, scratch)
     logs = scratch / "logs"
     train_stats, val_stats = (read_stats(logs, name) for name in STATS_FILES)
     selection = selection_record(trainer, train_stats, val_stats, logs)
@@ -252,12 +260,10 @@ def run(p: dict[str, Any]) -> None:
         record.mkdir()
         write_json(record / "selection.json", selection)
         (record / "trainer_config.yaml").write_text(fingerprint["trainer_config"])
-        (record / "params.yaml").write_text(
-            yaml.safe_dump({k: dataclasses.asdict(v) for k, v in p.items()}, sort_keys=True)
-        )
+        (record / "params.yaml").write_text(yaml.safe_dump(p.to_dict(), sort_keys=True))
         write_json(record / "dataset.json", {"prepared_sha256": fingerprint["data"], "path": str(data_dir)})
         write_json(record / "versions.json", fingerprint["versions"])
-        write_json(record / "launch.json", launch_record(trainer, p["launcher"]))
+        write_json(record / "launch.json", launch_record(trainer, p.launcher))
         write_json(record / "base_manifest.json", manifest)
         for name, stats in zip(STATS_FILES, (train_stats, val_stats), strict=True):
             write_json(record / name, stats)

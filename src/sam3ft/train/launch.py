@@ -14,6 +14,7 @@ from typing import Any
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
+from sam3ft.params import Launcher
 from sam3ft.train.run import _free_port, run_trainer
 
 
@@ -38,7 +39,7 @@ def launch_local(cfg: DictConfig, num_gpus: int) -> None:
     )
 
 
-def slurm_parameters(launcher: Any, num_gpus: int, num_nodes: int, name: str) -> dict[str, Any]:
+def slurm_parameters(launcher: Launcher, num_gpus: int, num_nodes: int, name: str) -> dict[str, Any]:
     """submitit executor parameters: one task per GPU on each node, as upstream's train.py sets them."""
     params: dict[str, Any] = {
         "name": name,
@@ -77,7 +78,7 @@ class SlurmJob:
 
 
 def launch_slurm(
-    cfg: DictConfig, launcher: Any, num_gpus: int, num_nodes: int, folder: Path, executor: Any = None
+    cfg: DictConfig, launcher: Launcher, num_gpus: int, num_nodes: int, folder: Path, executor: Any = None
 ) -> Any:
     """Submit the training job and wait for it (the DVC stage ends when training does)."""
     import submitit

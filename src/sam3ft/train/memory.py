@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec
+from sam3ft.params import Trainer
 from sam3ft.train.data import freeze_and_adapt
 
 GB = 1e9
@@ -75,7 +75,7 @@ def param_counts(spec: ModelSpec, vocab: Path, trainable: list[str], lora_rank: 
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Any) -> tuple[float, str]:
+def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Trainer) -> tuple[float, str]:
     """Estimated peak allocated GPU memory in GB for `trainer` (params.Trainer), and how it was made."""
     weights_grads_states = 4 * total + trainable * (4 + STATE_BYTES[trainer.optimizer])
     static = weights_grads_states + (2 * total if trainer.amp and trainer.autocast_cache else 0)
@@ -104,7 +104,7 @@ def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Any) 
     return max(peak - 4 * trainable / GB, step_end + act.constant_gb), how + ", no DDP wrapper"
 
 
-def uses_ddp(trainer: Any) -> bool:
+def uses_ddp(trainer: Trainer) -> bool:
     """Whether sam3's trainer wraps the model in DDP: always with several processes; with one,
     unless trainer.ddp_one_process is false (sam3ft.train.trainer.Trainer)."""
     processes = max(1, getattr(trainer, "num_gpus", 1)) * getattr(trainer, "num_nodes", 1)
