@@ -25,6 +25,14 @@ def knobs_for(p: dict) -> dict:
     return trainer_knobs(p, spec, manifest, base, prepared, scratch, train_images=24)
 
 
+# Trainer's defaults for the recipe keys (upstream's recipe)
+DEFAULTS = {
+    f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    for f in dataclasses.fields(params.Trainer)
+    if f.name in params.RECIPE_KEYS
+}
+
+
 @pytest.fixture
 def loaded():
     return params.load(list(params.SECTIONS), REPO / "params.yaml")
@@ -161,15 +169,28 @@ def test_paths_in_the_config_are_relative(loaded):
 
 @pytest.mark.parametrize("name", params.recipes())
 def test_every_recipe_composes(loaded, name):
-    """Each shipped recipe fills the keys params.yaml leaves null, and they reach the trainer config."""
+    """Each shipped recipe lists only what differs from the defaults (upstream's recipe), fills the
+    keys params.yaml leaves null, and they reach the trainer config."""
     data = params.read_params(REPO / "params.yaml")
-    assert all(data["trainer"][k] is None for k in params.RECIPE_KEYS)  # the recipe decides by default
+    assert all(data["trainer"][k] is None for k in params.CHOSEN_RECIPE_KEYS)  # the recipe decides by default
+    assert not set(params.SWITCH_KEYS) & set(data["trainer"])  # recipe-only: not a user's choice
     trainer = params.section_from_dict(params.Trainer, dict(data["trainer"], recipe=name), "trainer")
     recipe = params.load_recipe(name)
-    assert {k: getattr(trainer, k) for k in params.RECIPE_KEYS} == recipe
+    defaults = params.Trainer(
+        **{**dataclasses.asdict(trainer), **{k: DEFAULTS[k] for k in params.RECIPE_KEYS}}
+    )
+    assert all(recipe[k] != getattr(defaults, k) for k in recipe), f"{name}.yaml repeats a default"
+    assert {k: getattr(trainer, k) for k in params.RECIPE_KEYS} == {
+        **{k: getattr(defaults, k) for k in params.RECIPE_KEYS},
+        **recipe,
+    }
     cfg = compose_trainer_config(knobs_for(loaded.replace(trainer=trainer))).trainer
-    assert cfg.optim.optimizer.kind == recipe["optimizer"]
-    assert cfg.model.trainable == recipe["trainable"] and cfg.model.lora_rank == recipe["lora_rank"]
+    assert cfg.optim.optimizer.kind == trainer.optimizer
+    assert cfg.model.trainable == trainer.trainable and cfg.model.lora_rank == trainer.lora_rank
+
+
+def test_stock_is_the_defaults():
+    assert params.load_recipe("stock") == {}
 
 
 def test_explicit_params_beat_the_recipe():
@@ -196,7 +217,7 @@ def test_bad_recipe_settings_name_the_key(change, fragment):
 
 
 def test_recipe_file_with_wrong_keys_is_named(tmp_path, monkeypatch):
-    (tmp_path / "odd.yaml").write_text("optimizer: adamw\nbatch_size: 4\n")
+    (tmp_path / "odd.yaml").write_text("optimizer: adamw\nbatch_size: 4\n")  # batch_size: no recipe key
     monkeypatch.setattr(params, "recipes_dir", lambda: tmp_path)
     with pytest.raises(ConfigError, match=r"odd\.yaml: keys"):
         params.load_recipe("odd")

@@ -22,22 +22,30 @@ OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16")  # built by sam3ft.train.opt
 # box metrics the trainer's validation logs every epoch (named as sam3ft.train.logging.val_metrics
 # names them) that trainer.select may pick; the per-size ones are left out (-1 without such objects)
 SELECT_METRICS = ("AP", "AP50", "AP75", "AR@1", "AR@10", "AR@100")
-# trainer keys a recipe (configs/recipes/<trainer.recipe>.yaml) sets where params.yaml leaves null
-RECIPE_KEYS = (
+# trainer keys a recipe (configs/recipes/<trainer.recipe>.yaml) may set, each where it differs from
+# Trainer's default (upstream's recipe). The chosen ones are in params.yaml, null = the recipe's; a value
+# set there wins.
+CHOSEN_RECIPE_KEYS = (
     "optimizer",
     "trainable",
     "lora_rank",
     "lora_alpha",
-    "autocast_cache",
-    "ddp_one_process",
-    "sync_once",
     "compile_trunk",
     "compile_layers",
     "compile_model",
+)
+# Recipe-only: switches that keep the numbers (memory, host waits; docs/training.md), set by the
+# recipes, absent from params.yaml; a params file may still set one for an A/B run (tests, bench/).
+SWITCH_KEYS = (
+    "autocast_cache",
+    "ddp_one_process",
+    "sync_once",
     "act_ckpt_text",
     "act_ckpt_geometry",
     "batched_loss",
 )
+RECIPE_KEYS = CHOSEN_RECIPE_KEYS + SWITCH_KEYS
+GROUPS = ("trunk", "neck", "text", "encoder", "decoder", "geometry", "heads")  # trainer.trainable
 T = TypeVar("T")
 CARVED_SPLITS = {"valid": 0.2, "test": 0.1}  # prepare.split default: what prepare carves from train
 
@@ -185,10 +193,10 @@ class Trainer:
     """Mixed precision autocast (CUDA only)."""
     amp_dtype: str
     """bfloat16 | float16."""
-    trainable: list[str]
+    trainable: list[str] = field(default_factory=lambda: list(GROUPS))
     """Parameter groups that train: trunk, neck, text, encoder, decoder, geometry, heads; others frozen.
     From the recipe when params.yaml leaves it null."""
-    segmentation: bool
+    segmentation: bool = False
     """Train masks too: COCO polygons/RLE of the train split, mask + semantic losses, a mask head
     (added to presets without one) and the neck levels feeding it. false: boxes only, those frozen."""
     select: str = "AP50"
@@ -204,7 +212,8 @@ class Trainer:
     """Let a preset sized for GPUs (sam3) train with num_gpus 0: hours per step on a CPU, so it is
     refused unless asked for here."""
     recipe: str = "stock"
-    """configs/recipes/<name>.yaml: values for optimizer, trainable and lora_* left null here."""
+    """configs/recipes/<name>.yaml: its values for RECIPE_KEYS (those differing from the defaults
+    below) apply where params.yaml leaves a key null or out."""
     optimizer: str = "adamw"
     """adamw (torch, as upstream) | adamw_fused | adamw_bf16 (bf16 moments: half the optimizer memory)."""
     lora_rank: int = 0
@@ -255,14 +264,15 @@ class Trainer:
 
     @classmethod
     def with_recipe(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """`data` with every recipe key that is absent or null taken from the named recipe file."""
+        """`data` with every recipe key that is absent or null taken from the named recipe file,
+        when it sets one; the rest keep the defaults."""
         name = data.get("recipe", "stock")
         if not isinstance(name, str):
             raise ConfigError(
                 f"trainer.recipe={name!r} is invalid", fix=f"use one of {recipes()}", key="trainer.recipe"
             )
-        recipe = load_recipe(name)
-        return {**data, **{k: recipe[k] for k in RECIPE_KEYS if data.get(k) is None}}
+        chosen = {k: v for k, v in data.items() if not (k in RECIPE_KEYS and v is None)}
+        return {**load_recipe(name), **chosen}
 
     @property
     def accelerator(self) -> str:
@@ -339,12 +349,11 @@ class Trainer:
             self.amp_dtype,
             "bfloat16 or float16",
         )
-        groups = ("trunk", "neck", "text", "encoder", "decoder", "geometry", "heads")
         _check(
-            bool(self.trainable) and set(self.trainable) <= set(groups),
+            bool(self.trainable) and set(self.trainable) <= set(GROUPS),
             "trainer.trainable",
             self.trainable,
-            f"a non-empty list of {list(groups)}",
+            f"a non-empty list of {list(GROUPS)}",
         )
         _check(
             self.optimizer in OPTIMIZERS, "trainer.optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}"
@@ -514,16 +523,17 @@ def recipes() -> list[str]:
 
 
 def load_recipe(name: str) -> dict[str, Any]:
-    """configs/recipes/<name>.yaml: one value for each of RECIPE_KEYS, nothing else."""
+    """configs/recipes/<name>.yaml: values for some of RECIPE_KEYS (where the recipe differs from
+    the defaults), nothing else; an empty file is upstream's recipe."""
     path = recipes_dir() / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(
             f"trainer.recipe={name!r} has no file {path}", fix=f"use one of {recipes()}", key="trainer.recipe"
         )
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or set(data) != set(RECIPE_KEYS):
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not set(data) <= set(RECIPE_KEYS):
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ConfigError(f"{path}: keys {found} are wrong", fix=f"set exactly {sorted(RECIPE_KEYS)}")
+        raise ConfigError(f"{path}: keys {found} are wrong", fix=f"set only some of {sorted(RECIPE_KEYS)}")
     return data
 
 
