@@ -182,8 +182,12 @@ def trainer_params(
             data["trainer"][key] = yaml.safe_load(value)
     if workers is not None:
         data["trainer"]["num_workers"] = workers
+    preset = params.trainer_preset(data)
     return params.Params(
-        {name: params.section_from_dict(params.SECTIONS[name], data[name], name) for name in stage.SECTIONS}
+        {
+            name: params.section_from_dict(params.SECTIONS[name], data[name], name, preset)
+            for name in stage.SECTIONS
+        }
     )
 
 

@@ -30,8 +30,7 @@ def test_valid_params_write_the_same_bytes(shipped_params, tmp_path):
 
 
 def test_sam3_preset_on_the_cpu_is_refused_unless_asked_for(shipped_params, tmp_path):
-    shipped_params["model"]["preset"] = "sam3"
-    shipped_params["trainer"]["resolution"] = 1008
+    shipped_params["model"]["preset"] = "sam3"  # resolution, resize_min, amp, lr_scale follow it
     p = load(shipped_params, tmp_path)
     args = (p.model, p.trainer, p.launcher, preflight.preset_params("sam3"))
     with pytest.raises(
@@ -66,4 +65,20 @@ def test_batch_no_epoch_can_fill_is_refused_from_the_export(shipped_params, tmp_
     with pytest.raises(ConfigError, match=r"has 24 training image\(s\)") as refused:
         check.run(load(shipped_params, tmp_path))
     assert refused.value.fix.startswith("set trainer.batch_size: 24 or less")
+    assert not (tmp_path / "check.json").exists()
+
+
+def test_the_move_to_sam3_is_two_values_and_refused_by_the_check_stage_on_a_cpu(shipped_params, tmp_path):
+    """`dvc exp run -S model.preset=sam3 -S fetch.weights=hf://facebook/sam3` on a machine without
+    CUDA: the check stage (before fetch) refuses it by the preset and the GPU count, not a resolution."""
+    if preflight.visible_gpus():
+        pytest.skip("needs a machine without CUDA devices")
+    shipped_params["model"]["preset"] = "sam3"
+    shipped_params["fetch"]["weights"] = "hf://facebook/sam3"
+    shipped_params["paths"]["data"] = str(REPO / "data")
+    shipped_params["paths"]["check"] = str(tmp_path / "check.json")
+    with pytest.raises(
+        ConfigError, match=r"model\.preset='sam3' \(840 M parameters\) with trainer\.num_gpus=0"
+    ):
+        check.run(load(shipped_params, tmp_path))
     assert not (tmp_path / "check.json").exists()

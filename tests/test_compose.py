@@ -174,7 +174,7 @@ def test_every_recipe_composes(loaded, name):
     data = params.read_params(REPO / "params.yaml")
     assert all(data["trainer"][k] is None for k in params.CHOSEN_RECIPE_KEYS)  # the recipe decides by default
     assert not set(params.SWITCH_KEYS) & set(data["trainer"])  # recipe-only: not a user's choice
-    trainer = params.section_from_dict(params.Trainer, dict(data["trainer"], recipe=name), "trainer")
+    trainer = params.section_from_dict(params.Trainer, dict(data["trainer"], recipe=name), "trainer", "tiny")
     recipe = params.load_recipe(name)
     defaults = params.Trainer(
         **{**dataclasses.asdict(trainer), **{k: DEFAULTS[k] for k in params.RECIPE_KEYS}}
@@ -196,7 +196,10 @@ def test_stock_is_the_defaults():
 def test_explicit_params_beat_the_recipe():
     data = params.read_params(REPO / "params.yaml")
     trainer = params.section_from_dict(
-        params.Trainer, dict(data["trainer"], recipe="lora", lora_rank=4, optimizer="adamw"), "trainer"
+        params.Trainer,
+        dict(data["trainer"], recipe="lora", lora_rank=4, optimizer="adamw"),
+        "trainer",
+        "tiny",
     )
     assert (trainer.lora_rank, trainer.optimizer, trainer.lora_alpha) == (4, "adamw", 32.0)
 
@@ -213,7 +216,7 @@ def test_explicit_params_beat_the_recipe():
 def test_bad_recipe_settings_name_the_key(change, fragment):
     data = params.read_params(REPO / "params.yaml")
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        params.section_from_dict(params.Trainer, dict(data["trainer"], **change), "trainer")
+        params.section_from_dict(params.Trainer, dict(data["trainer"], **change), "trainer", "tiny")
 
 
 def test_recipe_file_with_wrong_keys_is_named(tmp_path, monkeypatch):

@@ -215,7 +215,12 @@ def test_invalid_params_in_another_file_name_that_file(repo, shipped_params):
 
 
 def test_resolution_must_match_preset(repo, shipped_params):
+    """trainer.resolution follows the preset when null; a value set by hand must match it."""
     shipped_params["model"]["preset"] = "sam3"
+    write_params(repo / "params.yaml", shipped_params)
+    check = by_name(doctor.run_checks(repo / "params.yaml", repo))["model"]
+    assert check.status == "OK" and "1008 px" in check.detail
+    shipped_params["trainer"].update(resolution=224, resize_min=160)
     write_params(repo / "params.yaml", shipped_params)
     check = by_name(doctor.run_checks(repo / "params.yaml", repo))["model"]
     assert check.status == "FAIL" and check.fix == "set trainer.resolution: 1008"
@@ -311,7 +316,7 @@ def test_train_preflight_refuses_with_the_recipe_estimate(tmp_path, monkeypatch)
 
     data = params_module.read_params(REPO / "params.yaml")["trainer"]
     data.update(num_gpus=1, amp=True, resolution=1008, batch_size=4, recipe="lean")
-    trainer = params_module.section_from_dict(params_module.Trainer, data, "trainer")
+    trainer = params_module.section_from_dict(params_module.Trainer, data, "trainer", "sam3")
     spec = load_preset("sam3")
     monkeypatch.setattr(stage.shutil, "disk_usage", lambda path: SimpleNamespace(free=1e12))
     monkeypatch.setattr(stage, "cuda_memory_gb", lambda: (11.0, 12.0))  # a 12 GB card

@@ -27,7 +27,7 @@ from sam3ft.data.splits import photo_groups, photo_key
 from sam3ft.doctor import Check
 from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
-from sam3ft.params import CARVED_SPLITS, Evaluate, Paths, Prepare
+from sam3ft.params import CARVED_SPLITS, Evaluate, Params, Paths, Prepare
 from sam3ft.stages import prepare as prepare_stage
 
 PARENT = {"id": 0, "name": "things", "supercategory": "none"}  # Roboflow's parent category
@@ -95,11 +95,13 @@ def run_prepare(
         scratch="s",
         check="c",
     )
-    p = {
-        "paths": paths,
-        "prepare": Prepare(dataset=dataset, **prepare),
-        "evaluate": Evaluate(splits=eval_splits, max_dets=100, threshold=0.4, overlays=0),
-    }
+    p = Params(
+        {
+            "paths": paths,
+            "prepare": Prepare(dataset=dataset, **prepare),
+            "evaluate": Evaluate(splits=eval_splits, max_dets=100, threshold=0.4, overlays=0),
+        }
+    )
     prepare_stage.run(p)
     return out
 

@@ -126,3 +126,62 @@ def test_a_section_the_stage_did_not_load_is_a_key_error():
     assert loaded.trainer.batch_size >= 1
     with pytest.raises(KeyError, match="'export' was not loaded"):
         _ = loaded.export
+
+
+def load_trainer(tmp_path: Path, data: dict) -> params.Trainer:
+    return params.load(["trainer"], write_params(tmp_path / "params.yaml", data)).trainer
+
+
+def test_shipped_trainer_follows_the_tiny_preset(tmp_path, shipped_params):
+    """null resolution, resize_min, amp, lr_scale and num_gpus: auto resolve to the tiny preset's
+    values and this machine's GPUs (0 on a CPU machine: the values the pipeline was locked with)."""
+    assert all(shipped_params["trainer"][k] is None for k in params.PRESET_KEYS)
+    assert shipped_params["trainer"]["num_gpus"] == "auto"
+    trainer = load_trainer(tmp_path, shipped_params)
+    gpus = params.visible_gpus()
+    assert (trainer.resolution, trainer.resize_min, trainer.lr_scale, trainer.num_gpus) == (
+        224,
+        160,
+        1.0,
+        gpus,
+    )
+    assert trainer.amp is False
+
+
+@pytest.mark.parametrize(("num_gpus", "amp"), [(0, False), (1, True)])
+def test_sam3_preset_brings_its_training_defaults(tmp_path, shipped_params, num_gpus, amp):
+    """model.preset: sam3 alone sets 1008 px, resize from 480, lr_scale 0.1 and, on a GPU, autocast."""
+    shipped_params["model"]["preset"] = "sam3"
+    shipped_params["trainer"]["num_gpus"] = num_gpus
+    trainer = load_trainer(tmp_path, shipped_params)
+    assert (trainer.resolution, trainer.resize_min, trainer.lr_scale, trainer.amp) == (1008, 480, 0.1, amp)
+
+
+def test_values_set_in_params_beat_the_preset(tmp_path, shipped_params):
+    shipped_params["model"]["preset"] = "sam3"
+    shipped_params["trainer"].update(num_gpus=1, resize_min=336, lr_scale=0.5, amp=False)
+    trainer = load_trainer(tmp_path, shipped_params)
+    assert (trainer.resolution, trainer.resize_min, trainer.lr_scale, trainer.amp) == (1008, 336, 0.5, False)
+
+
+def test_a_preset_without_a_value_for_a_null_key_names_both(tmp_path, shipped_params, monkeypatch):
+    from sam3ft.model import spec
+
+    (tmp_path / "bare.yaml").write_text(
+        spec.presets_dir().joinpath("tiny.yaml").read_text().split("train:")[0]
+    )
+    monkeypatch.setattr(spec, "presets_dir", lambda: tmp_path)
+    shipped_params["model"]["preset"] = "bare"
+    with pytest.raises(
+        ConfigError, match=r"trainer\.resize_min is null \(= the preset's\), but preset 'bare'"
+    ) as err:
+        load_trainer(tmp_path, shipped_params)
+    assert err.value.key == "trainer.resize_min" and "configs/model/bare.yaml" in (err.value.fix or "")
+    shipped_params["trainer"].update(resize_min=160, amp=False, lr_scale=1.0)
+    assert load_trainer(tmp_path, shipped_params).resolution == 224  # the image size: always known
+
+
+def test_auto_gpus_with_slurm_is_refused(tmp_path, shipped_params):
+    shipped_params["launcher"]["kind"] = "slurm"
+    with pytest.raises(ConfigError, match=r"trainer\.num_gpus=auto counts the GPUs of this machine"):
+        load_trainer(tmp_path, shipped_params)

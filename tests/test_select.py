@@ -54,7 +54,7 @@ def test_metric_curve_reads_the_trainer_names():
     ],
 )
 def test_bad_selection_settings_name_the_key(change, fragment):
-    trainer = params.load(["trainer"], REPO / "params.yaml")["trainer"]
+    trainer = params.load(["trainer"], REPO / "params.yaml").trainer
     trainer = dataclasses.replace(trainer, select="AP50", val_epoch_freq=1, patience=0, min_delta=0.0)
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
         dataclasses.replace(trainer, **change)

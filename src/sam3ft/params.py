@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sam3ft.errors import ConfigError, Sam3ftError
-from sam3ft.model.spec import PATCH_SIZE
+from sam3ft.model.spec import PATCH_SIZE, load_preset, preset_train_defaults
 
 DEFAULT_PARAMS = Path("params.yaml")
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16")  # built by sam3ft.train.optim.make_optimizer
@@ -45,6 +45,10 @@ SWITCH_KEYS = (
     "batched_loss",
 )
 RECIPE_KEYS = CHOSEN_RECIPE_KEYS + SWITCH_KEYS
+# trainer keys that follow model.preset where params.yaml leaves them null: resolution is the preset's
+# image_size, the others its `train:` block (configs/model/<preset>.yaml); amp only on a GPU
+PRESET_KEYS = ("resolution", "resize_min", "amp", "lr_scale")
+AUTO = "auto"  # trainer.num_gpus: the CUDA devices visible here
 GROUPS = ("trunk", "neck", "text", "encoder", "decoder", "geometry", "heads")  # trainer.trainable
 T = TypeVar("T")
 CARVED_SPLITS = {"valid": 0.2, "test": 0.1}  # prepare.split default: what prepare carves from train
@@ -150,7 +154,8 @@ class Trainer:
     num_gpus and num_nodes, which the launcher (sam3ft.train.launch) consumes."""
 
     num_gpus: int
-    """GPUs per node, one training process each; 0 trains on the CPU."""
+    """GPUs per node, one training process each; 0 trains on the CPU. `auto` in params.yaml: the
+    CUDA devices visible where the stage runs (0 on a CPU machine), resolved when params load."""
     max_epochs: int
     """Epochs to train (the trainer runs exactly this many, or fewer when `patience` stops it)."""
     batch_size: int
@@ -160,13 +165,13 @@ class Trainer:
     num_workers: int
     """Data-loader worker processes."""
     resolution: int
-    """Training and evaluation image side in px; must equal the preset's image_size."""
+    """Training and evaluation image side in px; must equal the preset's image_size (null: it)."""
     resize_min: int
-    """Smallest side of random-resize augmentation, px."""
+    """Smallest side of random-resize augmentation, px (null: the preset's)."""
     max_ann_per_img: int
     """Queries with more objects than this are dropped."""
     lr_scale: float
-    """Multiplies the three base learning rates."""
+    """Multiplies the three base learning rates (null: the preset's; 0.1 for released sam3 weights)."""
     lr_transformer: float
     """Base learning rate of encoder, decoder and heads."""
     lr_vision: float
@@ -190,7 +195,7 @@ class Trainer:
     checkpoint_freq: int
     """Keep checkpoint_<epoch>.pt every N epochs; 0 keeps only the latest."""
     amp: bool
-    """Mixed precision autocast (CUDA only)."""
+    """Mixed precision autocast (CUDA only; null: the preset's on a GPU, off on the CPU)."""
     amp_dtype: str
     """bfloat16 | float16."""
     trainable: list[str] = field(default_factory=lambda: list(GROUPS))
@@ -273,6 +278,30 @@ class Trainer:
             )
         chosen = {k: v for k, v in data.items() if not (k in RECIPE_KEYS and v is None)}
         return {**load_recipe(name), **chosen}
+
+    @classmethod
+    def with_preset(cls, data: dict[str, Any], preset: str) -> dict[str, Any]:
+        """`data` with num_gpus `auto` counted here and each of PRESET_KEYS that is absent or null
+        taken from the model preset."""
+        out = dict(data)
+        if out.get("num_gpus") == AUTO:
+            out["num_gpus"] = visible_gpus()
+        unset = [k for k in PRESET_KEYS if out.get(k) is None]
+        if not unset:
+            return out
+        defaults = {"resolution": load_preset(preset).image_size, **preset_train_defaults(preset)}
+        on_gpu = isinstance(out.get("num_gpus"), int) and out["num_gpus"] > 0
+        for key in unset:
+            if key not in defaults:
+                raise ConfigError(
+                    f"trainer.{key} is null (= the preset's), but preset {preset!r} sets no train.{key}",
+                    fix=f"set trainer.{key}, or add {key} under train: in configs/model/{preset}.yaml",
+                    key=f"trainer.{key}",
+                )
+            out[key] = defaults[key]
+        if "amp" in unset and out["amp"] is True and not on_gpu:
+            out["amp"] = False  # sam3 autocasts on CUDA only
+        return out
 
     @property
     def accelerator(self) -> str:
@@ -574,12 +603,15 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def section_from_dict(cls: type[T], data: Any, name: str) -> T:
-    """Build one section, naming the exact key on any unknown key, missing key or wrong type."""
+def section_from_dict(cls: type[T], data: Any, name: str, preset: str | None = None) -> T:
+    """Build one section, naming the exact key on any unknown key, missing key or wrong type.
+    `preset`: model.preset, which the trainer's PRESET_KEYS follow where they are null."""
     if not isinstance(data, dict):
         raise ConfigError(f"section '{name}' is not a mapping", fix="see README", key=name)
     if cls is Trainer:
-        data = Trainer.with_recipe(data)
+        if preset is None:
+            raise TypeError("the trainer section needs model.preset (preset=...)")
+        data = Trainer.with_preset(Trainer.with_recipe(data), preset)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
@@ -628,12 +660,33 @@ def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
     return data
 
 
+def visible_gpus() -> int:
+    """CUDA devices this process sees: what trainer.num_gpus `auto` becomes."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def load(names: list[str], path: Path = DEFAULT_PARAMS) -> Params:
-    """Typed sections `names` of params.yaml."""
+    """Typed sections `names` of params.yaml (the trainer's defaults follow model.preset)."""
     data = read_params(path)
     out: dict[str, object] = {}
     for name in names:
         if name not in data:
             raise ConfigError(f"{path}: missing section '{name}'", fix="add it (see README)")
-        out[name] = section_from_dict(SECTIONS[name], data[name], name)
+        preset = trainer_preset(data) if name == "trainer" else None
+        out[name] = section_from_dict(SECTIONS[name], data[name], name, preset=preset)
     return Params(out)
+
+
+def trainer_preset(data: dict[str, Any]) -> str:
+    """model.preset of a raw params mapping, which the trainer's defaults follow; `num_gpus: auto`
+    counts this machine's GPUs, so a SLURM job (GPUs on other machines) must say how many."""
+    trainer, launcher = data.get("trainer") or {}, data.get("launcher") or {}
+    if isinstance(trainer, dict) and trainer.get("num_gpus") == AUTO and launcher.get("kind") == "slurm":
+        raise ConfigError(
+            "trainer.num_gpus=auto counts the GPUs of this machine, not of the SLURM nodes",
+            fix="set trainer.num_gpus to the GPUs per node",
+            key="trainer.num_gpus",
+        )
+    return section_from_dict(Model, data.get("model"), "model").preset

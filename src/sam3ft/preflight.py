@@ -50,10 +50,7 @@ def check_preset(model: params_module.Model, trainer: params_module.Trainer) -> 
         )
 
 
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
+visible_gpus = params_module.visible_gpus  # CUDA devices here (what trainer.num_gpus: auto counts)
 
 
 def check_devices(

@@ -12,6 +12,10 @@ import yaml
 from sam3ft.errors import ConfigError
 
 PATCH_SIZE = 14  # SAM3's ViT patch size; every resolution must be a multiple of it
+# A preset file's `train:` block: trainer values that follow the preset where params.yaml leaves
+# them null (sam3ft.params.PRESET_KEYS; resolution is the preset's image_size). Not architecture.
+TRAIN_BLOCK = "train"
+TRAIN_KEYS = ("resize_min", "amp", "lr_scale")
 
 
 @dataclass(frozen=True)
@@ -109,9 +113,11 @@ class ModelSpec:
 
 
 def load_spec_file(path: str | Path) -> ModelSpec:
-    """Read a ModelSpec from a YAML (or JSON) file."""
+    """Read a ModelSpec from a YAML (or JSON) file; a preset's `train:` block is not part of it."""
     path = Path(path)
-    return ModelSpec.from_dict(yaml.safe_load(path.read_text()), source=str(path))
+    data = yaml.safe_load(path.read_text())
+    architecture = {k: v for k, v in data.items() if k != TRAIN_BLOCK} if isinstance(data, dict) else data
+    return ModelSpec.from_dict(architecture, source=str(path))
 
 
 def presets_dir() -> Path:
@@ -119,11 +125,28 @@ def presets_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "configs" / "model"
 
 
-def load_preset(name: str, directory: Path | None = None) -> ModelSpec:
-    """Read `configs/model/<name>.yaml` into a ModelSpec."""
+def preset_file(name: str, directory: Path | None = None) -> Path:
+    """`configs/model/<name>.yaml`, which must exist."""
     directory = directory or presets_dir()
     path = directory / f"{name}.yaml"
     if not path.is_file():
         choices = sorted(p.stem for p in directory.glob("*.yaml"))
         raise ConfigError(f"model preset {name!r} not found ({path})", fix=f"use one of {choices}")
-    return load_spec_file(path)
+    return path
+
+
+def load_preset(name: str, directory: Path | None = None) -> ModelSpec:
+    """Read `configs/model/<name>.yaml` into a ModelSpec."""
+    return load_spec_file(preset_file(name, directory))
+
+
+def preset_train_defaults(name: str, directory: Path | None = None) -> dict[str, Any]:
+    """The preset's `train:` block: some of TRAIN_KEYS (values are checked as trainer values)."""
+    path = preset_file(name, directory)
+    block = (yaml.safe_load(path.read_text()) or {}).get(TRAIN_BLOCK) or {}
+    if not isinstance(block, dict) or not set(block) <= set(TRAIN_KEYS):
+        found = sorted(block) if isinstance(block, dict) else type(block).__name__
+        raise ConfigError(
+            f"{path}: {TRAIN_BLOCK}: keys {found} are wrong", fix=f"use only {list(TRAIN_KEYS)}"
+        )
+    return block
