@@ -28,6 +28,7 @@ def test_shipped_params_load_every_section():
         ("trainer", "resolution", 225, "trainer.resolution=225 is invalid"),
         ("trainer", "resize_min", 448, "trainer.resize_min=448 is invalid"),
         ("trainer", "num_gpus", -1, "trainer.num_gpus=-1 is invalid"),
+        ("trainer", "num_gpus", "all", "trainer.num_gpus='all' has the wrong type"),
         ("trainer", "num_nodes", 2, "trainer.num_nodes=2 is invalid"),
         ("launcher", "kind", "k8s", "launcher.kind='k8s' is invalid"),
         ("launcher", "partition", 3, "launcher.partition=3 has the wrong type"),

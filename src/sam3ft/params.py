@@ -6,6 +6,7 @@ A stage loads only the sections dvc.yaml declares for it, so unrelated edits nev
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -627,9 +628,11 @@ def section_from_dict(cls: type[T], data: Any, name: str, preset: str | None = N
                 raise ConfigError(f"missing key '{name}.{key}'", fix="add it", key=f"{name}.{key}")
             continue
         if not _matches(data[key], hints[key]):
+            kind = getattr(hints[key], "__name__", hints[key])
             raise ConfigError(
                 f"{name}.{key}={data[key]!r} has the wrong type",
-                fix=f"use a value of type {getattr(hints[key], '__name__', hints[key])}",
+                fix=f"use a value of type {kind}"
+                + (f" or {AUTO}" if (cls, key) == (Trainer, "num_gpus") else ""),
                 key=f"{name}.{key}",
             )
     values = {k: float(v) if hints[k] is float else v for k, v in data.items()}
@@ -661,7 +664,10 @@ def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
 
 
 def visible_gpus() -> int:
-    """CUDA devices this process sees: what trainer.num_gpus `auto` becomes."""
+    """CUDA devices this process sees: what trainer.num_gpus `auto` becomes (0 without torch, so
+    `sam3ft doctor` can still load params and report the missing package)."""
+    if importlib.util.find_spec("torch") is None:
+        return 0
     import torch
 
     return torch.cuda.device_count()
@@ -682,8 +688,9 @@ def load(names: list[str], path: Path = DEFAULT_PARAMS) -> Params:
 def trainer_preset(data: dict[str, Any]) -> str:
     """model.preset of a raw params mapping, which the trainer's defaults follow; `num_gpus: auto`
     counts this machine's GPUs, so a SLURM job (GPUs on other machines) must say how many."""
-    trainer, launcher = data.get("trainer") or {}, data.get("launcher") or {}
-    if isinstance(trainer, dict) and trainer.get("num_gpus") == AUTO and launcher.get("kind") == "slurm":
+    trainer, launcher = data.get("trainer"), data.get("launcher")
+    auto = isinstance(trainer, dict) and trainer.get("num_gpus") == AUTO
+    if auto and isinstance(launcher, dict) and launcher.get("kind") == "slurm":
         raise ConfigError(
             "trainer.num_gpus=auto counts the GPUs of this machine, not of the SLURM nodes",
             fix="set trainer.num_gpus to the GPUs per node",
