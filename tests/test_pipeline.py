@@ -225,8 +225,10 @@ def test_exp_run_max_epochs_is_honoured(pipeline):
     assert len(loss_rows) == 1 + 2  # header + one row per epoch
     recorded = yaml.safe_load((repo / "artifacts/train/run/trainer_config.yaml").read_text())
     assert recorded["trainer"]["max_epochs"] == 2
-    diff = run([*dvc, "metrics", "diff", "--json"], repo, env).stdout
-    changed = json.loads(diff)["artifacts/train/dvclive/metrics.json"]
-    assert changed["step"]["old"] == 11 and changed["step"]["new"] == 1
+    selected = json.loads((repo / "artifacts/train/run/selection.json").read_text())["epoch"]
+    diff = json.loads(run([*dvc, "metrics", "diff", "--json"], repo, env).stdout)
+    assert list(diff) == ["artifacts/eval/summary.json"]  # the one metrics file: no val.* beside valid.*
+    summary = json.loads((repo / "artifacts/eval/summary.json").read_text())
+    assert selected in (0, 1) and summary["epoch"] == selected
     shown = run([*dvc, "exp", "show", "--json"], repo, env).stdout
     assert "max_epochs" in shown
