@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
 from conftest import REPO
 from sam3ft.__main__ import main
-from sam3ft.metrics.summary import decision_metrics, summary_lines
+from sam3ft.metrics.summary import compare_lines, decision_metrics, summary_lines
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 IMAGE_LEVEL = {"tp": 4, "fp": 0, "fn": 1, "tn": 0, "precision": 1.0, "recall": 0.8, "f1": 0.89}
@@ -101,3 +103,67 @@ def test_plots_page_renders_offline_with_the_curated_charts(tmp_path):
     for title in titles:
         assert json.dumps(title) in page or title in page, title
     assert page.count("<img") >= 1  # the overlays
+
+
+def test_compare_lines_show_metrics_and_only_the_params_that_differ():
+    records = [
+        {
+            "Experiment": None,
+            "rev": "workspace",
+            "valid.AP": 0.1,
+            "epoch": 6.0,
+            "trainer.lr_scale": 1.0,
+            "trainer.seed": 0.0,
+            "artifacts/train/checkpoint.pt": "92e7",
+        },
+        {
+            "Experiment": "lr-2",
+            "rev": "2137b7d",
+            "summary.json:valid.AP": 0.25,
+            "epoch": 3.0,
+            "trainer.lr_scale": 2.0,
+            "trainer.seed": 0.0,
+            "artifacts/train/checkpoint.pt": "d2e9",
+        },
+    ]
+    header, workspace, lr2 = compare_lines(records, {"trainer.lr_scale", "trainer.seed"})
+    assert header.split()[:3] == ["run", "valid", "AP"] and header.endswith("changed params")
+    assert workspace.split() == ["workspace", "0.100", *["-"] * 7, "6", "trainer.lr_scale=1"]
+    assert lr2.split() == ["lr-2", "0.250", *["-"] * 7, "3", "trainer.lr_scale=2"]
+
+
+def test_compare_reads_experiments_through_dvc(tmp_path):
+    """A two-stage toy pipeline writing summary.json, one `dvc exp run -S`: `sam3ft compare`
+    prints HEAD and the experiment, the changed param and the metrics, within 160 columns."""
+    script = "import json, yaml; s = yaml.safe_load(open('params.yaml'))['trainer']['lr_scale']\n"
+    script += "json.dump({'valid': {'AP': s / 4, 'AP50': s / 2}, 'epoch': 3}, open('summary.json', 'w'))\n"
+    (tmp_path / "fake.py").write_text(script)
+    (tmp_path / "params.yaml").write_text("trainer:\n  lr_scale: 1.0\n  seed: 0\n")
+    stage = {"cmd": "python fake.py", "deps": ["fake.py"], "params": ["trainer"]}
+    stage["metrics"] = [{"summary.json": {"cache": False}}]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"eval": stage}}))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env.update(GIT_COMMITTER_EMAIL="t@t", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    dvc = [sys.executable, "-m", "dvc"]
+    for command in (
+        ["git", "init", "-q"],
+        [*dvc, "init", "-q"],
+        [*dvc, "repro", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "toy"],
+        [*dvc, "exp", "run", "-q", "-n", "lr-2", "-S", "trainer.lr_scale=2"],
+    ):
+        subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "sam3ft", "compare"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO / "src")},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    rows = {line.split()[0]: line.split() for line in listed[1:]}
+    assert rows["lr-2"][1:3] == ["0.500", "1.000"] and rows["lr-2"][-1] == "trainer.lr_scale=2"
+    assert rows["workspace"][-1] == "trainer.lr_scale=2"  # exp run leaves its params in the workspace
+    assert [r[1] for n, r in rows.items() if n not in ("workspace", "lr-2")] == ["0.250"]  # HEAD
+    assert max(map(len, listed)) <= 160

@@ -6,6 +6,7 @@ sam3ft predict IMAGE... [--model DIR]        detect with an exported model: dete
 sam3ft serve [--model DIR] [--port 8000]     answer POST /predict (multipart image) over HTTP
 sam3ft doctor [--params params.yaml]         check this machine for the configured run (exit 1 on FAIL)
 sam3ft summary [--params params.yaml]        the last evaluate run's decision metrics, a few lines
+sam3ft compare                               the workspace, HEAD and its experiments: a line each
 """
 
 from __future__ import annotations
@@ -333,14 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--params", type=Path, default=Path("params.yaml"))
     summary = sub.add_parser("summary", help="the last evaluate run's decision metrics, a few lines")
     summary.add_argument("--params", type=Path, default=Path("params.yaml"))
+    sub.add_parser("compare", help="the workspace, HEAD and its experiments (dvc exp show): a line each")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         return _doctor(args)
-    if args.command == "summary":
-        from sam3ft.metrics.summary import print_summary
+    if args.command in ("summary", "compare"):
+        from sam3ft.metrics.summary import print_compare, print_summary
 
         try:
-            return print_summary(args.params)
+            return print_summary(args.params) if args.command == "summary" else print_compare()
         except Sam3ftError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -85,3 +85,64 @@ def print_summary(params_file: Path) -> int:
     threshold = thresholds.pop() if len(thresholds) == 1 else None
     print("\n".join(summary_lines(json.loads(path.read_text()), threshold)))
     return 0
+
+
+# `sam3ft compare`: (header, summary.json column) in print order; widths fit a 160-column terminal
+COMPARE = (
+    ("valid AP", "valid.AP"),
+    ("AP50", "valid.AP50"),
+    ("prec", "valid.precision"),
+    ("recall", "valid.recall"),
+    ("test AP", "test.AP"),
+    ("AP50", "test.AP50"),
+    ("prec", "test.precision"),
+    ("recall", "test.recall"),
+    ("epoch", "epoch"),
+)
+
+
+def _cell(value: Any) -> str:
+    """A param's value as `-S` takes it (dvc's records hold ints as floats)."""
+    if value is None or value == "":
+        return "-"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _metric(key: str, value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return str(int(value)) if key == "epoch" else f"{value:.3f}"
+
+
+def compare_lines(records: list[dict[str, Any]], params: set[str]) -> list[str]:
+    """One line per run of `dvc exp show` records: the decision metrics, then the params (of
+    `params`) whose value differs between the runs, as key=value."""
+    rows = [{k.split(":", 1)[-1]: v for k, v in r.items()} for r in records]  # drop `file:` prefixes
+    changed = sorted(p for p in params if len({_cell(r.get(p)) for r in rows}) > 1)
+    names = [r.get("Experiment") or str(r.get("rev")) for r in rows]
+    width = max([10, *map(len, names)])
+    header = f"{'run':<{width}}  " + " ".join(f"{h:>8}" for h, _ in COMPARE) + "  changed params"
+    lines = [header]
+    for name, row in zip(names, rows, strict=True):
+        cells = " ".join(f"{_metric(key, row.get(key)):>8}" for _, key in COMPARE)
+        diff = " ".join(f"{p}={_cell(row.get(p))}" for p in changed)
+        lines.append(f"{name:<{width}}  {cells}  {diff}")
+    return lines
+
+
+def dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """{"trainer": {"lr_scale": 1}} -> ["trainer.lr_scale"]: the names `dvc exp show` gives params."""
+    return [
+        name
+        for key, value in data.items()
+        for name in (dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])
+    ]
+
+
+def print_compare() -> int:
+    """`sam3ft compare`: the workspace, HEAD and its experiments (`dvc exp show`), a line each."""
+    import dvc.api
+
+    records = dvc.api.exp_show()
+    print("\n".join(compare_lines(records, set(dotted_keys(dvc.api.params_show())))))
+    return 0
