@@ -119,7 +119,12 @@ def test_fresh_run_reproduces_the_committed_lock(pipeline):
             assert fresh_metrics["base"][split][key] == close, ("base", split, key)
 
 
-TRACKED_OUTPUTS = ("dvc.lock", "artifacts/train/checkpoint.pt", "artifacts/eval/metrics.json")
+TRACKED_OUTPUTS = (
+    "dvc.lock",
+    "artifacts/train/checkpoint.pt",
+    "artifacts/eval/metrics.json",
+    "artifacts/eval/summary.json",
+)
 
 
 @pytest.mark.parametrize(
