@@ -12,6 +12,7 @@ per split:
 - predictions/<split>.json: COCO results records (`segmentation` RLE too, with a mask head);
 - plots/<split>_threshold.json (precision/recall/F1 vs score threshold), plots/<split>_pr.json
   (PR curve at IoU 0.5), plots/<split>_confusion.json (image-level confusion matrix rows);
+  plots/selected_epoch.json: the epoch train kept (from its run/selection.json), for the charts;
 - live/: dvclive images, ground truth (green) vs predictions above the threshold (red), masks tinted.
 """
 
@@ -236,6 +237,9 @@ def run(p: dict[str, Any]) -> None:
         write_json(out / METRICS_FILE, metrics)
         selection = Path(paths.train) / SELECTION
         chosen = json.loads(selection.read_text()) if selection.is_file() else None
+        # the epoch train kept, drawn as a rule on the validation chart (.dvc/plots/linear_marked.json)
+        kept = [] if chosen is None else [{"step": chosen["epoch"], "AP50": chosen["value"]}]
+        write_json(out / "plots" / "selected_epoch.json", kept)
         # insertion order, not sorted: `dvc exp show` puts the columns in file order, valid first
         atomic_write_text(out / SUMMARY_FILE, json.dumps(decision_metrics(metrics, chosen), indent=2) + "\n")
 
