@@ -62,6 +62,12 @@ def test_summary_lines_are_few_and_short():
     assert len(lines) <= 6 and max(map(len, lines)) <= 120
 
 
+def test_compare_outside_a_repository_names_the_fix(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare"]) == 2
+    assert "not in a DVC repository" in capsys.readouterr().err
+
+
 def test_summary_command_reads_paths_eval(tmp_path, capsys):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval/summary.json").write_text(json.dumps(decision_metrics(FULL, {"epoch": 2})))

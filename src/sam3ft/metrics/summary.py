@@ -142,7 +142,15 @@ def dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
 def print_compare() -> int:
     """`sam3ft compare`: the workspace, HEAD and its experiments (`dvc exp show`), a line each."""
     import dvc.api
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
 
+    try:  # first: outside a repository exp_show tries to clone "." and fails with "SCM error"
+        Repo.find_root()
+    except NotDvcRepoError as exc:
+        raise Sam3ftError(
+            f"{Path.cwd()} is not in a DVC repository", fix="run it in the sam3ft checkout"
+        ) from exc
     records = dvc.api.exp_show()
     print("\n".join(compare_lines(records, set(dotted_keys(dvc.api.params_show())))))
     return 0
