@@ -19,7 +19,7 @@ setup: $(STAMP)
 pipeline: $(STAMP)
 	$(BIN)/dvc pull data.dvc
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	$(BIN)/sam3ft summary
 
 # Set up, lint, type-check, then the whole test suite (includes an end-to-end `dvc repro`): one
 # worker per core, each test file on one worker (its module fixtures, e.g. the pipeline, run once).

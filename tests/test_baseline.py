@@ -14,7 +14,8 @@ import yaml
 from conftest import REPO, write_params
 from sam3ft import params
 from sam3ft.errors import ConfigError
-from sam3ft.layout import BASE_BLOCK, CHECKPOINT, METRICS_FILE, SPEC_FILE, VOCAB_NAME
+from sam3ft.layout import BASE_BLOCK, CHECKPOINT, METRICS_FILE, SPEC_FILE, SUMMARY_FILE, VOCAB_NAME
+from sam3ft.metrics.summary import decision_metrics
 from sam3ft.model.load import load_base
 from sam3ft.stages import baseline, evaluate, fetch, prepare
 from sam3ft.stages.evaluate import read_base_metrics, worse_than_base
@@ -89,6 +90,13 @@ def test_evaluate_puts_the_base_beside_the_fine_tuned_and_warns_when_below(works
     assert metrics["valid"] == base["valid"]  # the same model, the same code: the same numbers
     assert metrics[BASE_BLOCK] == raised
     assert set(metrics[BASE_BLOCK]["valid"]) == set(metrics["valid"])
+    summary = json.loads((Path(p["paths"].eval) / SUMMARY_FILE).read_text())
+    assert json.loads((Path(p["paths"].eval) / "plots/selected_epoch.json").read_text()) == []
+    assert summary == decision_metrics(metrics, None)  # no train run record here: no epoch
+    assert (
+        list(summary) == ["valid", BASE_BLOCK]
+        and summary[BASE_BLOCK]["valid"]["AP50"] == raised["valid"]["AP50"]
+    )
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert warnings == worse_than_base(metrics, raised)
     assert len(warnings) == 1 and warnings[0].startswith("valid AP50: the fine-tuned model")

@@ -119,7 +119,12 @@ def test_fresh_run_reproduces_the_committed_lock(pipeline):
             assert fresh_metrics["base"][split][key] == close, ("base", split, key)
 
 
-TRACKED_OUTPUTS = ("dvc.lock", "artifacts/train/checkpoint.pt", "artifacts/eval/metrics.json")
+TRACKED_OUTPUTS = (
+    "dvc.lock",
+    "artifacts/train/checkpoint.pt",
+    "artifacts/eval/metrics.json",
+    "artifacts/eval/summary.json",
+)
 
 
 @pytest.mark.parametrize(
@@ -225,8 +230,12 @@ def test_exp_run_max_epochs_is_honoured(pipeline):
     assert len(loss_rows) == 1 + 2  # header + one row per epoch
     recorded = yaml.safe_load((repo / "artifacts/train/run/trainer_config.yaml").read_text())
     assert recorded["trainer"]["max_epochs"] == 2
-    diff = run([*dvc, "metrics", "diff", "--json"], repo, env).stdout
-    changed = json.loads(diff)["artifacts/train/dvclive/metrics.json"]
-    assert changed["step"]["old"] == 11 and changed["step"]["new"] == 1
+    selection = json.loads((repo / "artifacts/train/run/selection.json").read_text())
+    diff = json.loads(run([*dvc, "metrics", "diff", "--json"], repo, env).stdout)
+    assert list(diff) == ["artifacts/eval/summary.json"]  # the one metrics file: no val.* beside valid.*
+    summary = json.loads((repo / "artifacts/eval/summary.json").read_text())
+    assert selection["epoch"] in (0, 1) and summary["epoch"] == selection["epoch"]
+    kept = json.loads((repo / "artifacts/eval/plots/selected_epoch.json").read_text())
+    assert kept == [{"AP50": selection["value"], "step": selection["epoch"]}]  # the validation chart's rule
     shown = run([*dvc, "exp", "show", "--json"], repo, env).stdout
     assert "max_epochs" in shown

@@ -37,7 +37,7 @@ PREFIX = "sam3ft"
 DVC = [sys.executable, "-m", "dvc"]
 EXPERIMENT = "one-epoch"
 CHECKPOINT = "artifacts/train/checkpoint.pt"
-METRICS = "artifacts/eval/metrics.json"
+METRICS = "artifacts/eval/summary.json"  # the DVC metrics file (evaluate's decision metrics)
 SWEEP_SECONDS = 420  # 4 queued runs (3 trained, 1 restored from the run cache) on 2 cores take ~2 min
 ALLOW_S3 = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
 

@@ -5,6 +5,8 @@ sam3ft predict IMAGE... [--model DIR]        detect with an exported model: dete
                                              COCO pre-labels and overlays under --out
 sam3ft serve [--model DIR] [--port 8000]     answer POST /predict (multipart image) over HTTP
 sam3ft doctor [--params params.yaml]         check this machine for the configured run (exit 1 on FAIL)
+sam3ft summary [--params params.yaml]        the last evaluate run's decision metrics, a few lines
+sam3ft compare                               the workspace, HEAD and its experiments: a line each
 """
 
 from __future__ import annotations
@@ -330,9 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     doctor = sub.add_parser("doctor", help="check this machine for the configured run")
     doctor.add_argument("--params", type=Path, default=Path("params.yaml"))
+    summary = sub.add_parser("summary", help="the last evaluate run's decision metrics, a few lines")
+    summary.add_argument("--params", type=Path, default=Path("params.yaml"))
+    sub.add_parser("compare", help="the workspace, HEAD and its experiments (dvc exp show): a line each")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         return _doctor(args)
+    if args.command in ("summary", "compare"):
+        from sam3ft.metrics.summary import print_compare, print_summary
+
+        try:
+            return print_summary(args.params) if args.command == "summary" else print_compare()
+        except Sam3ftError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "stage":
         sys.argv = [f"sam3ft.stages.{args.name}", "--params", args.params]
         importlib.import_module(f"sam3ft.stages.{args.name}").main()

@@ -1,6 +1,8 @@
 """evaluate: predict every image of each split with the trained model; the numbers and pictures.
 
-Outputs (paths.eval), per split:
+Outputs (paths.eval):
+- summary.json: the decision metrics (metrics/summary.py), the pipeline's one DVC metrics file;
+per split:
 - metrics.json: COCO box metrics (pycocotools) and image-level detection at `evaluate.threshold`
   (TP/FP/FN/TN counting images without annotations as negatives, precision, recall, F1, specificity);
   with a mask head (a `trainer.segmentation: true` run, or the sam3 preset), `segm`: the same COCO
@@ -10,6 +12,7 @@ Outputs (paths.eval), per split:
 - predictions/<split>.json: COCO results records (`segmentation` RLE too, with a mask head);
 - plots/<split>_threshold.json (precision/recall/F1 vs score threshold), plots/<split>_pr.json
   (PR curve at IoU 0.5), plots/<split>_confusion.json (image-level confusion matrix rows);
+  plots/selected_epoch.json: the epoch train kept (from its run/selection.json), for the charts;
 - live/: dvclive images, ground truth (green) vs predictions above the threshold (red), masks tinted.
 """
 
@@ -26,11 +29,12 @@ from PIL import Image
 
 from sam3ft import params as params_module
 from sam3ft.errors import ConfigError
-from sam3ft.io import atomic_dir, write_json
-from sam3ft.layout import ANNOTATIONS_FILE, BASE_BLOCK, CHECKPOINT, METRICS_FILE
+from sam3ft.io import atomic_dir, atomic_write_text, write_json
+from sam3ft.layout import ANNOTATIONS_FILE, BASE_BLOCK, CHECKPOINT, METRICS_FILE, SELECTION, SUMMARY_FILE
 from sam3ft.live import open_live
 from sam3ft.metrics.coco import coco_box_metrics, coco_mask_metrics, has_masks, pr_curve
 from sam3ft.metrics.image_level import best_scores, confusion, confusion_rows, threshold_sweep
+from sam3ft.metrics.summary import decision_metrics
 from sam3ft.model.load import device_for, load_trained
 from sam3ft.model.predict import Predictor
 from sam3ft.stages import pin_threads
@@ -233,6 +237,13 @@ def run(p: params_module.Params) -> None:
                 log.warning("%s", line)
             metrics[BASE_BLOCK] = base
         write_json(out / METRICS_FILE, metrics)
+        selection = Path(paths.train) / SELECTION
+        chosen = json.loads(selection.read_text()) if selection.is_file() else None
+        # the epoch train kept, drawn as a rule on the validation chart (.dvc/plots/linear_marked.json)
+        kept = [] if chosen is None else [{"step": chosen["epoch"], "AP50": chosen["value"]}]
+        write_json(out / "plots" / "selected_epoch.json", kept)
+        # insertion order, not sorted: `dvc exp show` puts the columns in file order, valid first
+        atomic_write_text(out / SUMMARY_FILE, json.dumps(decision_metrics(metrics, chosen), indent=2) + "\n")
 
 
 def main() -> None:
