@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sam3ft.errors import Sam3ftError
-from sam3ft.layout import ANNOTATIONS_FILE, MODEL_DIR, MODEL_JSON
+from sam3ft.layout import ANNOTATIONS_FILE, MODEL_DIR, MODEL_JSON, REPO_ROOT, checkout_root, is_checkout
 
 STAGES = ("check", "fetch", "prepare", "baseline", "train", "evaluate", "export")
 
@@ -97,10 +97,8 @@ def _run_predict(
 def default_model_dir() -> Path:
     """`paths.export`/model of the sam3ft checkout holding the current folder, else of the checkout
     this package runs from (an editable install); an error saying what to pass when there is none."""
-    for root in [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]]:
-        if (root / "dvc.yaml").is_file() and (root / "params.yaml").is_file():
-            break
-    else:
+    root = checkout_root(Path.cwd()) or (REPO_ROOT if is_checkout(REPO_ROOT) else None)
+    if root is None:
         raise Sam3ftError(
             f"no --model given and {Path.cwd()} is not inside a sam3ft checkout (no dvc.yaml + params.yaml "
             "above it)",

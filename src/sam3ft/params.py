@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sam3ft.errors import ConfigError
+from sam3ft.layout import CONFIGS_DIR
 from sam3ft.model.spec import PATCH_SIZE
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -448,7 +449,7 @@ class Launcher:
 
 def recipes_dir() -> Path:
     """`configs/recipes/` of the repository (the package lives in `src/sam3ft`)."""
-    return Path(__file__).resolve().parents[2] / "configs" / "recipes"
+    return CONFIGS_DIR / "recipes"
 
 
 def recipes() -> list[str]:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import shutil
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,23 @@ import yaml
 
 from sam3ft.console import stdout_to
 from sam3ft.data.coco import check_objects_per_image
-from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb, train_checkpoints_gb
 from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
 from sam3ft.model.spec import ModelSpec, load_spec_file
-from sam3ft.preflight import check_devices, check_steps, preset_params, updates_per_epoch, visible_gpus
+from sam3ft.preflight import (
+    GB,
+    check_devices,
+    check_disk,
+    check_steps,
+    check_vram,
+    cuda_memory_gb,
+    installed_version,
+    preset_params,
+    train_checkpoints_gb,
+    updates_per_epoch,
+    visible_gpus,
+)
 from sam3ft.stages import pin_threads
 from sam3ft.train.compose import CONFIG_NAME, compose_trainer_config, resolved_yaml
 from sam3ft.train.data import trained_groups
@@ -120,13 +130,8 @@ def check_masks(split_dir: Path) -> None:
 
 
 def versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    """The installed version of each of PACKAGES, recorded with the run."""
+    return {name: installed_version(name) or "not installed" for name in PACKAGES}
 
 
 def launch(cfg: Any, trainer: Any, launcher: Any, scratch: Path) -> None:
