@@ -110,10 +110,10 @@ def parts_with_cudagraphs() -> None:
 
     import torch
 
-    from sam3ft.train import data
+    from sam3ft.train import model as train_model
     from sam3ft.train.trainer import Trainer
 
-    parts, compile_fn = data.compile_parts, torch.compile
+    parts, compile_fn = train_model.compile_parts, torch.compile
 
     def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
         torch.compile = functools.partial(compile_fn, mode="reduce-overhead")  # type: ignore[assignment]
@@ -122,7 +122,7 @@ def parts_with_cudagraphs() -> None:
         finally:
             torch.compile = compile_fn
 
-    data.compile_parts = compile_parts  # type: ignore[assignment]
+    train_model.compile_parts = compile_parts  # type: ignore[assignment]
     init = Trainer.__init__
     Trainer.__init__ = lambda self, **k: init(self, **{**k, "compile_model": True})  # type: ignore[method-assign]
 

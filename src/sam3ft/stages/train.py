@@ -38,10 +38,10 @@ from sam3ft.preflight import (
 )
 from sam3ft.stages import pin_threads
 from sam3ft.train.compose import CONFIG_NAME, compose_trainer_config, resolved_yaml
-from sam3ft.train.data import trained_groups
 from sam3ft.train.launch import launch_local, launch_slurm
 from sam3ft.train.logging import STEPS_FILE, log_steps_to_dvclive, log_to_dvclive, read_steps
 from sam3ft.train.memory import param_counts, training_peak_gb
+from sam3ft.train.model import trained_groups
 from sam3ft.train.run import STATS_FILES, normalise_checkpoint, prepare_scratch, read_stats
 from sam3ft.train.select import BEST_CHECKPOINT, TIES, metric_curve, select_epoch
 

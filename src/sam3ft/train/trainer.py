@@ -135,7 +135,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
     - GradScaler and the gradient clipper hand their passes over the gradients to adamw_bf16 on its
       kernel, which unscales, checks for infs and clips inside its update (train/optim.py).
     - `compile_model: true` goes with a model built with the same switch
-      (`data.compile_training_forward`): the process's first training step runs eager, so sam3
+      (`train/model.compile_training_forward`): the process's first training step runs eager, so sam3
       fills its lazy device caches outside any CUDA graph, and every later step tells CUDA graph
       trees where it begins (outputs of the previous step's graphs may then be overwritten).
     - Python's cyclic garbage collector leaves the objects alive after the first training step
