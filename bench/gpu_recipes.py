@@ -32,14 +32,16 @@ class Batches:
     next n to a `train_epoch` call (a loader with len), so the profiled steps after the timed ones
     continue the same loader: a new one would fork its workers inside the profiled window."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.stream = self._epochs(dataset)
+    def __init__(self, get_loader: Any) -> None:
+        self.stream = self._epochs(get_loader)
 
     @staticmethod
-    def _epochs(dataset: Any) -> Any:
+    def _epochs(get_loader: Any) -> Any:
+        """`get_loader`: the dataset's loader of an epoch (SeededTorchDataset.get_loader, or its
+        per_epoch_loader: upstream's new DataLoader each epoch)."""
         epoch = 0
         while True:
-            yield from dataset.get_loader(epoch=epoch)
+            yield from get_loader(epoch)
             epoch += 1
 
     def take(self, n: int) -> Any:
@@ -113,10 +115,10 @@ def parts_with_cudagraphs() -> None:
 
     import torch
 
-    from sam3ft.train import data
+    from sam3ft.train import model as train_model
     from sam3ft.train.trainer import Trainer
 
-    parts, compile_fn = data.compile_parts, torch.compile
+    parts, compile_fn = train_model.compile_parts, torch.compile
 
     def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
         torch.compile = functools.partial(compile_fn, mode="reduce-overhead")  # type: ignore[assignment]
@@ -125,7 +127,7 @@ def parts_with_cudagraphs() -> None:
         finally:
             torch.compile = compile_fn
 
-    data.compile_parts = compile_parts  # type: ignore[assignment]
+    train_model.compile_parts = compile_parts  # type: ignore[assignment]
     init = Trainer.__init__
     Trainer.__init__ = lambda self, **k: init(self, **{**k, "compile_model": True})  # type: ignore[method-assign]
 
@@ -197,14 +199,11 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-    from sam3.train.utils.train_utils import register_omegaconf_resolvers
 
-    from sam3ft import compat
     from sam3ft.stages import train as stage
     from sam3ft.train import logging as step_logging
     from sam3ft.train.compose import compose_trainer_config
-    from sam3ft.train.run import _free_port
+    from sam3ft.train.run import setup_process
 
     recipe, batch, *rest = args.one.split(":")
     overrides = dict(field.split("=", 1) for field in rest if "=" in field)
@@ -215,11 +214,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     if rest and rest[0]:
         args.steps = int(rest[0])
     loader = rest[1] if len(rest) > 1 and rest[1] else "stream"
-    if loader == "per-epoch":  # upstream's loader: new DataLoader (and workers) every epoch
-        from sam3ft.train.data import SeededTorchDataset
-
-        SeededTorchDataset.get_loader = SeededTorchDataset.per_epoch_loader  # type: ignore[method-assign]
-    elif loader != "stream":
+    if loader not in ("stream", "per-epoch"):  # per-epoch: upstream's, a new DataLoader (and workers) each
         raise SystemExit(f"{args.one}: loader must be stream or per-epoch")
     p = trainer_params(Path(args.params), recipe, int(batch), args.workers, overrides)
     paths = p.paths
@@ -229,12 +224,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     knobs = stage.trainer_knobs(
         p, spec, manifest, base_dir, data_dir, out, stage.count_images(data_dir / "train")
     )
-    cfg = compose_trainer_config(knobs)
-    compat.apply()
-    if not OmegaConf.has_resolver("times"):
-        register_omegaconf_resolvers()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0")
-    os.environ["WORLD_SIZE"] = "1"
+    cfg = compose_trainer_config(knobs, name=stage.config_name(p["trainer"].segmentation))
+    setup_process()  # as the train stage's run_trainer: rank 0 of 1, sam3's workarounds, resolvers
 
     logged: list[tuple[str, float, int]] = []
     original = step_logging.StepLogger.log
@@ -256,7 +247,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     module = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     n_params = sum(q.numel() for q in module.parameters())
     n_train = sum(q.numel() for q in module.parameters() if q.requires_grad)
-    batches = Batches(trainer.train_dataset)
+    dataset = trainer.train_dataset
+    batches = Batches(dataset.per_epoch_loader if loader == "per-epoch" else dataset.get_loader)
     trainer.train_epoch(batches.take(args.steps))
     # each measuring pass below is an epoch of its own, so the schedulers' `where` keeps rising
     # (restarting it at 0 with the step count still rising would make the schedule's inferred

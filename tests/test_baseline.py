@@ -42,7 +42,7 @@ def trainer_start(base_dir: Path, seed: int, max_epochs: int) -> dict[str, torch
     (`set_seeds`, rank 0) and then instantiates the model config's `build_trainable_model`."""
     from sam3.train.utils.train_utils import set_seeds
 
-    from sam3ft.train.data import GROUPS, build_trainable_model
+    from sam3ft.train.model import GROUPS, build_trainable_model
 
     set_seeds(seed, max_epochs, 0)
     model = build_trainable_model(str(base_dir / SPEC_FILE), str(base_dir / VOCAB_NAME), list(GROUPS))

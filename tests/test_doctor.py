@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import REPO, SAMPLE, write_params
-from sam3ft import doctor
+from sam3ft import doctor, preflight
 from sam3ft.__main__ import main as cli
 from sam3ft.data.doctor import dataset_checks
-from sam3ft.doctor import Check
 from sam3ft.model.build import bundled_vocab
 from sam3ft.model.spec import load_preset
+from sam3ft.preflight import Check
 from sam3ft.train import memory
 
 FAKE_SECRETS = {  # planted values that must never reach doctor's output
@@ -113,21 +113,21 @@ def test_vram_estimate_against_a_faked_gpu(repo, shipped_params, monkeypatch):
     assert "Fake GPU, 20.0 of 80.0 GB free" in checks["accelerator"].detail
     assert checks["vram"].status == "WARN"  # stock recipe, batch 8: ~29.3 GB needed, 20 GB free, 80 GB total
     assert "~29.3" in checks["vram"].detail and "20.0 of 80.0 GB free" in checks["vram"].detail
-    assert doctor.check_vram(24.2, "x", 16.0, 16.0).status == "FAIL"
-    assert doctor.check_vram(24.2, "x", 30.0, 80.0).status == "OK"
+    assert preflight.check_vram(24.2, "x", 16.0, 16.0).status == "FAIL"
+    assert preflight.check_vram(24.2, "x", 30.0, 80.0).status == "OK"
 
 
 def test_disk_formula():
     trainer = SimpleNamespace(max_epochs=12, checkpoint_freq=0, select="last")
     f32 = SimpleNamespace(dtype="float32")
     # sam3: checkpoint 12 B x 840 M = 10.08 GB, in scratch + paths.train + cache, and 2 x 3.36 GB export
-    assert doctor.disk_needed_gb(840e6, trainer, f32) == pytest.approx(3 * 10.08 + 2 * 3.36)
+    assert preflight.disk_needed_gb(840e6, trainer, f32) == pytest.approx(3 * 10.08 + 2 * 3.36)
     bf16 = SimpleNamespace(dtype="bfloat16")
-    assert doctor.disk_needed_gb(840e6, trainer, bf16) == pytest.approx(3 * 10.08 + 2 * 1.68)
+    assert preflight.disk_needed_gb(840e6, trainer, bf16) == pytest.approx(3 * 10.08 + 2 * 1.68)
     trainer.checkpoint_freq = 4  # checkpoint_4, _8, _12 kept besides checkpoint.pt
-    assert doctor.disk_needed_gb(840e6, trainer, f32) == pytest.approx(6 * 10.08 + 2 * 3.36)
+    assert preflight.disk_needed_gb(840e6, trainer, f32) == pytest.approx(6 * 10.08 + 2 * 3.36)
     trainer.select = "AP50"  # best.pt besides
-    assert doctor.disk_needed_gb(840e6, trainer, f32) == pytest.approx(7 * 10.08 + 2 * 3.36)
+    assert preflight.disk_needed_gb(840e6, trainer, f32) == pytest.approx(7 * 10.08 + 2 * 3.36)
 
 
 def test_too_little_disk_fails_with_the_numbers(repo, shipped_params, monkeypatch, capsys):

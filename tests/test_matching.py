@@ -9,7 +9,7 @@ import torch
 from sam3.model.box_ops import box_cxcywh_to_xyxy
 from sam3.train.matcher import BinaryHungarianMatcherV2, BinaryOneToManyMatcher
 
-from sam3ft.train.matching import match_outputs, stack_model_matching
+from sam3ft.train.matching import match_outputs, stacked_matching
 
 QUERIES, LAYERS = 12, 6
 
@@ -118,7 +118,7 @@ def test_the_models_matching_is_one_call_with_upstreams_indices() -> None:
             self.matcher = matcher
 
     model = Model()
-    stack_model_matching(model)
+    model._compute_matching = stacked_matching(model)
     matcher.calls = 0
     model._compute_matching(out, targets)
     assert matcher.calls == 1

@@ -171,12 +171,12 @@ def test_token_ids_wait_on_the_text_encoders_device_once_per_caption_list():
 
 
 def test_compiled_encoder_and_decoder_layers_detect_the_same(tiny):
-    """`compile_layers` (train/data.compile_parts) compiles each DETR encoder and decoder layer; in
+    """`compile_layers` (train/model.compile_parts) compiles each DETR encoder and decoder layer; in
     eval mode (validation) the detections equal eager's up to float reassociation. Training with
     it is trained in tests/test_recipes.py."""
     import copy
 
-    from sam3ft.train.data import compile_parts
+    from sam3ft.train.model import compile_parts
 
     compiled = copy.deepcopy(tiny)
     compile_parts(compiled, trunk=False, layers=True)
@@ -197,7 +197,7 @@ def test_act_ckpt_switches_reach_the_modules_sam3_reads_them_from(keep):
     the geometry encoder's `use_act_ckpt`, the flags sam3 checks before re-running those layers in
     the backward, are off; true (upstream): on."""
     from sam3ft.model.spec import presets_dir
-    from sam3ft.train.data import build_trainable_model
+    from sam3ft.train.model import build_trainable_model
 
     model = build_trainable_model(
         str(presets_dir() / "tiny.yaml"),

@@ -24,10 +24,10 @@ from sam3ft.data.doctor import dataset_checks
 from sam3ft.data.dvc_pin import check_pinned_remote, pinned_outputs
 from sam3ft.data.roboflow import plan_dataset
 from sam3ft.data.splits import photo_groups, photo_key
-from sam3ft.doctor import Check
 from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.layout import ANNOTATIONS_FILE
 from sam3ft.params import CARVED_SPLITS, Evaluate, Params, Paths, Prepare
+from sam3ft.preflight import Check
 from sam3ft.stages import prepare as prepare_stage
 
 PARENT = {"id": 0, "name": "things", "supercategory": "none"}  # Roboflow's parent category

@@ -118,7 +118,7 @@ def test_compiled_trunk_and_layers_train_the_same_function(runs):
 
 def test_compiled_training_forward_trains_what_eager_lean_trains(runs, tmp_path, monkeypatch, request):
     """`compile_model: true` through the train stage: the whole training forward goes through dynamo
-    (train/data.compile_training_forward, the trainer's eager first step) and so do the loss's
+    (train/model.compile_training_forward, the trainer's eager first step) and so do the loss's
     batched terms, and every step's loss equals eager lean's. The stage runs in this process, so
     that torch.compile can be given a backend that records each graph and runs it through AOT
     autograd with eager kernels ("aot_eager", the path inductor takes, without its code generation,

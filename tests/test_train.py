@@ -130,7 +130,7 @@ def test_epoch_logged_twice_keeps_the_last_line(tmp_path):
 def test_every_parameter_has_a_group_and_masks_freeze_only_mask_inputs():
     from sam3ft.model.build import build_model, empty_weights
     from sam3ft.model.spec import load_preset
-    from sam3ft.train.data import GROUPS, frozen_prefixes
+    from sam3ft.train.model import GROUPS, frozen_prefixes
 
     with empty_weights():
         model = build_model(load_preset("sam3"), str(fetch.bundled_vocab()), training=True, coord_cache=False)
@@ -205,7 +205,7 @@ def base_weights_with_mask_head(path: Path) -> dict[str, torch.Tensor]:
 
 
 def in_group(key: str, group: str) -> bool:
-    from sam3ft.train.data import GROUPS
+    from sam3ft.train.model import GROUPS
 
     return key.startswith(GROUPS[group])
 

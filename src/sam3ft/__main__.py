@@ -16,11 +16,13 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sam3ft.errors import Sam3ftError
-from sam3ft.layout import ANNOTATIONS_FILE, MODEL_DIR, MODEL_JSON
+from sam3ft.layout import ANNOTATIONS_FILE, MODEL_DIR, MODEL_JSON, REPO_ROOT, checkout_root, is_checkout
 
 STAGES = ("check", "fetch", "prepare", "baseline", "train", "evaluate", "export")
 
@@ -99,10 +101,8 @@ def _run_predict(
 def default_model_dir() -> Path:
     """`paths.export`/model of the sam3ft checkout holding the current folder, else of the checkout
     this package runs from (an editable install); an error saying what to pass when there is none."""
-    for root in [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]]:
-        if (root / "dvc.yaml").is_file() and (root / "params.yaml").is_file():
-            break
-    else:
+    root = checkout_root(Path.cwd()) or (REPO_ROOT if is_checkout(REPO_ROOT) else None)
+    if root is None:
         raise Sam3ftError(
             f"no --model given and {Path.cwd()} is not inside a sam3ft checkout (no dvc.yaml + params.yaml "
             "above it)",
@@ -225,59 +225,61 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if fails else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="sam3ft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    stage = sub.add_parser("stage", help="run one pipeline stage")
-    stage.add_argument("name", choices=STAGES)
-    stage.add_argument("--params", default="params.yaml")
-    predict = sub.add_parser(
-        "predict",
-        help="detect objects with an exported model",
-        description="Detect objects in images with an exported model. Writes, under --out: "
-        "detections.json (boxes, scores, masks per image), _annotations.coco.json (the same as a COCO "
-        "dataset: pre-labels to import into Roboflow/CVAT/Label Studio, fix, and export back) and "
-        "overlays/. A summary goes to stderr; exit 1 if an image failed (the others are still done).",
-    )
-    predict.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or globs")
-    predict.add_argument(
+def _stage(args: argparse.Namespace) -> int:
+    """The stage module's own entry (what dvc.yaml calls): its errors exit 2 there, named by stage."""
+    from sam3ft.stages import stage_main
+
+    module = importlib.import_module(f"sam3ft.stages.{args.name}")
+    stage_main(args.name, module.SECTIONS, module.run, ["--params", str(args.params)])
+    return 0
+
+
+# -- each command's arguments --------------------------------------------------------------------
+
+
+def _stage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=STAGES)
+    parser.add_argument("--params", default="params.yaml")
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or globs")
+    parser.add_argument(
         "--model",
         "--weights",
         type=Path,
         help="an export folder (model.json + safetensors); default: paths.export/model of the sam3ft "
         "checkout you are in (or the one sam3ft is installed from)",
     )
-    predict.add_argument("--base", type=Path, help="base weights file, for a delta export only")
-    predict.add_argument("--prompt", help="text prompt (default: the classes the model was trained on)")
-    predict.add_argument(
+    parser.add_argument("--base", type=Path, help="base weights file, for a delta export only")
+    parser.add_argument("--prompt", help="text prompt (default: the classes the model was trained on)")
+    parser.add_argument(
         "--threshold",
         type=unit_interval,
         help="keep detections scoring at least this (0..1); default: the model's operating threshold "
         "(evaluate.threshold, stored in model.json)",
     )
-    predict.add_argument(
+    parser.add_argument(
         "--max-dets",
         type=positive_int,
         default=100,
         help="at most this many detections per image and prompt, best first (default: 100)",
     )
-    predict.add_argument(
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("predictions"),
         help="folder for detections.json, _annotations.coco.json and overlays/ (default: predictions)",
     )
-    predict.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch (default: 1)")
-    predict.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    predict.add_argument(
+    parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch (default: 1)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument(
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16"),
         help="backbone weights dtype; auto: bfloat16 on CUDA, float32 on CPU",
     )
-    predict.add_argument(
+    parser.add_argument(
         "--compile",
         nargs="?",
         const="reduce-overhead",
@@ -286,76 +288,133 @@ def main(argv: list[str] | None = None) -> int:
         "max-autotune-no-cudagraphs; bare --compile: reduce-overhead; what: --compile-scope); compiles "
         "once at start, pays off over many images",
     )
-    predict.add_argument(
+    parser.add_argument(
         "--compile-scope",
         default="all",
         choices=("backbone", "all"),
         help="with --compile: the image backbone and the grounding head (all, the default), or the "
         "backbone only",
     )
-    predict.add_argument(
+    parser.add_argument(
         "--boxes-only",
         action="store_true",
         help="skip the mask head of a model that has one (faster; no masks in detections.json)",
     )
-    serve = sub.add_parser(
-        "serve",
-        help="answer detection requests over HTTP",
-        description="Serve an exported model over HTTP (LitServe): POST /predict (multipart: image, "
-        "optional prompt and threshold) returns JSON detections; GET /health; GET /info. With "
-        "SAM3FT_API_KEY set, requests need the header X-API-Key.",
-    )
-    serve.add_argument("--model", type=Path, help="an export folder; default: as for predict")
-    serve.add_argument("--base", type=Path, help="base weights file, for a delta export only")
-    serve.add_argument(
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="an export folder; default: as for predict")
+    parser.add_argument("--base", type=Path, help="base weights file, for a delta export only")
+    parser.add_argument(
         "--host",
         default="127.0.0.1",
         choices=("127.0.0.1", "0.0.0.0", "::"),
         help="127.0.0.1 (this machine only, the default), 0.0.0.0 or :: (all interfaces): LitServe's choices",
     )
-    serve.add_argument("--port", type=port_number, default=8000, help="TCP port (default: 8000)")
-    serve.add_argument(
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument(
         "--threshold",
         type=unit_interval,
         help="default score threshold of requests that send none; default: the model's operating one",
     )
-    serve.add_argument("--max-dets", type=positive_int, default=100, help="per image and prompt (100)")
-    serve.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch (default: 1)")
-    serve.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    serve.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    serve.add_argument("--boxes-only", action="store_true", help="skip the mask head (no masks returned)")
-    serve.add_argument(
+    parser.add_argument("--max-dets", type=positive_int, default=100, help="per image and prompt (100)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch (default: 1)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--boxes-only", action="store_true", help="skip the mask head (no masks returned)")
+    parser.add_argument(
         "--max-upload-mb", type=positive_int, default=50, help="largest image upload accepted, MB (50)"
     )
-    serve.add_argument(
+    parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
-    doctor = sub.add_parser("doctor", help="check this machine for the configured run")
-    doctor.add_argument("--params", type=Path, default=Path("params.yaml"))
-    summary = sub.add_parser("summary", help="the last evaluate run's decision metrics, a few lines")
-    summary.add_argument("--params", type=Path, default=Path("params.yaml"))
-    sub.add_parser("compare", help="the workspace, HEAD and its experiments (dvc exp show): a line each")
-    args = parser.parse_args(argv)
-    if args.command == "doctor":
-        return _doctor(args)
-    if args.command in ("summary", "compare"):
-        from sam3ft.metrics.summary import print_compare, print_summary
 
-        try:
-            return print_summary(args.params) if args.command == "summary" else print_compare()
-        except Sam3ftError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    if args.command == "stage":
-        sys.argv = [f"sam3ft.stages.{args.name}", "--params", args.params]
-        importlib.import_module(f"sam3ft.stages.{args.name}").main()
-        return 0
+
+def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from sam3ft.metrics.summary import print_summary
+
+    return print_summary(args.params)
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options: it reads `dvc exp show` of the current repository
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from sam3ft.metrics.summary import print_compare
+
+    return print_compare()
+
+
+# -- the table and its one error boundary ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its argparse setup and the function that runs it and returns the exit code."""
+
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    description: str | None = None
+    """Shown by `sam3ft NAME --help` (None: argparse shows none)."""
+    end_now: bool = False
+    """Exit without the interpreter's teardown once torch is loaded (`end_now`)."""
+
+
+COMMANDS = {
+    "stage": Command(_stage_arguments, _stage, "run one pipeline stage"),
+    "predict": Command(
+        _predict_arguments,
+        _predict,
+        "detect objects with an exported model",
+        "Detect objects in images with an exported model. Writes, under --out: detections.json (boxes, "
+        "scores, masks per image), _annotations.coco.json (the same as a COCO dataset: pre-labels to "
+        "import into Roboflow/CVAT/Label Studio, fix, and export back) and overlays/. A summary goes to "
+        "stderr; exit 1 if an image failed (the others are still done).",
+        end_now=True,
+    ),
+    "serve": Command(
+        _serve_arguments,
+        _serve,
+        "answer detection requests over HTTP",
+        "Serve an exported model over HTTP (LitServe): POST /predict (multipart: image, optional prompt "
+        "and threshold) returns JSON detections; GET /health; GET /info. With SAM3FT_API_KEY set, "
+        "requests need the header X-API-Key.",
+    ),
+    "doctor": Command(_doctor_arguments, _doctor, "check this machine for the configured run"),
+    "summary": Command(_doctor_arguments, _summary, "the last evaluate run's decision metrics, a few lines"),
+    "compare": Command(
+        _compare_arguments, _compare, "the workspace, HEAD and its experiments (dvc exp show): a line each"
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sam3ft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.arguments(sub.add_parser(name, help=command.help, description=command.description))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; a `Sam3ftError` prints `error: ... fix: ...` and exits 2, as argparse does
+    for a bad argument."""
+    args = build_parser().parse_args(argv)
+    command = COMMANDS[args.command]
     try:
-        code = _serve(args) if args.command == "serve" else _predict(args)
+        code = command.run(args)
     except Sam3ftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
-    if argv is None and args.command == "predict" and "torch" in sys.modules:
+    if argv is None and command.end_now and "torch" in sys.modules:
         end_now(code)
     return code
 

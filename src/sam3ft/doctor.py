@@ -14,10 +14,8 @@ import re
 import shutil
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
 from urllib.parse import urlsplit
 
 from packaging.requirements import Requirement
@@ -27,10 +25,20 @@ from packaging.utils import canonicalize_name
 from sam3ft import params as params_module
 from sam3ft.errors import ConfigError
 from sam3ft.model.spec import ModelSpec, load_preset
-from sam3ft.preflight import PRESETS
+from sam3ft.preflight import (
+    GB,
+    PRESETS,
+    Check,
+    check_disk,
+    check_vram,
+    cuda_memory_gb,
+    disk_needed_gb,
+    installed_version,
+)
+from sam3ft.preflight import (
+    check_preset as check_preset_params,
+)
 
-Status = Literal["OK", "WARN", "FAIL"]
-GB = 1e9  # decimal gigabytes, as df -H and nvidia-smi's GB show them
 PACKAGES = ("torch", "torchvision", "sam3", "dvc", "dvclive", "hydra-core")
 REQUIRED = ("torch", "sam3")  # nothing trains without these
 CONNECT_TIMEOUT_S = 2.0
@@ -38,25 +46,7 @@ PLACEHOLDER_BUCKET = "change-me"  # .dvc/config ships s3://CHANGE-ME-bucket/... 
 S3_KEY_PAIR = ("access_key_id", "secret_access_key")
 
 
-@dataclass(frozen=True)
-class Check:
-    """One report line: status, what was checked, what was found, and for problems how to fix it."""
-
-    status: Status
-    name: str
-    detail: str
-    fix: str = ""
-
-
 # -- 1. versions ---------------------------------------------------------------------------------
-
-
-def installed_version(name: str) -> str | None:
-    """The installed distribution's version, None if it is not installed."""
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def pinned_specifiers() -> dict[str, str]:
@@ -114,24 +104,22 @@ def load_params(path: Path) -> tuple[Check, params_module.Params | None]:
 
 
 def check_preset(p: params_module.Params) -> Check:
-    """The preset file exists, matches trainer.resolution, and doctor knows its size."""
-    name, resolution = p.model.preset, p.trainer.resolution
+    """The preset file exists, matches trainer.resolution (preflight's rule), and its size is known."""
+    name = p.model.preset
     try:
-        spec = load_preset(name)
+        check_preset_params(p.model, p.trainer)
     except ConfigError as exc:
         return Check("FAIL", "model", exc.message, exc.fix or "")
-    if spec.image_size != resolution:  # the same rule stages/train.py enforces, before any compute
-        detail = f"trainer.resolution={resolution} but preset {name!r} is built for {spec.image_size} px"
-        return Check("FAIL", "model", detail, f"set trainer.resolution: {spec.image_size}")
+    spec = load_preset(name)
     if name not in PRESETS:
-        fix = "add its parameter count to PRESETS in src/sam3ft/doctor.py"
+        fix = "add its parameter count to PRESETS in src/sam3ft/preflight.py"
         return Check("WARN", "model", f"preset {name!r}: size unknown, no VRAM or disk estimate", fix)
     return Check(
         "OK", "model", f"preset {name!r}: {spec.image_size} px, ~{PRESETS[name].params / 1e6:g} M params"
     )
 
 
-# -- 3. accelerator and VRAM ---------------------------------------------------------------------
+# -- 3. accelerator and VRAM estimate (comparisons: sam3ft.preflight) -----------------------------
 
 
 def check_accelerator(accelerator: str) -> Check:
@@ -152,81 +140,15 @@ def check_accelerator(accelerator: str) -> Check:
 
 def vram_estimate_gb(spec: ModelSpec, trainer: params_module.Trainer, vocab: Path) -> tuple[float, str]:
     """Estimated training peak in GB for this preset and recipe (sam3ft.train.memory), and how."""
-    from sam3ft.train.data import trained_groups
     from sam3ft.train.memory import param_counts, training_peak_gb
+    from sam3ft.train.model import trained_groups
 
     groups = trained_groups(trainer.trainable, trainer.segmentation)
     total, trainable = param_counts(spec, vocab, groups, trainer.lora_rank)
     return training_peak_gb(spec, total, trainable, trainer)
 
 
-def check_vram(estimate_gb: float, how: str, free_gb: float | None, total_gb: float | None) -> Check:
-    """Compare the estimate with the GPU's memory: FAIL if it can never fit, WARN if not free now."""
-    detail = f"estimated peak ~{estimate_gb:.2f} GB ({how})"
-    if free_gb is None or total_gb is None:
-        return Check("OK", "vram", f"{detail}; no CUDA device in use to compare with")
-    detail += f"; GPU has {free_gb:.1f} of {total_gb:.1f} GB free"
-    if estimate_gb > total_gb:
-        fix = "lower trainer.batch_size (raise grad_accum to keep the effective batch), set trainer.amp: true"
-        return Check("FAIL", "vram", detail, fix + ", or use a GPU with more memory")
-    if estimate_gb > free_gb:
-        return Check("WARN", "vram", detail, "free GPU memory (see nvidia-smi) or lower trainer.batch_size")
-    return Check("OK", "vram", detail)
-
-
-def cuda_memory_gb() -> tuple[float, float] | None:
-    """(free, total) GB of the current CUDA device, None without one."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    free, total = torch.cuda.mem_get_info()
-    return free / GB, total / GB
-
-
-# -- 4. disk -------------------------------------------------------------------------------------
-
-
-def disk_needed_gb(n_params: float, trainer: params_module.Trainer, export: params_module.Export) -> float:
-    """GB that `dvc repro` adds to the repository's filesystem for this preset and schedule.
-
-    checkpoint = 12 B/param: fp32 weights 4 B + AdamW's two moments 8 B (3 x the fp32 weights; grads are
-    not saved). That predicts the measured 10.0 GB for sam3 (840 M) and 50.6 MB for tiny (4.3 M).
-    train  = checkpoint x (1 + extras) in paths.scratch: the trainer's checkpoint.pt, plus one
-             checkpoint_<epoch>.pt kept every trainer.checkpoint_freq epochs, i.e. max_epochs // freq
-             extras (sam3/train/trainer.py:348 saves when (epoch + 1) % save_freq == 0), plus best.pt
-             when trainer.select is a metric
-           + checkpoint in paths.train (the normalised copy the train stage writes)
-           + checkpoint in .dvc/cache (DVC's copy of that output; reflinks or hardlinks would save it).
-    export = model weights at export.dtype (4 or 2 B/param) x 2: paths.export and its .dvc/cache copy.
-    Datasets, logs and plots are small next to these and not counted; a cache.dir on another disk is
-    not considered.
-    """
-    weights = (4 if export.dtype == "float32" else 2) * n_params
-    return train_checkpoints_gb(n_params, trainer) + 2 * weights / GB
-
-
-def train_checkpoints_gb(n_params: float, trainer: params_module.Trainer) -> float:
-    """GB of trainer checkpoints the train stage leaves: the train part of disk_needed_gb."""
-    extras = trainer.max_epochs // trainer.checkpoint_freq if trainer.checkpoint_freq > 0 else 0
-    extras += trainer.select != "last"  # best.pt, once checkpoint.pt has moved past the best epoch
-    checkpoint = 12 * n_params
-    return (checkpoint * (1 + extras) + checkpoint + checkpoint) / GB
-
-
-def check_disk(needed_gb: float, free_gb: float, where: Path) -> Check:
-    """FAIL if the filesystem holding the repository has less free space than the run writes."""
-    detail = f"{free_gb:.1f} GB free on {where}, the run writes ~{needed_gb:.2f} GB"
-    if free_gb < needed_gb:
-        fix = (
-            f"free at least {needed_gb - free_gb:.1f} GB (`dvc gc -w` drops cache entries the workspace "
-            "does not use), or keep fewer checkpoints (trainer.checkpoint_freq: 0 keeps the latest only)"
-        )
-        return Check("FAIL", "disk", detail, fix)
-    return Check("OK", "disk", detail)
-
-
-# -- 5. DVC remotes ------------------------------------------------------------------------------
+# -- 4. DVC remotes -------------------------------------------------------------------------------
 
 
 def read_dvc_config(path: Path) -> dict[str, dict[str, str]]:
@@ -368,7 +290,7 @@ def dvc_remote_checks(repo_root: Path, env: Mapping[str, str], home: Path) -> li
     return checks
 
 
-# -- 6. secrets, 7. threads ----------------------------------------------------------------------
+# -- 5. secrets, 6. threads ----------------------------------------------------------------------
 
 
 def check_secrets(weights: str, env: Mapping[str, str]) -> Check:

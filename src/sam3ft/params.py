@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sam3ft.errors import ConfigError, Sam3ftError
+from sam3ft.layout import CONFIGS_DIR
 from sam3ft.model.spec import PATCH_SIZE, load_preset, preset_train_defaults
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -545,7 +546,7 @@ class Params:
 
 def recipes_dir() -> Path:
     """`configs/recipes/` of the repository (the package lives in `src/sam3ft`)."""
-    return Path(__file__).resolve().parents[2] / "configs" / "recipes"
+    return CONFIGS_DIR / "recipes"
 
 
 def recipes() -> list[str]:

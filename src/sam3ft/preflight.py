@@ -1,19 +1,25 @@
 """Checks of a run's params against each other and this machine, cheap enough to run before any
 stage (the `check` stage), again where the train stage starts, and in `sam3ft doctor`.
 
+Two kinds: those that raise `ConfigError` (a run that cannot start), and the disk and VRAM
+comparisons that return a `Check` (doctor reports them; the train stage refuses a FAIL).
 torch is imported only inside the functions that need it, so a params error is reported before
-that import.
+that import. Nothing here imports `sam3ft.train` (the check stage does not depend on it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 from sam3ft import params as params_module
 from sam3ft.errors import ConfigError
 from sam3ft.model.spec import load_preset
 
+Status = Literal["OK", "WARN", "FAIL"]
+GB = 1e9  # decimal gigabytes, as df -H and nvidia-smi's GB show them
 # Presets with more parameters than this train on the CPU only when trainer.allow_cpu says so.
 CPU_PRESET_PARAMS = 100e6
 
@@ -119,3 +125,84 @@ def check_steps(trainer: params_module.Trainer, train_images: int, annotations: 
         fix=fix,
         key="trainer.batch_size",
     )
+
+
+@dataclass(frozen=True)
+class Check:
+    """One report line: status, what was checked, what was found, and for problems how to fix it."""
+
+    status: Status
+    name: str
+    detail: str
+    fix: str = ""
+
+
+def installed_version(name: str) -> str | None:
+    """The installed distribution's version, None if it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cuda_memory_gb() -> tuple[float, float] | None:
+    """(free, total) GB of the current CUDA device, None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return free / GB, total / GB
+
+
+def check_vram(estimate_gb: float, how: str, free_gb: float | None, total_gb: float | None) -> Check:
+    """Compare the estimate with the GPU's memory: FAIL if it can never fit, WARN if not free now."""
+    detail = f"estimated peak ~{estimate_gb:.2f} GB ({how})"
+    if free_gb is None or total_gb is None:
+        return Check("OK", "vram", f"{detail}; no CUDA device in use to compare with")
+    detail += f"; GPU has {free_gb:.1f} of {total_gb:.1f} GB free"
+    if estimate_gb > total_gb:
+        fix = "lower trainer.batch_size (raise grad_accum to keep the effective batch), set trainer.amp: true"
+        return Check("FAIL", "vram", detail, fix + ", or use a GPU with more memory")
+    if estimate_gb > free_gb:
+        return Check("WARN", "vram", detail, "free GPU memory (see nvidia-smi) or lower trainer.batch_size")
+    return Check("OK", "vram", detail)
+
+
+def disk_needed_gb(n_params: float, trainer: params_module.Trainer, export: params_module.Export) -> float:
+    """GB that `dvc repro` adds to the repository's filesystem for this preset and schedule.
+
+    checkpoint = 12 B/param: fp32 weights 4 B + AdamW's two moments 8 B (3 x the fp32 weights; grads are
+    not saved). That predicts the measured 10.0 GB for sam3 (840 M) and 50.6 MB for tiny (4.3 M).
+    train  = checkpoint x (1 + extras) in paths.scratch: the trainer's checkpoint.pt, plus one
+             checkpoint_<epoch>.pt kept every trainer.checkpoint_freq epochs, i.e. max_epochs // freq
+             extras (sam3/train/trainer.py:348 saves when (epoch + 1) % save_freq == 0), plus best.pt
+             when trainer.select is a metric
+           + checkpoint in paths.train (the normalised copy the train stage writes)
+           + checkpoint in .dvc/cache (DVC's copy of that output; reflinks or hardlinks would save it).
+    export = model weights at export.dtype (4 or 2 B/param) x 2: paths.export and its .dvc/cache copy.
+    Datasets, logs and plots are small next to these and not counted; a cache.dir on another disk is
+    not considered.
+    """
+    weights = (4 if export.dtype == "float32" else 2) * n_params
+    return train_checkpoints_gb(n_params, trainer) + 2 * weights / GB
+
+
+def train_checkpoints_gb(n_params: float, trainer: params_module.Trainer) -> float:
+    """GB of trainer checkpoints the train stage leaves: the train part of disk_needed_gb."""
+    extras = trainer.max_epochs // trainer.checkpoint_freq if trainer.checkpoint_freq > 0 else 0
+    extras += trainer.select != "last"  # best.pt, once checkpoint.pt has moved past the best epoch
+    checkpoint = 12 * n_params
+    return (checkpoint * (1 + extras) + checkpoint + checkpoint) / GB
+
+
+def check_disk(needed_gb: float, free_gb: float, where: Path) -> Check:
+    """FAIL if the filesystem holding the repository has less free space than the run writes."""
+    detail = f"{free_gb:.1f} GB free on {where}, the run writes ~{needed_gb:.2f} GB"
+    if free_gb < needed_gb:
+        fix = (
+            f"free at least {needed_gb - free_gb:.1f} GB (`dvc gc -w` drops cache entries the workspace "
+            "does not use), or keep fewer checkpoints (trainer.checkpoint_freq: 0 keeps the latest only)"
+        )
+        return Check("FAIL", "disk", detail, fix)
+    return Check("OK", "disk", detail)

@@ -1,8 +1,8 @@
 """`sam3ft doctor`'s dataset checks: the export prepare will read, its splits and counts, what
 prepare would carve, and the DVC pin of the data folder.
 
-Kept apart from sam3ft.doctor, which the train stage imports: this module imports the whole data
-package, and the train stage must not depend on it (dvc.yaml lists each stage's import closure).
+Beside the data package it checks with (sam3ft.doctor holds the machine and params checks); the
+report line type is sam3ft.preflight's `Check`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from sam3ft import params as params_module
 from sam3ft.data.coco import check_objects_per_image, resolve_categories
 from sam3ft.data.dvc_pin import check_pinned_remote, dvc_file_for, unpin_command, unpinned_entries
 from sam3ft.data.roboflow import Plan, check_eval_splits, plan_dataset
-from sam3ft.doctor import Check
 from sam3ft.errors import ConfigError, DatasetError
+from sam3ft.preflight import Check
 
 SECTIONS = ["paths", "prepare", "evaluate", "trainer"]
 

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from sam3ft.errors import ConfigError
+from sam3ft.layout import CONFIGS_DIR
 
 PATCH_SIZE = 14  # SAM3's ViT patch size; every resolution must be a multiple of it
 # A preset file's `train:` block: trainer values that follow the preset where params.yaml leaves
@@ -122,7 +123,7 @@ def load_spec_file(path: str | Path) -> ModelSpec:
 
 def presets_dir() -> Path:
     """`configs/model/` of the repository (the package lives in `src/sam3ft`)."""
-    return Path(__file__).resolve().parents[3] / "configs" / "model"
+    return CONFIGS_DIR / "model"
 
 
 def preset_file(name: str, directory: Path | None = None) -> Path:

@@ -29,11 +29,14 @@ def pin_threads(threads: int) -> None:
         torch.set_num_interop_threads(threads)
 
 
-def stage_main(name: str, sections: list[str], run: Callable[[params_module.Params], None]) -> None:
-    """Parse `--params`, load the stage's sections, run; user errors exit 2 with their fix."""
+def stage_main(
+    name: str, sections: list[str], run: Callable[[params_module.Params], None], argv: list[str] | None = None
+) -> None:
+    """Parse `--params` (from `argv`, else the command line), load the stage's sections, run; user
+    errors exit 2 with their fix."""
     parser = argparse.ArgumentParser(prog=f"python -m sam3ft.stages.{name}")
     parser.add_argument("--params", type=Path, default=params_module.DEFAULT_PARAMS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     # force: importing sam3 already installed a root handler, which would swallow these lines
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s", force=True)
     try:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import shutil
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,29 @@ from omegaconf import DictConfig
 from sam3ft import params as params_module
 from sam3ft.console import stdout_to
 from sam3ft.data.coco import check_objects_per_image
-from sam3ft.doctor import GB, check_disk, check_vram, cuda_memory_gb, train_checkpoints_gb
 from sam3ft.errors import ConfigError, DatasetError
 from sam3ft.io import atomic_dir, sha256_tree, write_json
 from sam3ft.layout import ANNOTATIONS_FILE, CHECKPOINT, MANIFEST, SPEC_FILE, VOCAB_NAME
 from sam3ft.model.spec import ModelSpec, load_spec_file
-from sam3ft.preflight import check_devices, check_steps, preset_params, updates_per_epoch, visible_gpus
+from sam3ft.preflight import (
+    GB,
+    check_devices,
+    check_disk,
+    check_steps,
+    check_vram,
+    cuda_memory_gb,
+    installed_version,
+    preset_params,
+    train_checkpoints_gb,
+    updates_per_epoch,
+    visible_gpus,
+)
 from sam3ft.stages import pin_threads
 from sam3ft.train.compose import CONFIG_NAME, compose_trainer_config, resolved_yaml
-from sam3ft.train.data import trained_groups
 from sam3ft.train.launch import launch_local, launch_slurm
 from sam3ft.train.logging import STEPS_FILE, log_steps_to_dvclive, log_to_dvclive, read_steps
 from sam3ft.train.memory import param_counts, training_peak_gb
+from sam3ft.train.model import trained_groups
 from sam3ft.train.run import STATS_FILES, normalise_checkpoint, prepare_scratch, read_stats
 from sam3ft.train.select import BEST_CHECKPOINT, TIES, metric_curve, select_epoch
 
@@ -123,13 +133,8 @@ def check_masks(split_dir: Path) -> None:
 
 
 def versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    """The installed version of each of PACKAGES, recorded with the run."""
+    return {name: installed_version(name) or "not installed" for name in PACKAGES}
 
 
 def launch(

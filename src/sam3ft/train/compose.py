@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sam3ft.errors import ConfigError
+from sam3ft.layout import CONFIGS_DIR
 
 CONFIG_NAME = "sam3ft"
 KNOBS = "knobs"
@@ -23,7 +24,7 @@ _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
 
 def config_dir() -> Path:
     """`configs/train/` of the repository."""
-    return Path(__file__).resolve().parents[3] / "configs" / "train"
+    return CONFIGS_DIR / "train"
 
 
 def _override_value(value: Any) -> str:

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 from sam3ft.params import Launcher
-from sam3ft.train.run import _free_port, run_trainer
+from sam3ft.train.run import free_port, run_trainer
 
 
 def _config(text: str) -> DictConfig:
@@ -35,7 +35,7 @@ def launch_local(cfg: DictConfig, num_gpus: int) -> None:
         return
     cfg_yaml = OmegaConf.to_yaml(cfg)  # plain text crosses the spawn boundary
     mp.start_processes(
-        _local_worker, args=(cfg_yaml, _free_port(), num_gpus), nprocs=num_gpus, start_method="spawn"
+        _local_worker, args=(cfg_yaml, free_port(), num_gpus), nprocs=num_gpus, start_method="spawn"
     )
 
 

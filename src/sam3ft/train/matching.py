@@ -12,6 +12,7 @@ assignment on each, so the indices are the same, for five waits (one more splits
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,9 +55,9 @@ def match_outputs(
     return split
 
 
-def stack_model_matching(model: torch.nn.Module) -> None:
-    """The model's training forward matches its final and auxiliary outputs in one call (same
-    indices as upstream's `_compute_matching`, a call per output)."""
+def stacked_matching(model: torch.nn.Module) -> Callable[[dict[str, Any], dict[str, Any]], None]:
+    """A `_compute_matching` for `model` that matches its final and auxiliary outputs in one call
+    (same indices as upstream's, a call per output); train/model.py installs it."""
     matcher = model.matcher
 
     def compute_matching(out: dict[str, Any], targets: dict[str, Any]) -> None:
@@ -64,4 +65,4 @@ def stack_model_matching(model: torch.nn.Module) -> None:
         for each, indices in zip(outputs, match_outputs(matcher, outputs, targets), strict=True):
             each["indices"] = indices
 
-    model._compute_matching = compute_matching  # type: ignore[method-assign,assignment]
+    return compute_matching

@@ -25,9 +25,9 @@ from pathlib import Path
 from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec
 from sam3ft.params import Trainer
-from sam3ft.train.data import freeze_and_adapt
+from sam3ft.preflight import GB
+from sam3ft.train.model import freeze_and_adapt
 
-GB = 1e9
 STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_bf16": 4}
 
 

@@ -20,10 +20,33 @@ from sam3ft.model.lora import has_lora, merge_state_dict
 STATS_FILES = ("train_stats.json", "val_stats.json")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now, for a process group's rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def setup_process(
+    rank: int = 0, local_rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None
+) -> None:
+    """Make this process one rank of a process group (rank 0 of 1 on loopback by default) with
+    sam3's workarounds (sam3ft.compat) and config resolvers installed: what instantiating
+    `cfg.trainer` needs. `run_trainer` calls it; so does bench/gpu_recipes.py, which drives the
+    trainer's epochs itself."""
+    from sam3.train.utils.train_utils import register_omegaconf_resolvers
+
+    compat.apply()
+    if not OmegaConf.has_resolver("times"):
+        register_omegaconf_resolvers()
+    host, port = master or ("127.0.0.1", free_port())
+    os.environ.update(
+        MASTER_ADDR=host,
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+    )
 
 
 def run_trainer(
@@ -33,21 +56,9 @@ def run_trainer(
     world_size: int = 1,
     master: tuple[str, int] | None = None,
 ) -> None:
-    """Instantiate `cfg.trainer` and run it as one rank of a process group (rank 0 of 1 by default,
-    on loopback), the way sam3/train/train.py's single_proc_run does."""
-    from sam3.train.utils.train_utils import register_omegaconf_resolvers
-
-    compat.apply()
-    if not OmegaConf.has_resolver("times"):
-        register_omegaconf_resolvers()
-    host, port = master or ("127.0.0.1", _free_port())
-    os.environ.update(
-        MASTER_ADDR=host,
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(local_rank),
-        WORLD_SIZE=str(world_size),
-    )
+    """Instantiate `cfg.trainer` and run it as one rank of a process group (`setup_process`), the
+    way sam3/train/train.py's single_proc_run does."""
+    setup_process(rank, local_rank, world_size, master)
     # sam3 scripts some loss helpers (sam3/model/box_ops.py:145 and 172, sam3/train/loss/loss_fns.py:199).
     # TorchScript's executor optimizes a scripted function after its first calls in a process, and
     # the optimized graph's backward rounds differently; so a resumed process, unoptimized at first,

@@ -23,6 +23,7 @@ from sam3.train.trainer import Trainer as Sam3Trainer
 from sam3.train.utils.train_utils import AverageMeter, get_amp_type
 
 from sam3ft.errors import Sam3ftError
+from sam3ft.preflight import GB
 from sam3ft.train.optim import DeviceGradScaler, GradientClipper
 from sam3ft.train.run import STATS_FILES, read_stats
 from sam3ft.train.select import BEST_CHECKPOINT, metric_curve, select_epoch
@@ -134,7 +135,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
     - GradScaler and the gradient clipper hand their passes over the gradients to adamw_bf16 on its
       kernel, which unscales, checks for infs and clips inside its update (train/optim.py).
     - `compile_model: true` goes with a model built with the same switch
-      (`data.compile_training_forward`): the process's first training step runs eager, so sam3
+      (`train/model.compile_training_forward`): the process's first training step runs eager, so sam3
       fills its lazy device caches outside any CUDA graph, and every later step tells CUDA graph
       trees where it begins (outputs of the previous step's graphs may then be overwritten).
     - Python's cyclic garbage collector leaves the objects alive after the first training step
@@ -193,7 +194,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
                 torch.save(checkpoint, f)
         except (OSError, RuntimeError) as exc:
             tmp.unlink(missing_ok=True)
-            need, free = checkpoint_bytes(checkpoint) / 1e9, shutil.disk_usage(tmp.parent).free / 1e9
+            need, free = checkpoint_bytes(checkpoint) / GB, shutil.disk_usage(tmp.parent).free / GB
             # torch's zip writer reports a full disk as RuntimeError ("unexpected pos ..."), not ENOSPC
             if getattr(exc, "errno", None) != errno.ENOSPC and free >= need:
                 raise
