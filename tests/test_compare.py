@@ -56,8 +56,8 @@ def test_shipped_metrics_give_at_most_fifteen_columns():
 
 def test_summary_lines_are_few_and_short():
     lines = summary_lines(decision_metrics(FULL, {"epoch": 6}), 0.4)
-    assert lines[0].startswith("valid    AP 0.100  AP50 0.500  mask_AP 0.300  precision 1.000  recall 0.800")
-    assert lines[0].endswith("(base model: AP 0.100  AP50 0.200)")
+    assert lines[0].startswith("valid    AP=0.100  AP50=0.500  mask_AP=0.300  precision=1.000  recall=0.800")
+    assert lines[0].endswith("(base model: AP=0.100  AP50=0.200)")
     assert "score >= 0.4" in lines[-2] and lines[-1].startswith("checkpoint: epoch 6")
     assert len(lines) <= 6 and max(map(len, lines)) <= 120
 

@@ -21,7 +21,7 @@ INLINE = re.compile(r"(?<!`)`([^`\n]+(?:\n[^`\n]+)*)`(?!`)")
 REPO_PATH = re.compile(r"(?<![\w./-])((?:src|configs|bench|docs|tests)/[\w./*{},-]*[\w*}])")
 # a benchmark's bookkeeping (the word call and a number, an ordinal and the word session), not the
 # word session in code (pytest's scope="session", AWS_SESSION_TOKEN)
-CALL = re.compile(r"\bcalls? \d+")
+CALL = re.compile(r"calls? [0-9]+")  # the same pattern as `git grep -nE "calls? [0-9]+"`
 ORDINALS = "first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|\\w+teenth"
 SESSION = re.compile(
     rf"\b(?:{ORDINALS}|\d+(?:st|nd|rd|th)|this|previous|last|next) session\b|\bsessions? \d", re.I

@@ -62,9 +62,9 @@ def summary_lines(summary: dict[str, Any], threshold: float | None) -> list[str]
     for split, values in summary.items():
         if split in (BASE_BLOCK, "epoch"):
             continue
-        line = f"{split:<9}" + "  ".join(f"{k} {v:.3f}" for k, v in values.items())
+        line = f"{split:<9}" + "  ".join(f"{k}={v:.3f}" for k, v in values.items())
         if split in base:
-            line += "   (base model: " + "  ".join(f"{k} {v:.3f}" for k, v in base[split].items()) + ")"
+            line += "   (base model: " + "  ".join(f"{k}={v:.3f}" for k, v in base[split].items()) + ")"
         lines.append(line)
     at = f"score >= {threshold}" if threshold is not None else "evaluate.threshold"
     lines.append(f"precision/recall: images with a detection at {at}")
