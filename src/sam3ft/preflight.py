@@ -16,7 +16,7 @@ from typing import Literal
 
 from sam3ft import params as params_module
 from sam3ft.errors import ConfigError
-from sam3ft.model.spec import load_preset
+from sam3ft.model.spec import ModelSpec, load_preset
 
 Status = Literal["OK", "WARN", "FAIL"]
 GB = 1e9  # decimal gigabytes, as df -H and nvidia-smi's GB show them
@@ -46,10 +46,14 @@ def preset_params(name: str) -> float | None:
 
 def check_preset(model: params_module.Model, trainer: params_module.Trainer) -> None:
     """The preset file exists and trainer.resolution is the size it is built for (RoPE tables)."""
-    spec = load_preset(model.preset)
+    check_resolution(trainer, load_preset(model.preset))
+
+
+def check_resolution(trainer: params_module.Trainer, spec: ModelSpec) -> None:
+    """trainer.resolution is the image size `spec` is built for: its RoPE tables are fixed at it."""
     if spec.image_size != trainer.resolution:
         raise ConfigError(
-            f"trainer.resolution={trainer.resolution} but preset {model.preset!r} is "
+            f"trainer.resolution={trainer.resolution} but preset {spec.name!r} is "
             f"built for {spec.image_size} px",
             fix=f"set trainer.resolution: {spec.image_size}",
             key="trainer.resolution",

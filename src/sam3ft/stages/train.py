@@ -29,6 +29,7 @@ from sam3ft.preflight import (
     GB,
     check_devices,
     check_disk,
+    check_resolution,
     check_steps,
     check_vram,
     cuda_memory_gb,
@@ -75,13 +76,7 @@ def trainer_knobs(
 ) -> dict[str, Any]:
     """Everything configs/train/sam3ft.yaml declares under `knobs`, from params and the spec."""
     trainer = p.trainer
-    if trainer.resolution != spec.image_size:
-        raise ConfigError(
-            f"trainer.resolution={trainer.resolution} but model preset "
-            f"{spec.name!r} is built for {spec.image_size} px (its RoPE tables are fixed at that size)",
-            fix=f"set trainer.resolution: {spec.image_size}",
-            key="trainer.resolution",
-        )
+    check_resolution(trainer, spec)  # against the fetched spec, which a stale fetch may not match
     on_gpu = trainer.accelerator == "cuda"
     weights = manifest["weights"]
     consumed_elsewhere = ("num_gpus", "num_nodes", "recipe", "allow_cpu")  # launcher; with_recipe; preflight
