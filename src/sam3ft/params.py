@@ -198,6 +198,8 @@ class Trainer:
     """A later epoch is better only when it beats the best so far by more than this."""
     patience: int = 0
     """Stop after this many validated epochs without improvement of `select`; 0 = off."""
+    o2m_weight: float = 2.0
+    """Weight of the loss on sam3's one-to-many queries (DAC; upstream 2.0, 0 = one-to-one loss only)."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights with this decay (0 = off): validation,
     `select`, evaluate and export then use the averaged weights."""
@@ -316,6 +318,7 @@ class Trainer:
         )
         _check(self.min_delta >= 0, "trainer.min_delta", self.min_delta, ">= 0")
         _check(self.patience >= 0, "trainer.patience", self.patience, ">= 0 (0 = off)")
+        _check(self.o2m_weight >= 0, "trainer.o2m_weight", self.o2m_weight, ">= 0 (0 = off)")
         _check(0 <= self.ema_decay < 1, "trainer.ema_decay", self.ema_decay, "a decay in [0, 1) (0 = off)")
         _check(
             self.patience == 0 or self.select != "last",
