@@ -15,6 +15,7 @@ from sam3.train.data.sam3_image_dataset import Datapoint, Image, Object
 from conftest import REPO
 from sam3ft import params
 from sam3ft.errors import ConfigError
+from sam3ft.stages.train import config_name
 from sam3ft.train.augment import Augment, _rotate_boxes, crop_region, rotate
 from sam3ft.train.compose import compose_trainer_config, resolved_yaml
 from sam3ft.train.data import reseed
@@ -144,3 +145,22 @@ def test_bad_values_name_the_key(key, value, fragment):
 
 def test_shipped_defaults_are_valid(loaded):
     assert dataclasses.asdict(loaded["augment"]).keys() == OFF.keys()
+
+
+def test_masks_move_with_their_boxes(loaded):
+    """With trainer.segmentation, crop, rotation and flip move each mask with its box: after the whole
+    train chain (resize, pad, normalise) the box still encloses its mask, to 2 px."""
+    seg = dict(loaded, trainer=dataclasses.replace(loaded["trainer"], segmentation=True))
+    augment = params.Augment(**dict(OFF, hflip=1.0, crop_min=0.5, rotate=15.0))
+    cfg = compose_trainer_config(knobs_for(dict(seg, augment=augment)), name=config_name(True))
+    resolved_yaml(cfg)
+    dataset = instantiate(cfg.trainer.data.train.dataset)
+    for index in range(3):
+        reseed(loaded["base"].seed, 0, index)
+        (obj,) = dataset[index].images[0].objects
+        ys, xs = torch.nonzero(obj.segment, as_tuple=True)
+        size = obj.segment.shape[-1]  # square after padding, px
+        cx, cy, w, h = obj.bbox.reshape(4).tolist()  # normalised cxcywh
+        box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+        mask = [xs.min() / size, ys.min() / size, (xs.max() + 1) / size, (ys.max() + 1) / size]
+        assert box == pytest.approx([float(v) for v in mask], abs=2 / size)
