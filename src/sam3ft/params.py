@@ -389,7 +389,8 @@ class Trainer:
 @dataclass(frozen=True)
 class Augment:
     """Augmentation of the training images (the train split only; sam3ft.train.augment), each
-    image with its boxes (and masks), drawn from (base.seed, epoch, image)."""
+    image with its boxes (and masks), drawn from the data loader's RNG (reseeded per base.seed and
+    epoch, and per image with workers: a resume draws what an unbroken run did)."""
 
     hflip: float
     """Probability of a horizontal flip."""

@@ -4,7 +4,8 @@ train-transform chain (configs/train/sam3ft.yaml), where images are still PIL an
 xyxy pixels.
 
 Every draw comes from python's `random`, which the data loader reseeds from (seed, epoch[, image])
-(train/data.py `reseed`), so what an image gets does not depend on workers or on a resume. A knob
+(train/data.py `reseed`), so what an image gets depends neither on a resume nor on the number of
+workers (1 or more; without workers the epoch's images draw in turn from the epoch's seed). A knob
 at its "off" value draws nothing: with everything off the transform is the identity and the rest
 of the chain draws what it drew without it.
 """
