@@ -76,6 +76,8 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
             new = "last" if value != "last" else "AP"
         elif field.name == "min_delta":
             new = value + 0.01
+        elif field.name in ("ema_decay", "o2m_weight"):  # 0 by default: halving changes nothing
+            new = 0.9 if value == 0 else 0.0
         elif field.name in ("recipe", "lora_rank", "lora_alpha"):
             # a recipe's values are checked to reach the config in test_every_recipe_composes; LoRA
             # needs the trunk frozen, so perturb it on top of the lora recipe
@@ -115,6 +117,17 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
         assert other != baseline, f"trainer.{field.name} does not reach the trainer config"
     seeded = loaded.replace(base=dataclasses.replace(loaded.base, seed=loaded.base.seed + 1))
     assert resolved_yaml(compose_trainer_config(knobs_for(seeded)).trainer) != baseline
+
+
+def test_every_augment_param_changes_the_composed_config(loaded):
+    """No augment knob is dead: switching any one on (or up) changes the resolved trainer config."""
+    baseline = resolved_yaml(compose_trainer_config(knobs_for(loaded)).trainer)
+    for field in dataclasses.fields(params.Augment):
+        value = getattr(loaded.augment, field.name)
+        new = value * 0.5 if field.name == "crop_min" else value + 0.1
+        perturbed = loaded.replace(augment=dataclasses.replace(loaded.augment, **{field.name: new}))
+        other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
+        assert other != baseline, f"augment.{field.name} does not reach the trainer config"
 
 
 def test_resolution_must_match_preset(loaded):

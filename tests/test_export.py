@@ -56,6 +56,7 @@ def tree(tmp_path, shipped_params):
     coco["categories"] = [{"id": 1, "name": "fuse neutrals"}]
     write_json(valid / "_annotations.coco.json", coco)
     write_json(art / "train/run/dataset.json", {"prepared_sha256": "abc", "path": "x"})
+    write_json(art / "train/run/selection.json", {"epoch": 0, "weights": "ema", "ema_decay": 0.99})
     write_json(
         art / "eval/metrics.json",
         {"valid": {"AP": 0.5, "AP50": 0.9, "AR@100": 0.6, "image_level": {"threshold": 0.4}}},
@@ -85,6 +86,8 @@ def test_bf16_export_reloads_exactly_and_stays_close(tree):
     assert all(torch.equal(state[k], v) for k, v in rounded.items())  # RoPE's complex tables kept exact
     card = (out / "model" / "README.md").read_text()
     assert "fuse neutrals" in card and info["checkpoint_sha256"] in card and "| valid | 0.5 |" in card
+    assert info["ema"] == {"weights": "ema", "decay": 0.99}  # train's selection.json: EMA weights tracked
+    assert "moving average of the training weights (trainer.ema_decay 0.99)" in card
 
 
 def test_fp32_export_is_bit_identical(tree):

@@ -178,7 +178,7 @@ def test_a_preset_without_a_value_for_a_null_key_names_both(tmp_path, shipped_pa
     ) as err:
         load_trainer(tmp_path, shipped_params)
     assert err.value.key == "trainer.resize_min" and "configs/model/bare.yaml" in (err.value.fix or "")
-    shipped_params["trainer"].update(resize_min=160, amp=False, lr_scale=1.0)
+    shipped_params["trainer"].update(resize_min=160, amp=False, lr_scale=1.0, o2m_weight=0.0)
     assert load_trainer(tmp_path, shipped_params).resolution == 224  # the image size: always known
 
 

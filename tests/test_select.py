@@ -84,6 +84,8 @@ def test_early_stop_tracks_the_selected_epoch_and_survives_a_kill(tmp_path, ship
         "max_epochs": 6,
         "epochs_trained": 3,
         "stopped_early": True,
+        "weights": "regular",
+        "ema_decay": 0.0,
     }
     assert len(json.loads((tmp_path / "ref/train/run/val_stats.json").read_text())) == 3
     assert torch.load(tmp_path / "ref/train/checkpoint.pt", weights_only=True)["epoch"] == 1
@@ -102,6 +104,8 @@ def test_early_stop_tracks_the_selected_epoch_and_survives_a_kill(tmp_path, ship
         "max_epochs": 1,
         "epochs_trained": 1,
         "stopped_early": False,
+        "weights": "regular",
+        "ema_decay": 0.0,
     }
 
     # killed after epoch 1's checkpoint: best.pt (epoch 0) and one epoch without improvement are

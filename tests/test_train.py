@@ -84,11 +84,14 @@ def test_a_run_as_long_as_its_warmup_trains(tmp_path, shipped_params):
     assert max(lrs) > 0
 
 
-def test_killed_run_resumes_to_the_same_checkpoint(tmp_path, shipped_params):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["plain", "ema"])
+def test_killed_run_resumes_to_the_same_checkpoint(tmp_path, shipped_params, ema_decay):
     """Killed after epoch 2's checkpoint of 3 and resumed: the same checkpoint and stats, byte for
-    byte. (This case drifted by float rounding while TorchScript optimized sam3's scripted loss
-    helpers after their first calls in a process: see train/run.run_trainer.)"""
-    settings = {"max_epochs": 3, "checkpoint_freq": 1}  # checkpoint_<epoch>.pt tells the epochs apart
+    byte; with EMA, the average continues from the checkpoint's (the tracked checkpoint holds it, and
+    the validation stats score it). (This case drifted by float rounding while TorchScript optimized
+    sam3's scripted loss helpers after their first calls in a process: see train/run.run_trainer.)"""
+    # checkpoint_<epoch>.pt tells the epochs apart
+    settings = {"max_epochs": 3, "checkpoint_freq": 1, "ema_decay": ema_decay}
     ref = workspace(tmp_path / "ref", json.loads(json.dumps(shipped_params)), **settings)
     finish(train(ref))
     path = workspace(tmp_path / "cut", shipped_params, **settings)
@@ -109,6 +112,8 @@ def test_killed_run_resumes_to_the_same_checkpoint(tmp_path, shipped_params):
     assert sha(tmp_path / "cut/train/checkpoint.pt") == sha(tmp_path / "ref/train/checkpoint.pt")
     for name in ("dvclive/metrics.json", "run/train_stats.json", "run/val_stats.json"):
         assert (tmp_path / "cut/train" / name).read_text() == (tmp_path / "ref/train" / name).read_text()
+    tracked = torch.load(tmp_path / "cut/train/checkpoint.pt", map_location="cpu", weights_only=True)
+    assert tracked.get("model_weights", "regular") == ("ema" if ema_decay else "regular")
 
 
 def test_scratch_from_another_config_is_never_resumed(tmp_path):

@@ -49,7 +49,7 @@ SWITCH_KEYS = (
 RECIPE_KEYS = CHOSEN_RECIPE_KEYS + SWITCH_KEYS
 # trainer keys that follow model.preset where params.yaml leaves them null: resolution is the preset's
 # image_size, the others its `train:` block (configs/model/<preset>.yaml); amp only on a GPU
-PRESET_KEYS = ("resolution", "resize_min", "amp", "lr_scale")
+PRESET_KEYS = ("resolution", "resize_min", "amp", "lr_scale", "o2m_weight")
 AUTO = "auto"  # trainer.num_gpus: the CUDA devices visible here
 GROUPS = ("trunk", "neck", "text", "encoder", "decoder", "geometry", "heads")  # trainer.trainable
 T = TypeVar("T")
@@ -213,6 +213,12 @@ class Trainer:
     """A later epoch is better only when it beats the best so far by more than this."""
     patience: int = 0
     """Stop after this many validated epochs without improvement of `select`; 0 = off."""
+    o2m_weight: float = 2.0
+    """Weight of the loss on sam3's one-to-many queries (DAC; upstream 2.0, 0 = one-to-one loss only);
+    null in params.yaml = the preset's."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (0 = off): validation,
+    `select`, evaluate and export then use the averaged weights."""
     num_nodes: int = 1
     """Machines (SLURM nodes) with num_gpus each; more than 1 needs launcher.kind: slurm."""
     allow_cpu: bool = False
@@ -354,6 +360,8 @@ class Trainer:
         )
         _check(self.min_delta >= 0, "trainer.min_delta", self.min_delta, ">= 0")
         _check(self.patience >= 0, "trainer.patience", self.patience, ">= 0 (0 = off)")
+        _check(self.o2m_weight >= 0, "trainer.o2m_weight", self.o2m_weight, ">= 0 (0 = off)")
+        _check(0 <= self.ema_decay < 1, "trainer.ema_decay", self.ema_decay, "a decay in [0, 1) (0 = off)")
         _check(
             self.patience == 0 or self.select != "last",
             "trainer.patience",
@@ -417,6 +425,34 @@ class Trainer:
             self.amp,
             "false when trainer.num_gpus is 0 (sam3 autocasts on CUDA only)",
         )
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Augmentation of the training images (the train split only; sam3ft.train.augment), each
+    image with its boxes (and masks), drawn from the data loader's RNG (reseeded per base.seed and
+    epoch, and per image with workers: a resume draws what an unbroken run did)."""
+
+    hflip: float
+    """Probability of a horizontal flip."""
+    brightness: float
+    """Colour jitter: brightness factor drawn from [1 - x, 1 + x]; 0 = off."""
+    contrast: float
+    """Colour jitter: contrast factor drawn from [1 - x, 1 + x]; 0 = off."""
+    saturation: float
+    """Colour jitter: saturation factor drawn from [1 - x, 1 + x]; 0 = off."""
+    crop_min: float
+    """Random crop: each side at least this share of the image's, every object kept whole; 1 = off."""
+    rotate: float
+    """Rotation by an angle drawn from [-x, x] degrees (boxes: the rotated box's enclosing box); 0 = off."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.hflip <= 1, "augment.hflip", self.hflip, "a probability in [0, 1]")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"augment.{name}", value, "a jitter in [0, 1) (0 = off)")
+        _check(0 < self.crop_min <= 1, "augment.crop_min", self.crop_min, "a share in (0, 1] (1 = off)")
+        _check(0 <= self.rotate <= 45, "augment.rotate", self.rotate, "degrees in [0, 45] (0 = off)")
 
 
 @dataclass(frozen=True)
@@ -524,6 +560,10 @@ class Params:
         return self._get("trainer", Trainer)
 
     @property
+    def augment(self) -> Augment:
+        return self._get("augment", Augment)
+
+    @property
     def launcher(self) -> Launcher:
         return self._get("launcher", Launcher)
 
@@ -575,6 +615,7 @@ SECTIONS: dict[str, type] = {
     "fetch": Fetch,
     "prepare": Prepare,
     "trainer": Trainer,
+    "augment": Augment,
     "launcher": Launcher,
     "evaluate": Evaluate,
     "export": Export,

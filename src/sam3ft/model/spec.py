@@ -16,7 +16,7 @@ PATCH_SIZE = 14  # SAM3's ViT patch size; every resolution must be a multiple of
 # A preset file's `train:` block: trainer values that follow the preset where params.yaml leaves
 # them null (sam3ft.params.PRESET_KEYS; resolution is the preset's image_size). Not architecture.
 TRAIN_BLOCK = "train"
-TRAIN_KEYS = ("resize_min", "amp", "lr_scale")
+TRAIN_KEYS = ("resize_min", "amp", "lr_scale", "o2m_weight")
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,19 @@ def operating_threshold(metrics: dict[str, Any]) -> float:
     return float(found.pop())
 
 
+def ema_record(run: Path) -> dict[str, Any]:
+    """Whether the tracked (so exported) weights are the EMA of the training weights, from the
+    train stage's selection.json (a run made before EMA existed: no)."""
+    selection = json.loads((run / "selection.json").read_text())
+    return {"weights": selection.get("weights", "regular"), "decay": selection.get("ema_decay", 0.0)}
+
+
+def ema_line(ema: dict[str, Any]) -> str:
+    if ema["weights"] == "ema":
+        return f"the exponential moving average of the training weights (trainer.ema_decay {ema['decay']})"
+    return "the training weights themselves (no EMA, trainer.ema_decay 0)"
+
+
 def model_card(info: dict[str, Any], metrics: dict[str, Any], run: Path) -> str:
     """README.md next to the weights: what it is, where it came from, how well it does, how to load it."""
     dataset = json.loads((run / "dataset.json").read_text())
@@ -119,6 +132,7 @@ default to it).
 Weights: `{info["weights"]}`, {info["dtype"]}, mode `{info["mode"]}`, keys in sam3.pt's layout (`detector.`).
 
 - Base weights: {origin}; sha256 `{base_hash}`
+- Trained weights: {ema_line(info["ema"])}
 - Trainer checkpoint sha256: `{info["checkpoint_sha256"]}`
 - Dataset (prepared) sha256: `{dataset["prepared_sha256"]}`
 - Params and resolved trainer config: `artifacts/train/run/` of the commit that made this export
@@ -173,6 +187,7 @@ def run(p: params_module.Params) -> None:
             "prompts": {str(k): v for k, v in prompts.items()},
             "threshold": operating_threshold(metrics),
             "checkpoint_sha256": sha256_file(checkpoint),
+            "ema": ema_record(Path(paths.train) / "run"),
             "base": {k: v for k, v in manifest["weights"].items() if k in ("source", "location", "sha256")},
             **write_weights(model_dir, state, "model", export.torch_file),
         }

@@ -49,7 +49,7 @@ from sam3ft.train.run import STATS_FILES, normalise_checkpoint, prepare_scratch,
 from sam3ft.train.select import BEST_CHECKPOINT, TIES, metric_curve, select_epoch
 
 log = logging.getLogger(__name__)
-SECTIONS = ["paths", "base", "model", "trainer", "launcher"]
+SECTIONS = ["paths", "base", "model", "trainer", "augment", "launcher"]
 MASKS_CONFIG = "sam3ft_masks"  # configs/train/: sam3ft.yaml plus mask losses, for trainer.segmentation
 PACKAGES = ("sam3ft", "sam3", "torch", "torchvision", "hydra-core", "dvc", "dvclive", "pycocotools")
 
@@ -102,6 +102,7 @@ def trainer_knobs(
         "world_size": trainer.world_size,
         # rank 0's forward passes: each rank gets 1/world of the images (DistributedSampler)
         "total_steps": trainer.max_epochs * updates_per_epoch(trainer, train_images) * trainer.grad_accum,
+        **{f"augment_{k}": v for k, v in dataclasses.asdict(p.augment).items()},
     }
 
 
@@ -205,7 +206,12 @@ def selection_record(
         )
     if trained != expected:
         raise RuntimeError(f"trainer logged {trained} epochs, expected {expected}; see {logs / 'log.txt'}")
-    record.update(epochs_trained=trained, stopped_early=trained < trainer.max_epochs)
+    record.update(
+        epochs_trained=trained,
+        stopped_early=trained < trainer.max_epochs,
+        weights="ema" if trainer.ema_decay > 0 else "regular",  # what was validated and is tracked
+        ema_decay=trainer.ema_decay,
+    )
     return record
 
 
@@ -255,7 +261,7 @@ def run(p: params_module.Params) -> None:
     selection = selection_record(trainer, train_stats, val_stats, logs)
     source = tracked_checkpoint(scratch / "checkpoints", selection)
     with atomic_dir(Path(paths.train)) as out:
-        normalise_checkpoint(source, out / CHECKPOINT)
+        normalise_checkpoint(source, out / CHECKPOINT, ema=trainer.ema_decay > 0)
         record = out / "run"
         record.mkdir()
         write_json(record / "selection.json", selection)

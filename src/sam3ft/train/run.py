@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam3ft import compat
 from sam3ft.model.lora import has_lora, merge_state_dict
+from sam3ft.train.ema import EMA_KEY
 
 STATS_FILES = ("train_stats.json", "val_stats.json")
 
@@ -109,7 +110,7 @@ def prepare_scratch(scratch: Path, fingerprint: dict[str, Any]) -> bool:
     return False
 
 
-def normalise_checkpoint(src: Path, dst: Path) -> None:
+def normalise_checkpoint(src: Path, dst: Path, ema: bool = False) -> None:
     """Copy the trainer checkpoint with its wall-clock field zeroed and its best-meter bookkeeping
     dropped, so equal runs hash equal.
 
@@ -118,12 +119,20 @@ def normalise_checkpoint(src: Path, dst: Path) -> None:
     epoch's validation runs: a run killed after the save and resumed misses one update, so the same
     params gave two checkpoints (seen in tests/test_train.py's kill-and-resume test); it only serves
     `save_best_meters`, which we leave off, and the scratch checkpoint a resume reads keeps it.
+    With `ema`, the averaged weights the trainer validated become "model" (the raw ones, and the
+    EMA bookkeeping that only a resume reads, are dropped; "model_weights" says "ema").
     Everything else is kept bit for bit.
     `dst` lies in the stage's temporary output folder (atomic_dir), so a plain save is atomic enough.
     """
     ckpt = torch.load(src, map_location="cpu", weights_only=True)
     ckpt["time_elapsed"] = 0.0
     ckpt.pop("best_meter_values", None)
+    saved_ema = ckpt.pop(EMA_KEY, None)
+    if ema:
+        if saved_ema is None:
+            raise RuntimeError(f"{src} has no EMA weights although trainer.ema_decay is on")
+        ckpt["model"] = saved_ema["state"]
+        ckpt["model_weights"] = "ema"
     if has_lora(ckpt["model"]):  # fold adapters in: evaluate and export see sam3's own key layout
         ckpt["model"] = merge_state_dict(ckpt["model"])
         ckpt["lora_merged"] = True

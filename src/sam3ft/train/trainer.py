@@ -20,10 +20,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from sam3.train.trainer import Trainer as Sam3Trainer
+from sam3.train.trainer import unwrap_ddp_if_wrapped
 from sam3.train.utils.train_utils import AverageMeter, get_amp_type
 
 from sam3ft.errors import Sam3ftError
 from sam3ft.preflight import GB
+from sam3ft.train.ema import EMA_KEY, WeightEma
 from sam3ft.train.optim import DeviceGradScaler, GradientClipper
 from sam3ft.train.run import STATS_FILES, read_stats
 from sam3ft.train.select import BEST_CHECKPOINT, metric_curve, select_epoch
@@ -143,6 +145,9 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
     - `select` (a validation metric, or `last`): after each validation, the best epoch's
       checkpoint is kept as best.pt beside checkpoint.pt, and `patience` validated epochs without
       improvement stop training (`_select_after_val`).
+    - `ema_decay` > 0: an exponential moving average of the weights (train/ema.py), updated after
+      every optimizer step, is what validation scores (so `select` picks by it) and is saved in
+      each checkpoint under "ema" (a resume continues it).
     """
 
     logger: Any  # sam3's Logger; a _HeldLogger while a step runs
@@ -157,8 +162,12 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         select: str = "last",
         min_delta: float = 0.0,
         patience: int = 0,
+        ema_decay: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        self.ema_decay = ema_decay
+        self.ema: WeightEma | None = None  # made once the weights are loaded (load_checkpoint)
+        self._resumed_ema: dict[str, Any] | None = None
         self.select = select
         self.min_delta = min_delta
         self.patience = patience
@@ -181,6 +190,33 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         super()._construct_optimizers()
         if isinstance(self.gradient_clipper, GradientClipper):  # it may hand the clipping to the optimizer
             self.gradient_clipper.optimizer = self.optim.optimizer
+        if self.ema_decay > 0:  # torch runs step post-hooks only after a step that happened
+            self.optim.optimizer.register_step_post_hook(self._update_ema)
+
+    def _update_ema(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.ema is not None:
+            self.ema.update(unwrap_ddp_if_wrapped(self.model))
+
+    def load_checkpoint(self) -> None:
+        """Upstream's (initial weights, or a resume), then the EMA: started from the loaded weights,
+        or continued from the resumed checkpoint's."""
+        super().load_checkpoint()
+        if self.ema_decay > 0:
+            self.ema = WeightEma(unwrap_ddp_if_wrapped(self.model), self.ema_decay)
+            if self._resumed_ema is not None:
+                self.ema.load_state_dict(self._resumed_ema)
+                self._resumed_ema = None
+
+    def _load_resuming_checkpoint(self, ckpt_path: str) -> None:
+        super()._load_resuming_checkpoint(ckpt_path)
+        if self.ema_decay > 0:
+            saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            if EMA_KEY not in saved:
+                raise Sam3ftError(
+                    f"{ckpt_path} has no EMA weights but trainer.ema_decay is {self.ema_decay}",
+                    fix=f"delete {Path(ckpt_path).parent.parent} to train from the start",
+                )
+            self._resumed_ema = saved[EMA_KEY]
 
     def _save_checkpoint(self, checkpoint: dict[str, Any], checkpoint_path: str) -> None:
         """Upstream's save through a temporary file, moved over the old checkpoint in one atomic
@@ -188,6 +224,8 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         (sam3/train/trainer.py:381), so a kill between the two left no checkpoint at all. A write
         that fails removes its partial temporary file; on a full disk the error says how much space
         is needed. The previous checkpoint is untouched either way, so the next run resumes from it."""
+        if self.ema is not None:
+            checkpoint = {**checkpoint, EMA_KEY: self.ema.state_dict()}
         tmp = Path(f"{checkpoint_path}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -212,7 +250,11 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         upstream's `run` validates the epoch its loop ended on once more."""
         if self._validated_epoch == self.epoch:
             return
-        super().run_val()
+        if self.ema is None:
+            super().run_val()
+        else:
+            with self.ema.swapped_in(unwrap_ddp_if_wrapped(self.model)):
+                super().run_val()
         self._validated_epoch = self.epoch
         if self.select != "last":
             self._select_after_val()
