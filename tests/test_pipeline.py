@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from conftest import LOCK_CPU, REPO, checkout_copy, cpu_type
+from sam3ft.metrics.operating import best_threshold
+from sam3ft.stages.evaluate import SWEEP
 from sam3ft.train.logging import val_metrics
 
 pytestmark = pytest.mark.slow
@@ -168,7 +170,15 @@ def test_metrics_cover_valid_and_test(pipeline):
         assert all(-1.0 <= v <= 1.0 for k, v in split.items() if k != "image_level")
         image_level = split["image_level"]
         assert image_level["tp"] + image_level["fn"] + image_level["fp"] + image_level["tn"] in (5, 6)
-        assert 0.0 <= image_level["precision"] <= 1.0 and image_level["threshold"] == 0.4
+        assert 0.0 <= image_level["precision"] <= 1.0
+    # evaluate.threshold: auto, chosen on valid's predictions and used on every split
+    repo = pipeline["repo"]
+    truth = json.loads((repo / "artifacts/prepared/valid/_annotations.coco.json").read_text())
+    predictions = json.loads((repo / "artifacts/eval/predictions/valid.json").read_text())
+    chosen = best_threshold(truth, predictions, SWEEP[1:-1])
+    assert {metrics[s]["image_level"]["threshold"] for s in ("valid", "test")} == {chosen}
+    model_json = json.loads((repo / "artifacts/export/model/model.json").read_text())
+    assert model_json["threshold"] == chosen  # predict's and serve's default
     shown = run([*pipeline["dvc"], "metrics", "show", "--json"], pipeline["repo"], pipeline["env"]).stdout
     assert '"valid"' in shown and '"AP50"' in shown
 

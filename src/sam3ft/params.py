@@ -464,8 +464,9 @@ class Evaluate:
     wrote except train (valid, test when exported or carved, negatives)."""
     max_dets: int
     """Detections kept per image and prompt, best first."""
-    threshold: float
-    """Operating score threshold: image-level confusion matrix and overlays use it."""
+    threshold: float | str
+    """Operating score threshold (image-level metrics, overlays, and predict's and serve's default
+    through the export), or `auto`: the score with the best detection F1 on valid."""
     overlays: int
     """Images per split drawn with ground truth and predictions (dvclive images)."""
 
@@ -474,7 +475,12 @@ class Evaluate:
             _check(len(self.splits) > 0, "evaluate.splits", self.splits, "null or at least one split")
             _check(len(set(self.splits)) == len(self.splits), "evaluate.splits", self.splits, "no duplicates")
         _check(self.max_dets >= 1, "evaluate.max_dets", self.max_dets, ">= 1")
-        _check(0.0 <= self.threshold <= 1.0, "evaluate.threshold", self.threshold, "a score in [0, 1]")
+        _check(
+            self.threshold == "auto" if isinstance(self.threshold, str) else 0.0 <= self.threshold <= 1.0,
+            "evaluate.threshold",
+            self.threshold,
+            "a score in [0, 1] or auto",
+        )
         _check(self.overlays >= 0, "evaluate.overlays", self.overlays, ">= 0")
 
 

@@ -34,6 +34,7 @@ from sam3ft.layout import ANNOTATIONS_FILE, BASE_BLOCK, CHECKPOINT, METRICS_FILE
 from sam3ft.live import open_live
 from sam3ft.metrics.coco import coco_box_metrics, coco_mask_metrics, has_masks, pr_curve
 from sam3ft.metrics.image_level import best_scores, confusion, confusion_rows, threshold_sweep
+from sam3ft.metrics.operating import best_threshold
 from sam3ft.metrics.summary import decision_metrics
 from sam3ft.model.load import device_for, load_trained
 from sam3ft.model.predict import Predictor
@@ -166,17 +167,41 @@ class SplitEval:
 
 
 def evaluate_splits(
-    predictor: Predictor, prepared: Path, splits: list[str], max_dets: int, threshold: float
+    predictor: Predictor, prepared: Path, splits: list[str], max_dets: int, threshold: float | str
 ) -> Iterator[SplitEval]:
-    """Predict and score each prepared split in turn: what evaluate does with the trained model and
-    baseline with the base model, so their numbers compare."""
+    """Predict and score each prepared split: what evaluate does with the trained model and baseline
+    with the base model, so their numbers compare. `threshold` "auto" is chosen on the first split
+    with objects (valid comes first) and used on every split."""
+    predicted = []
     for split in splits:
-        split_dir = prepared / split
-        coco = json.loads((split_dir / ANNOTATIONS_FILE).read_text())
-        results = predict_split(predictor, split_dir, coco, max_dets)
-        metrics, plots = split_report(split_dir / ANNOTATIONS_FILE, coco, results, threshold)
+        coco = json.loads((prepared / split / ANNOTATIONS_FILE).read_text())
+        predicted.append((split, coco, predict_split(predictor, prepared / split, coco, max_dets)))
+    operating = resolve_threshold(threshold, predicted)
+    for split, coco, results in predicted:
+        metrics, plots = split_report(prepared / split / ANNOTATIONS_FILE, coco, results, operating)
         log.info("%s: %s", split, {k: v for k, v in metrics.items() if k in ("AP", "AP50")})
         yield SplitEval(split, coco, results, metrics, plots)
+
+
+def resolve_threshold(threshold: float | str, predicted: list[tuple[str, dict[str, Any], Any]]) -> float:
+    """`evaluate.threshold` as a number: "auto" is the sweep value with the best detection F1 on the
+    first split that has objects (metrics/operating.py); a number is used as it is."""
+    if not isinstance(threshold, str):
+        return threshold
+    for split, coco, results in predicted:
+        if coco["annotations"]:
+            chosen = best_threshold(coco, results, SWEEP[1:-1])
+            log.info(
+                "operating threshold %.2f: the best detection F1 on %s (evaluate.threshold: auto)",
+                chosen,
+                split,
+            )
+            return chosen
+    raise ConfigError(
+        "evaluate.threshold is auto, but no evaluated split has objects to choose it on",
+        fix="set evaluate.threshold to a score, or evaluate a split with objects (valid)",
+        key="evaluate.threshold",
+    )
 
 
 def worse_than_base(
@@ -231,7 +256,8 @@ def run(p: params_module.Params) -> None:
                     write_json(out / "plots" / f"{ev.split}_{kind}.json", rows)
                 for record in ev.coco["images"][: evaluate.overlays]:
                     name = f"{ev.split}/{Path(record['file_name']).stem}.jpg"
-                    live.log_image(name, overlay(split_dir, record, ev.coco, ev.results, evaluate.threshold))
+                    threshold = ev.metrics["image_level"]["threshold"]
+                    live.log_image(name, overlay(split_dir, record, ev.coco, ev.results, threshold))
         if base is not None:
             for line in worse_than_base(metrics, base):
                 log.warning("%s", line)

@@ -127,8 +127,8 @@ def model_card(info: dict[str, Any], metrics: dict[str, Any], run: Path) -> str:
     return f"""# SAM3 fine-tuned with sam3ft ({info["spec"]["name"]} preset)
 
 Finds: {", ".join(f"`{p}`" for p in info["prompts"].values())} (text prompts).
-Operating score threshold: {info["threshold"]} (evaluate.threshold; `sam3ft predict` and `sam3ft serve`
-default to it).
+Operating score threshold: {info["threshold"]} (evaluate.threshold, chosen on valid when auto;
+`sam3ft predict` and `sam3ft serve` default to it).
 Weights: `{info["weights"]}`, {info["dtype"]}, mode `{info["mode"]}`, keys in sam3.pt's layout (`detector.`).
 
 - Base weights: {origin}; sha256 `{base_hash}`
