@@ -123,8 +123,8 @@ def compile_training_forward(model: torch.nn.Module, mode: str = "reduce-overhea
       of its gradients starts when that graph's backward ends instead of overlapping it. DDP's
       `find_unused_parameters` still works: its walk from the outputs reaches every parameter through
       the compiled graph's autograd node. Validation runs eager, out of the graphs (with CUDA graphs
-      trained and replayed under DDP, a compiled evaluation crashed in torch's caching allocator:
-      pytorch/pytorch#128218).
+      trained and replayed under DDP, a compiled evaluation is reported to crash in torch's caching
+      allocator: pytorch/pytorch#128218).
     """
     eager = model.forward
     compiled = torch.compile(eager, mode=mode)
