@@ -69,7 +69,8 @@ def test_submitit_job_trains(shipped_params, tmp_path):
     for key in ("base", "prepared", "train", "eval", "export", "scratch"):
         shipped_params["paths"][key] = str(tmp_path / key)
     shipped_params["paths"]["data"] = str(REPO / "data")
-    shipped_params["trainer"]["max_epochs"] = 1
+    # a SLURM job states its GPUs per node (`auto` would count this machine's); 0: CPU tasks
+    shipped_params["trainer"].update(max_epochs=1, num_gpus=0)
     shipped_params["launcher"]["kind"] = "slurm"
     path = write_params(tmp_path / "params.yaml", shipped_params)
     fetch.run(params.load(fetch.SECTIONS, path))

@@ -83,12 +83,10 @@ def test_segmentation_is_accepted(tmp_path, shipped_params):
     [
         ({"compile_trunk": True}, "set those two false"),
         ({"compile_layers": True}, "set those two false"),
-        ({"num_gpus": 2}, "false with 2 training processes"),
     ],
 )
 def test_compile_model_refuses_what_it_was_not_checked_with(tmp_path, shipped_params, trainer, fix):
-    """The whole forward compiled replaces the compiled parts and is measured in one process only;
-    the same settings without it load."""
+    """The whole forward compiled replaces the compiled parts; the same settings without it load."""
     shipped_params["trainer"].update(trainer)
     path = write_params(tmp_path / "params.yaml", shipped_params)
     assert params.load(["trainer"], path).trainer.compile_model is False
@@ -97,6 +95,13 @@ def test_compile_model_refuses_what_it_was_not_checked_with(tmp_path, shipped_pa
     with pytest.raises(ConfigError, match=r"trainer\.compile_model=True is invalid") as err:
         params.load(["trainer"], path)
     assert err.value.fix is not None and fix in err.value.fix
+
+
+def test_compile_model_loads_with_several_training_processes(tmp_path, shipped_params):
+    """Compiled training under DDP (tests/test_ddp.py trains it with 2 processes)."""
+    shipped_params["trainer"].update(compile_model=True, num_gpus=2, num_nodes=2)
+    loaded = params.load(["trainer"], write_params(tmp_path / "params.yaml", shipped_params)).trainer
+    assert loaded.compile_model is True and loaded.world_size == 4
 
 
 def test_a_stage_run_on_another_params_file_names_that_file(tmp_path, capsys):

@@ -253,12 +253,13 @@ class Trainer:
     inductor draws the layers' dropout masks from its own generator (other masks, same seed)."""
     compile_model: bool = False
     """torch.compile the model's whole training forward with CUDA graphs (mode reduce-overhead;
-    train/data.compile_training_forward): the first step runs eager, the second compiles (4-5
+    train/model.compile_training_forward): the first step runs eager, the second compiles (4-5
     minutes for the full model), validation stays eager; same peak memory, the host's kernel
     launches replayed as graphs (speed-ups measured in bench/README.md). With batched_loss, the
     loss's batched terms are compiled too (dynamic shapes, no CUDA graphs: their sizes change with
-    the objects in a batch). One training process only; instead of compile_trunk and
-    compile_layers, not with them."""
+    the objects in a batch). Under DDP (several training processes) each process compiles its own
+    copy, DDP's all-reduce stays outside the graphs. Instead of compile_trunk and compile_layers,
+    not with them."""
     act_ckpt_text: bool = True
     """Activation checkpointing in the text encoder (as upstream); false: its activations are kept
     and the backward pass skips re-running its blocks. Same numbers; less step time for a little
@@ -411,13 +412,6 @@ class Trainer:
             self.compile_model,
             "false with trainer.compile_trunk or trainer.compile_layers true (it compiles the whole "
             "forward; set those two false)",
-        )
-        _check(
-            not (self.compile_model and self.world_size > 1),
-            "trainer.compile_model",
-            self.compile_model,
-            f"false with {self.world_size} training processes (checked on one GPU only), or train "
-            "on one GPU (trainer.num_gpus: 1, trainer.num_nodes: 1)",
         )
         _check(
             not (self.amp and self.accelerator == "cpu"),

@@ -46,6 +46,7 @@ def build_trainable_model(
     compile_trunk: bool = False,
     compile_layers: bool = False,
     compile_model: bool = False,
+    compile_mode: str = "reduce-overhead",
     act_ckpt_text: bool = True,
     act_ckpt_geometry: bool = True,
     stacked_matching: bool = False,
@@ -53,7 +54,9 @@ def build_trainable_model(
     """The model for the trainer, with every parameter outside `trainable` groups frozen;
     `segmentation` adds the mask head to a preset built without one (tiny); LoRA adapters
     (trainable) go on the trunk's attention when `lora_rank` > 0; `stacked_matching` matches all
-    decoder layers' outputs in one matcher call (train/matching.py).
+    decoder layers' outputs in one matcher call (train/matching.py); `compile_mode` is torch.compile's
+    mode for `compile_model` (not a params key: bench/gpu_scaling.py compares modes through a
+    config override).
 
     `autocast_cache` is process-wide: sam3's trainer builds its autocast contexts without
     `cache_enabled`, so they take torch's global default, which is set here, in the training process.
@@ -63,7 +66,7 @@ def build_trainable_model(
     model = freeze_and_adapt(build_model(spec, bpe_path), trainable, lora_rank, lora_alpha)
     compile_parts(model, trunk=compile_trunk, layers=compile_layers)
     if compile_model:
-        compile_training_forward(model)
+        compile_training_forward(model, compile_mode)
     if stacked_matching or compile_model:
         replace_matching(model, stacked=stacked_matching, eager=compile_model)
     if not act_ckpt_text:
@@ -99,10 +102,10 @@ def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
         torch._dynamo.config.optimize_ddp = False  # DDP's graph splitting cannot split a checkpoint
 
 
-def compile_training_forward(model: torch.nn.Module) -> None:
-    """torch.compile the model's whole forward for training, in mode "reduce-overhead": on CUDA
-    every compiled graph, forward and backward, replays as a CUDA graph, which takes the host's
-    kernel launches out of the step.
+def compile_training_forward(model: torch.nn.Module, mode: str = "reduce-overhead") -> None:
+    """torch.compile the model's whole forward for training, by default in mode "reduce-overhead":
+    on CUDA every compiled graph, forward and backward, replays as a CUDA graph, which takes the
+    host's kernel launches out of the step.
 
     - Validation (eval mode) runs the eager forward: a compiled one would compile again.
     - The Hungarian matching stays eager (`replace_matching`).
@@ -112,9 +115,19 @@ def compile_training_forward(model: torch.nn.Module) -> None:
       fills device caches lazily on the first forward (sam3/model/position_encoding.py:123,
       sam3/model/decoder.py:336), and one filled inside a CUDA graph is overwritten by the next
       replay (seen on a GPU, bench/LOG.md).
+    - Under DDP the wrapper stays outside: DDP calls this module, whose forward is the compiled one.
+      Its all-reduce runs from autograd hooks on the gradients the compiled backward hands back, so
+      it is never inside a graph (CUDA graphs included); with `gradient_as_bucket_view` the reducer
+      copies each gradient into its bucket, so no gradient keeps a CUDA graph's output memory alive.
+      `optimize_ddp` is off (below): the backward is one graph per forward graph, and the all-reduce
+      of its gradients starts when that graph's backward ends instead of overlapping it. DDP's
+      `find_unused_parameters` still works: its walk from the outputs reaches every parameter through
+      the compiled graph's autograd node. Validation runs eager, out of the graphs (with CUDA graphs
+      trained and replayed under DDP, a compiled evaluation is reported to crash in torch's caching
+      allocator: pytorch/pytorch#128218).
     """
     eager = model.forward
-    compiled = torch.compile(eager, mode="reduce-overhead")
+    compiled = torch.compile(eager, mode=mode)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         return (compiled if model.training else eager)(*args, **kwargs)

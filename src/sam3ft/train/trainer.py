@@ -22,6 +22,7 @@ import torch.distributed as dist
 from sam3.train.trainer import Trainer as Sam3Trainer
 from sam3.train.trainer import unwrap_ddp_if_wrapped
 from sam3.train.utils.train_utils import AverageMeter, get_amp_type
+from torch.utils.data import Sampler
 
 from sam3ft.errors import Sam3ftError
 from sam3ft.preflight import GB
@@ -91,6 +92,26 @@ class _HeldLogger:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.logger, name)
+
+
+class ValShard(Sampler):  # type: ignore[type-arg]
+    """This process's share of the validation items, each item in exactly one process: items
+    rank, rank + world, ... Upstream's DistributedSampler pads the last round with items from the
+    start so that every process gets as many, and those are evaluated twice (the prediction merge
+    drops the copies, sam3/eval/coco_writer.py `gather_and_merge_predictions`). Validation makes no
+    collective per step, so shares may differ by one item."""
+
+    def __init__(self, size: int, rank: int, world: int) -> None:
+        self.size, self.rank, self.world = size, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Same items every epoch (sam3's loader calls it on its sampler)."""
 
 
 def checkpoint_bytes(checkpoint: Any) -> int:
@@ -180,6 +201,16 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         self._queued: list[_Queued] = []  # the previous step's values (sync_once)
         self._steps_left = 0  # in this epoch; 0: read each step's values at its end
         super().__init__(**kwargs)
+
+    def _setup_dataloaders(self) -> None:
+        """Upstream's loaders; under DDP each validation item goes to one process (`ValShard`),
+        unless there are fewer items than processes: DDP's first forward after training
+        broadcasts the module's buffers, so every process must run at least one validation step."""
+        super()._setup_dataloaders()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        val = self.val_dataset
+        if world > 1 and val is not None and val.sampler is not None and len(val.dataset) >= world:
+            val.sampler = ValShard(len(val.dataset), dist.get_rank(), world)
 
     def _setup_components(self) -> None:
         super()._setup_components()
