@@ -90,8 +90,8 @@ def test_evaluate_puts_the_base_beside_the_fine_tuned_and_warns_when_below(works
     assert metrics["valid"] == base["valid"]  # the same model, the same code: the same numbers
     assert metrics[BASE_BLOCK] == raised
     assert set(metrics[BASE_BLOCK]["valid"]) == set(metrics["valid"])
-    summary = json.loads((Path(p["paths"].eval) / SUMMARY_FILE).read_text())
-    assert json.loads((Path(p["paths"].eval) / "plots/selected_epoch.json").read_text()) == []
+    summary = json.loads((Path(p.paths.eval) / SUMMARY_FILE).read_text())
+    assert json.loads((Path(p.paths.eval) / "plots/selected_epoch.json").read_text()) == []
     assert summary == decision_metrics(metrics, None)  # no train run record here: no epoch
     assert (
         list(summary) == ["valid", BASE_BLOCK]

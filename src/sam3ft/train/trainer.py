@@ -173,6 +173,10 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
 
     logger: Any  # sam3's Logger; a _HeldLogger while a step runs
     scaler: Any  # torch's GradScaler
+    # EMA off until __init__ says otherwise: the checkpoint and optimizer hooks read these
+    ema_decay: float = 0.0
+    ema: WeightEma | None = None
+    _resumed_ema: dict[str, Any] | None = None
 
     def __init__(
         self,
