@@ -60,14 +60,14 @@ def masks_to_rles(logits: torch.Tensor, height: int, width: int) -> list[dict[st
         # (M, 2): mask, index before a change; nonzero waits for the device (its size is data)
         changes = (flat[:, 1:] != flat[:, :-1]).nonzero()
         first = flat[:, 0].long()  # 1: the mask starts with a foreground run
-        found = torch.cat([first, changes.flatten()]).cpu().numpy()  # one copy to the host
-        first, changes = found[: len(masks)], found[len(masks) :].reshape(-1, 2)
-        bounds = np.searchsorted(changes[:, 0], np.arange(len(masks) + 1))  # rows of each mask
+        host = torch.cat([first, changes.flatten()]).cpu().numpy()  # one copy to the host
+        starts, edges = host[: len(masks)], host[len(masks) :].reshape(-1, 2)
+        bounds = np.searchsorted(edges[:, 0], np.arange(len(masks) + 1))  # rows of each mask
         for i in range(len(masks)):
-            edges = np.concatenate([[0], changes[bounds[i] : bounds[i + 1], 1] + 1, [pixels]])
-            counts = np.diff(edges).tolist()  # run lengths, background first
+            cuts = np.concatenate([[0], edges[bounds[i] : bounds[i + 1], 1] + 1, [pixels]])
+            counts = np.diff(cuts).tolist()  # run lengths, background first
             rle = mask_utils.frPyObjects(
-                {"size": [height, width], "counts": [0] * int(first[i]) + counts}, height, width
+                {"size": [height, width], "counts": [0] * int(starts[i]) + counts}, height, width
             )
             rles.append({"size": [height, width], "counts": rle["counts"].decode()})
     return rles
@@ -265,7 +265,7 @@ class Predictor:
             parts = [
                 self.detect_batch(images[i : i + largest], prompts) for i in range(0, len(images), largest)
             ]
-            masks = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+            masks = None if parts[0][2] is None else torch.cat([p[2] for p in parts if p[2] is not None])
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), masks
         size = next(s for s in self.batch_sizes if s >= len(images))
         pixels = self._pixels(images + images[-1:] * (size - len(images)))
@@ -377,8 +377,9 @@ class Predictor:
         # scaled on the host: a tensor made on the device would be a host-to-device copy, which syncs
         rows = rows * torch.tensor([width, height, width, height, 1.0], dtype=torch.float32)  # pixels
         kept = [int((per_prompt[:, 4] >= min_score).sum()) for per_prompt in rows]  # sorted: a prefix
-        rles: list[dict[str, Any] | None] = [None] * sum(kept)
-        if masks is not None and sum(kept):  # the kept detections' masks, all prompts in one call
+        count = sum(kept)
+        rles: list[dict[str, Any] | None] = [None] * count
+        if masks is not None and count:  # the kept detections' masks, all prompts in one call
             chosen = torch.cat([masks[j][order[j, :k]] for j, k in enumerate(kept)])
             rles = list(masks_to_rles(chosen, height, width))
         per_prompt_rles = iter(rles)
