@@ -208,7 +208,6 @@ def _serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_mb * 2**20,
         max_batch_size=args.max_batch_size or default_batch_size(args.device),
         batch_timeout=args.batch_timeout,
-        compile=args.compile,
     )
     server = build_server(config, model_version(info))
     # LitServe shuts its API and model-worker processes down on KeyboardInterrupt only; SIGTERM
@@ -360,14 +359,6 @@ def main(argv: list[str] | None = None) -> int:
         type=seconds,
         default=0.005,
         help="with --max-batch-size above 1: seconds the model worker waits for a batch to fill (0.005)",
-    )
-    serve.add_argument(
-        "--compile",
-        nargs="?",
-        const="reduce-overhead",
-        choices=("reduce-overhead", "default", "max-autotune-no-cudagraphs"),
-        help="torch.compile the model at start for batches of 1 and --max-batch-size (minutes; "
-        "/health answers once done); bare --compile: reduce-overhead (CUDA graphs)",
     )
     serve.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")

@@ -58,9 +58,6 @@ class ServeConfig:
     max_upload_bytes: int
     max_batch_size: int = 1
     batch_timeout: float = 0.0
-    compile: str | None = None
-    """torch.compile mode of the backbone and heads (`Predictor`), compiled at start for batch
-    sizes 1 and max_batch_size; None: eager."""
 
 
 Request = tuple[Any, dict[int, str], float]  # (image, prompts, threshold), as parse_form checks them
@@ -88,10 +85,7 @@ class DetectAPI(ls.LitAPI):
         name = resolve_device(self.config.device)
         dtype = resolve_dtype(self.config.dtype, name)
         model, spec, _ = load_export(self.config.model_dir, self.config.base, dtype=dtype)
-        sizes = (1, self.config.max_batch_size)  # compiled: smaller batches are padded up to these
-        self.predictor = Predictor(
-            model, spec.image_size, name, dtype, self.config.compile, "all", self.config.masks, sizes
-        )
+        self.predictor = Predictor(model, spec.image_size, name, dtype, masks=self.config.masks)
 
     # `request` and encode_response's return stay unannotated: LitServe reads these annotations as
     # the endpoint's request/response types (litserve/server.py `_register_api_endpoints`); without
@@ -248,7 +242,6 @@ def build_server(config: ServeConfig, model: dict[str, Any], timeout: float = 60
             "max_dets": config.max_dets,
             "max_batch_size": config.max_batch_size,
             "batch_timeout": config.batch_timeout,
-            "compile": config.compile,
         },
     )
     page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
