@@ -302,18 +302,22 @@ def test_min_score_drops_detections_before_their_masks_are_encoded(monkeypatch):
 def reference_rle(logits: torch.Tensor, height: int, width: int) -> dict:
     """One mask as sam3's PostProcessImage makes it (bilinear resize, logit > 0), pycocotools' encoder."""
     mask = F.interpolate(logits[None, None], (height, width), mode="bilinear", align_corners=False)[0, 0] > 0
-    rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
     return {"size": [height, width], "counts": rle["counts"].decode()}
 
 
-def test_rle_on_the_device_equals_pycocotools_per_mask(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_rle_on_the_device_equals_pycocotools_per_mask(monkeypatch, device):
     import sam3ft.model.predict as predict_module
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
     torch.manual_seed(0)
     logits = torch.randn(6, 18, 18) * 4
     logits[3] = -1.0  # empty
     logits[4] = 1.0  # full
     logits[5, :, :9] = 5.0  # starts with a foreground run
+    logits = logits.to(device)
     for height, width in ((37, 53), (100, 64), (1, 1)):
         expected = [reference_rle(m, height, width) for m in logits]
         assert predict_module.masks_to_rles(logits, height, width) == expected

@@ -228,6 +228,21 @@ def test_batched_requests_get_their_own_replies_and_a_bad_upload_its_own_4xx(ser
     assert max(sizes) > 1 and all(1 <= n <= 4 for n in sizes) and "batch" not in expected[0].json()
 
 
+def test_batch_size_defaults_to_8_on_a_gpu_and_1_on_the_cpu(monkeypatch):
+    import litserve.connector
+
+    from sam3ft.__main__ import default_batch_size, main
+
+    assert default_batch_size("cpu") == 1 and default_batch_size("cuda:1") == 8
+    monkeypatch.setattr(litserve.connector, "check_cuda_with_nvidia_smi", lambda: 0)
+    assert default_batch_size("auto") == 1
+    monkeypatch.setattr(litserve.connector, "check_cuda_with_nvidia_smi", lambda: 2)
+    assert default_batch_size("auto") == 8
+    for bad in ("0", "11", "soon"):  # 0 would make LitServe's batching loop spin without pause
+        with pytest.raises(SystemExit):
+            main(["serve", "--batch-timeout", bad])
+
+
 def test_logs_hold_no_key_and_no_body(server):
     post(server, files={"image": ("secret-name.jpg", b"BODYMARKER" * 10)})
     time.sleep(0.5)
