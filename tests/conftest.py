@@ -93,11 +93,12 @@ LOCK_CPU = REPO / "tests" / "lock_cpu.json"  # the CPU type the committed dvc.lo
 
 
 def write_tiny_export(
-    out: Path, *, masks: bool = False, threshold: float | None = 0.4, seed: int = 0
+    out: Path, *, masks: bool = False, threshold: float | None = 0.4, seed: int = 0, preset: str = "tiny"
 ) -> Path:
     """A real sam3ft export folder of a seeded random tiny model (bf16, full), as the export stage
     writes it; the box head's last layer is drawn at random (not DETR's zero init) so boxes depend on
-    the image. `threshold=None`: an export from before model.json stored the operating threshold."""
+    the image. `threshold=None`: an export from before model.json stored the operating threshold.
+    `preset`: another preset the same way (bench/serve_load.py serves the sam3 preset on a GPU)."""
     import shutil
 
     import torch
@@ -108,7 +109,7 @@ def write_tiny_export(
     from sam3ft.model.spec import load_preset
     from sam3ft.stages.fetch import bundled_vocab
 
-    spec = load_preset("tiny").with_mask_head(masks)
+    spec = load_preset(preset).with_mask_head(masks)
     torch.manual_seed(seed)
     model = build_model(spec, str(bundled_vocab()), training=False, coord_cache=False)
     torch.nn.init.normal_(model.transformer.decoder.bbox_embed.layers[-1].weight, std=0.05)

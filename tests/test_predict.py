@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 from sam3.model import box_ops
@@ -61,7 +64,8 @@ class FixedModel(torch.nn.Module):
 
     def _encode_prompt(self, backbone_out, find_input, geometric_prompt):
         self.prompts_seen.append(len(find_input.text_ids))
-        return backbone_out["language_features"], backbone_out["language_mask"], backbone_out
+        ids = find_input.text_ids  # one query per (image, prompt), as sam3's _encode_prompt indexes
+        return backbone_out["language_features"][:, ids], backbone_out["language_mask"][ids], backbone_out
 
     def _run_encoder(self, backbone_out, find_input, prompt, prompt_mask):
         return backbone_out, {"encoder_hidden_states": None, "pos_embed": None, "padding_mask": None}, None
@@ -279,17 +283,64 @@ def test_min_score_drops_detections_before_their_masks_are_encoded(monkeypatch):
     import sam3ft.model.predict as predict_module
 
     encoded = []
-    real = predict_module.mask_to_rle
-    monkeypatch.setattr(predict_module, "mask_to_rle", lambda m: encoded.append(1) or real(m))
+    real = predict_module.masks_to_rles
+    monkeypatch.setattr(
+        predict_module, "masks_to_rles", lambda m, h, w: encoded.append(len(m)) or real(m, h, w)
+    )
     predictor = Predictor(FixedMaskModel(), 28)
     image = Image.new("RGB", (200, 100))
     everything = predictor.predict(image, {1: "fuse"}, max_dets=5)
-    assert len(everything) == 2 and len(encoded) == 2 and everything[0].score > everything[1].score
+    assert len(everything) == 2 and encoded == [2] and everything[0].score > everything[1].score
     encoded.clear()
     between = (everything[0].score + everything[1].score) / 2
     kept = predictor.predict(image, {1: "fuse"}, max_dets=5, min_score=between)
-    assert kept == everything[:1] and len(encoded) == 1  # the dropped one's mask was never encoded
-    assert predictor.predict(image, {1: "fuse"}, max_dets=5, min_score=1.01) == []
+    assert kept == everything[:1] and encoded == [1]  # the dropped one's mask was never encoded
+    encoded.clear()
+    assert predictor.predict(image, {1: "fuse"}, max_dets=5, min_score=1.01) == [] and encoded == []
+
+
+def reference_rle(logits: torch.Tensor, height: int, width: int) -> dict:
+    """One mask as sam3's PostProcessImage makes it (bilinear resize, logit > 0), pycocotools' encoder."""
+    mask = F.interpolate(logits[None, None], (height, width), mode="bilinear", align_corners=False)[0, 0] > 0
+    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    return {"size": [height, width], "counts": rle["counts"].decode()}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_rle_on_the_device_equals_pycocotools_per_mask(monkeypatch, device):
+    import sam3ft.model.predict as predict_module
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    torch.manual_seed(0)
+    logits = torch.randn(6, 18, 18) * 4
+    logits[3] = -1.0  # empty
+    logits[4] = 1.0  # full
+    logits[5, :, :9] = 5.0  # starts with a foreground run
+    logits = logits.to(device)
+    for height, width in ((37, 53), (100, 64), (1, 1)):
+        expected = [reference_rle(m, height, width) for m in logits]
+        assert predict_module.masks_to_rles(logits, height, width) == expected
+        monkeypatch.setattr(predict_module, "RLE_CHUNK_PIXELS", 2 * height * width)  # chunks of 2
+        assert predict_module.masks_to_rles(logits, height, width) == expected
+        monkeypatch.undo()
+    assert predict_module.masks_to_rles(logits[:0], 10, 10) == []
+
+
+def test_compiled_batches_are_padded_and_split(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, dynamic=None: fn)  # the padding, not inductor
+    model = FixedMaskModel()
+    predictor = Predictor(model, 28, compile_mode="default", compile_scope="all", compile_batches=(4, 1))
+    assert predictor.batch_sizes == (1, 4) and model.backbone.images[-2:] == [(1, 3, 28, 28), (4, 3, 28, 28)]
+    images = [Image.new("RGB", (200, 100 + i)) for i in range(6)]
+    model.backbone.images.clear()
+    found = predictor.predict_batch(images, {1: "fuse"}, 5, [0.0] * 6)
+    assert model.backbone.images == [(4, 3, 28, 28), (4, 3, 28, 28)]  # 4, then 2 padded up to 4
+    single = [predictor.predict(image, {1: "fuse"}, 5) for image in images]
+    assert found == single and [len(f) for f in found] == [2] * 6
+    assert [d.mask["size"] for d in found[5]] == [[105, 200]] * 2
+    with pytest.raises(ValueError, match="2 images but 1 min_scores"):
+        predictor.predict_batch(images[:2], {1: "fuse"}, 5, [0.0])
 
 
 def test_predict_images_writes_masks_and_tints_them(tmp_path):
@@ -420,6 +471,34 @@ def test_several_prompts_batched_match_one_by_one_and_run_the_backbone_once(samp
         assert [d.score for d in got] == pytest.approx(ref_scores[order].tolist(), abs=1e-6)
 
 
+def test_a_batch_of_images_gives_each_images_own_detections(sample_image):
+    model = tiny_model().eval()
+    spec = dataclasses.replace(load_preset("tiny"), segmentation=True)
+    torch.manual_seed(3)
+    with_masks = build_model(spec, str(bundled_vocab()), training=False, coord_cache=False).eval()
+    flipped = sample_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 200))
+    images = [sample_image, flipped, sample_image]
+    for predictor in (Predictor(model, 224), Predictor(with_masks, 224)):
+        scores = sorted(d.score for d in predictor.predict(sample_image, PROMPTS, 5))
+        half = len(scores) // 2  # the third image keeps about half: a cut between two scores
+        min_scores = [0.0, 0.0, (scores[half - 1] + scores[half]) / 2]
+        assert scores[half] - scores[half - 1] > 1e-4
+        batched = predictor.predict_batch(images, PROMPTS, 5, min_scores)
+        for got, image, min_score in zip(batched, images, min_scores, strict=True):
+            alone = predictor.predict(image, PROMPTS, 5, min_score)
+            assert [d.category_id for d in got] == [d.category_id for d in alone]
+            # a batch of 3 changes float32 sums in the last bits, no more
+            assert torch.tensor([d.box_xyxy for d in got]) == pytest.approx(
+                torch.tensor([d.box_xyxy for d in alone]), abs=1e-3
+            )
+            assert [d.score for d in got] == pytest.approx([d.score for d in alone], abs=1e-5)
+            for a, b in zip(got, alone, strict=True):
+                assert (a.mask is None) == (b.mask is None) == (not predictor.with_masks)
+                if a.mask is not None:  # a logit within rounding of 0 may flip a pixel
+                    assert (decode(a.mask) == decode(b.mask)).float().mean() > 0.999
+        assert batched[0] != batched[1] and 0 < len(batched[2]) < len(batched[0])
+
+
 def test_bfloat16_backbone_runs_on_cpu_close_to_float32(sample_image):
     fp32 = Predictor(tiny_model().eval(), 224)
     bf16 = Predictor(tiny_model().eval(), 224, dtype=torch.bfloat16)
@@ -460,7 +539,7 @@ def test_load_export_in_bfloat16_keeps_stored_weights(tmp_path):
 
 
 def test_compile_failure_is_an_error_not_a_fallback(monkeypatch):
-    def broken(fn, mode=None):
+    def broken(fn, mode=None, dynamic=None):
         def run(*args, **kwargs):
             raise RuntimeError("inductor exploded")
 

@@ -3,6 +3,7 @@ HTTP client. One server for the module: it starts in seconds but loads the model
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -33,16 +34,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[dict]:
-    tmp = tmp_path_factory.mktemp("serve")
-    model = write_tiny_export(tmp / "model", masks=True, threshold=0.25)
+@contextlib.contextmanager
+def running_server(tmp: Path, model: Path, *options: str) -> Iterator[dict]:
+    """`sam3ft serve` on a free loopback port until /health answers; stopped (SIGTERM) after."""
     port, log = free_port(), tmp / "server.log"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "SAM3FT_API_KEY": KEY}
     command = [sys.executable, "-m", "sam3ft", "serve", "--model", str(model), "--port", str(port)]
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [*command, "--device", "cpu", "--max-upload-mb", "1"],
+            [*command, "--device", "cpu", "--max-upload-mb", "1", *options],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -70,6 +70,13 @@ def server(tmp_path_factory) -> Iterator[dict]:
     while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in children if alive(pid)], "server processes outlived SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[dict]:
+    tmp = tmp_path_factory.mktemp("serve")
+    with running_server(tmp, write_tiny_export(tmp / "model", masks=True, threshold=0.25)) as running:
+        yield running
 
 
 def descendants(pid: int) -> list[int]:
@@ -186,6 +193,54 @@ def test_burst_of_16_concurrent_requests(server):
         replies = list(pool.map(lambda _: post(server, files={"image": ("a.jpg", photo)}), range(16)))
     assert [r.status_code for r in replies] == [200] * 16
     assert all(r.json() == replies[0].json() for r in replies)  # one model, same answer every time
+
+
+def test_batched_requests_get_their_own_replies_and_a_bad_upload_its_own_4xx(server, tmp_path):
+    """--max-batch-size 4 on the CPU: concurrent requests share model batches (their replies say
+    so); each reply equals the unbatched server's for its image, threshold and prompt."""
+    photo, other = photo_bytes(), sorted((SAMPLE / "valid").glob("*.jpg"))[1].read_bytes()
+    asks = [
+        ({"image": ("a.jpg", photo)}, {"threshold": "0"}),
+        ({"image": ("b.jpg", other)}, {"threshold": "0.2"}),
+        ({"image": ("c.jpg", b"not an image")}, {}),
+        ({"image": ("d.jpg", other)}, {"prompt": "screw", "threshold": "0"}),
+    ] * 3
+    expected = [post(server, files=files, data=data) for files, data in asks]
+    options = ("--max-batch-size", "4", "--batch-timeout", "0.2")
+    with running_server(tmp_path, server["model_dir"], *options) as batched:
+        with ThreadPoolExecutor(len(asks)) as pool:
+            replies = list(pool.map(lambda ask: post(batched, files=ask[0], data=ask[1]), asks))
+        info = httpx.get(f"{batched['url']}/info", headers={"X-API-Key": KEY}).json()
+    assert [r.status_code for r in replies] == [200, 200, 415, 200] * 3
+    assert replies[2].json() == expected[2].json() and expected[2].status_code == 415
+    for got, want in zip(replies, expected, strict=True):
+        if got.status_code == 200:
+            a, b = got.json(), want.json()
+            assert {k: v for k, v in a.items() if k not in ("detections", "batch")} == {
+                k: v for k, v in b.items() if k != "detections"
+            }
+            assert [d["prompt"] for d in a["detections"]] == [d["prompt"] for d in b["detections"]]
+            assert [d["score"] for d in a["detections"]] == pytest.approx(
+                [d["score"] for d in b["detections"]], abs=1e-5
+            )
+    assert info["model"]["max_batch_size"] == 4
+    sizes = [r.json()["batch"] for r in replies if r.status_code == 200]
+    assert max(sizes) > 1 and all(1 <= n <= 4 for n in sizes) and "batch" not in expected[0].json()
+
+
+def test_batch_size_defaults_to_8_on_a_gpu_and_1_on_the_cpu(monkeypatch):
+    import litserve.connector
+
+    from sam3ft.__main__ import default_batch_size, main
+
+    assert default_batch_size("cpu") == 1 and default_batch_size("cuda:1") == 8
+    monkeypatch.setattr(litserve.connector, "check_cuda_with_nvidia_smi", lambda: 0)
+    assert default_batch_size("auto") == 1
+    monkeypatch.setattr(litserve.connector, "check_cuda_with_nvidia_smi", lambda: 2)
+    assert default_batch_size("auto") == 8
+    for bad in ("0", "11", "soon"):  # 0 would make LitServe's batching loop spin without pause
+        with pytest.raises(SystemExit):
+            main(["serve", "--batch-timeout", bad])
 
 
 def test_logs_hold_no_key_and_no_body(server):

@@ -25,6 +25,7 @@ from sam3ft.errors import Sam3ftError
 from sam3ft.layout import ANNOTATIONS_FILE, MODEL_DIR, MODEL_JSON, REPO_ROOT, checkout_root, is_checkout
 
 STAGES = ("check", "fetch", "prepare", "baseline", "train", "evaluate", "export")
+SERVE_GPU_BATCH = 8  # `serve --max-batch-size` on a GPU when not given
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -172,6 +173,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds, 0.001 to 10 (LitServe polls without pause at 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.001 <= value <= 10.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0.001..10 seconds")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Check the export and settings (no torch here), then run the server until stopped."""
     from sam3ft.model.info import model_version
@@ -196,6 +208,8 @@ def _serve(args: argparse.Namespace) -> int:
         prompts={int(k): v for k, v in info["prompts"].items()},
         masks=not args.boxes_only,
         max_upload_bytes=args.max_upload_mb * 2**20,
+        max_batch_size=args.max_batch_size or default_batch_size(args.device),
+        batch_timeout=args.batch_timeout,
     )
     server = build_server(config, model_version(info))
     # LitServe shuts its API and model-worker processes down on KeyboardInterrupt only; SIGTERM
@@ -211,6 +225,15 @@ def _serve(args: argparse.Namespace) -> int:
             fix=f"try it alone: sam3ft predict IMAGE --model {model_dir} --device {args.device}",
         ) from exc
     return 0
+
+
+def default_batch_size(device: str) -> int:
+    """`serve --max-batch-size` unset: 8 on a GPU (auto: one that nvidia-smi lists), 1 on the CPU."""
+    if device == "auto":
+        from litserve.connector import check_cuda_with_nvidia_smi  # no torch import in the server
+
+        return SERVE_GPU_BATCH if check_cuda_with_nvidia_smi() > 0 else 1
+    return SERVE_GPU_BATCH if device.startswith("cuda") else 1
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -324,6 +347,18 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boxes-only", action="store_true", help="skip the mask head (no masks returned)")
     parser.add_argument(
         "--max-upload-mb", type=positive_int, default=50, help="largest image upload accepted, MB (50)"
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=positive_int,
+        help=f"requests that wait together go through the model as one batch of at most this many "
+        f"images (default: {SERVE_GPU_BATCH} on a GPU, 1 on the CPU)",
+    )
+    parser.add_argument(
+        "--batch-timeout",
+        type=seconds,
+        default=0.005,
+        help="with --max-batch-size above 1: seconds the model worker waits for a batch to fill (0.005)",
     )
     parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")

@@ -3,15 +3,19 @@
     POST /predict   multipart form: `image` (a JPEG/PNG file), optional `prompt`, `threshold` (0..1)
                     -> {"detections": [{box_xyxy, score, category_id, prompt (the label),
                         segmentation (COCO RLE, with a mask head)}], "width", "height", "threshold",
-                        "model": {preset, weights_sha256, checkpoint_sha256, format}}
+                        "model": {preset, weights_sha256, checkpoint_sha256, format},
+                        "batch" (images in this request's model batch; batched servers only)}
     GET  /health    "ok" once the model is loaded (503 before)
     GET  /info      the model's version (weights sha256) and the server's settings
     GET  /          a page for people: upload a photo, see the overlay and a table of detections
 
 The model is loaded once, in LitServe's worker process; images get the same EXIF handling, pixel
 limit and detection records as `sam3ft predict`. A bad upload is a 4xx with a message and the server
-goes on. With SAM3FT_API_KEY set, every route but /health needs the header `X-API-Key: <key>`,
-compared in constant time. Logs carry method, path and status only: never a key or a request body.
+goes on. With `max_batch_size` above 1 (the default on a GPU), requests waiting together (up to
+`batch_timeout` seconds for more) go through the model as one batch; a bad upload among them gets
+its own 4xx and the others their detections. With SAM3FT_API_KEY set, every route but /health
+needs the header `X-API-Key: <key>`, compared in constant time. Logs carry method, path and status
+only: never a key or a request body.
 """
 
 from __future__ import annotations
@@ -52,15 +56,24 @@ class ServeConfig:
     prompts: dict[int, str]
     masks: bool
     max_upload_bytes: int
+    max_batch_size: int = 1
+    batch_timeout: float = 0.0
+
+
+Request = tuple[Any, dict[int, str], float]  # (image, prompts, threshold), as parse_form checks them
 
 
 class DetectAPI(ls.LitAPI):
-    """One request, one image: decoded and checked, detected, encoded as JSON."""
+    """One request, one image: decoded and checked, detected, encoded as JSON; with max_batch_size
+    above 1, the images of a batch of requests through the model together."""
 
     def __init__(self, config: ServeConfig, model: dict[str, Any]) -> None:
-        super().__init__(api_path="/predict")
+        super().__init__(
+            api_path="/predict", max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout
+        )
         self.config, self.model_info = config, model
         self.predictor: Any = None
+        self.batched = config.max_batch_size > 1
 
     def setup(self, device: str) -> None:
         """Load the model in the worker process (imports torch and sam3 there, not in the server)."""
@@ -77,22 +90,56 @@ class DetectAPI(ls.LitAPI):
     # `request` and encode_response's return stay unannotated: LitServe reads these annotations as
     # the endpoint's request/response types (litserve/server.py `_register_api_endpoints`); without
     # one it passes the starlette Request's parsed form and answers with JSON
-    def decode_request(self, request, **kwargs: Any) -> tuple[Any, dict[int, str], float]:  # type: ignore[no-untyped-def]
-        """(image, prompts, threshold) from the form; 4xx with a message for anything else."""
-        return parse_form(request, self.config)
+    def decode_request(self, request, **kwargs: Any) -> Request | HTTPException:  # type: ignore[no-untyped-def]
+        """(image, prompts, threshold) from the form; 4xx with a message for anything else (batched:
+        returned, not raised, as LitServe would fail the whole batch with it)."""
+        try:
+            return parse_form(request, self.config)
+        except HTTPException as exc:
+            if self.batched:
+                return exc
+            raise
 
-    def predict(self, x: tuple[Any, dict[int, str], float], **kwargs: Any) -> dict[str, Any]:
-        image, prompts, threshold = x
-        found = self.predictor.predict(image, prompts, self.config.max_dets, threshold)
-        return {
-            "detections": [detection_record(d, prompts) for d in found],
-            "width": image.width,
-            "height": image.height,
-            "threshold": threshold,
-            "model": self.model_info,
-        }
+    def batch(self, inputs: list[Request | HTTPException]) -> list[Request | HTTPException]:
+        return inputs
+
+    def unbatch(self, output: list[dict[str, Any] | HTTPException]) -> list[dict[str, Any] | HTTPException]:
+        return output
+
+    def predict(self, x: Any, **kwargs: Any) -> Any:
+        """One request's reply; batched, the replies of a list of requests."""
+        if not self.batched:
+            return self.predict_many([x])[0]
+        return self.predict_many(x)
+
+    def predict_many(self, requests: list[Request | HTTPException]) -> list[dict[str, Any] | HTTPException]:
+        """Replies in request order; the images of requests with the same prompts as one model batch
+        (refused requests keep their HTTPException)."""
+        replies: list[dict[str, Any] | HTTPException] = list(requests)  # type: ignore[arg-type]
+        groups: dict[tuple[tuple[int, str], ...], list[int]] = {}
+        for i, request in enumerate(requests):
+            if not isinstance(request, HTTPException):
+                groups.setdefault(tuple(request[1].items()), []).append(i)
+        for key, members in groups.items():
+            prompts = dict(key)
+            images = [requests[i][0] for i in members]  # type: ignore[index]
+            thresholds = [requests[i][2] for i in members]  # type: ignore[index]
+            found = self.predictor.predict_batch(images, prompts, self.config.max_dets, thresholds)
+            for i, image, threshold, detections in zip(members, images, thresholds, found, strict=True):
+                replies[i] = {
+                    "detections": [detection_record(d, prompts) for d in detections],
+                    "width": image.width,
+                    "height": image.height,
+                    "threshold": threshold,
+                    "model": self.model_info,
+                }
+                if self.batched:  # how many images shared this request's model batch
+                    replies[i]["batch"] = len(members)  # type: ignore[index]
+        return replies
 
     def encode_response(self, output, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(output, HTTPException):  # a refused request of a batch: FastAPI's error body
+            return JSONResponse({"detail": output.detail}, status_code=output.status_code)
         return output
 
 
@@ -189,7 +236,13 @@ def build_server(config: ServeConfig, model: dict[str, Any], timeout: float = 60
         workers_per_device=1,
         timeout=timeout,
         middlewares=middlewares,
-        model_metadata={"model": model, "threshold": config.threshold, "max_dets": config.max_dets},
+        model_metadata={
+            "model": model,
+            "threshold": config.threshold,
+            "max_dets": config.max_dets,
+            "max_batch_size": config.max_batch_size,
+            "batch_timeout": config.batch_timeout,
+        },
     )
     page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
     # LitServe answers GET / with "litserve running" (litserve/server.py `register_endpoints`);

@@ -360,3 +360,22 @@ def empty_weights() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def allocate_parameters(model: nn.Module) -> None:
+    """Real, uninitialised CPU storage for the meta parameters `empty_weights` left; a strict load
+    then overwrites every one of them (buffers were built normally)."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                storage = torch.empty(param.shape, dtype=param.dtype)
+                module._parameters[name] = nn.Parameter(storage, requires_grad=param.requires_grad)
+
+
+def build_to_load(spec: ModelSpec, bpe_path: str) -> Sam3Image:
+    """The eval-mode model with uninitialised parameters, for a strict load of every weight: no
+    random init to overwrite (the full model's init is most of its CPU build time)."""
+    with empty_weights():
+        model = build_model(spec, bpe_path, training=False, coord_cache=False)
+    allocate_parameters(model)
+    return model

@@ -17,7 +17,7 @@ from torch import nn
 from sam3ft.errors import WeightsError
 from sam3ft.io import sha256_file
 from sam3ft.layout import MODEL_JSON
-from sam3ft.model.build import build_model, empty_weights
+from sam3ft.model.build import build_to_load
 from sam3ft.model.info import FORMAT, read_info
 from sam3ft.model.predict import cast_backbone
 from sam3ft.model.spec import ModelSpec
@@ -54,16 +54,6 @@ def write_weights(out: Path, state: StateDict, name: str, torch_file: bool) -> d
     return files
 
 
-def allocate_parameters(model: nn.Module) -> None:
-    """Real, uninitialised CPU storage for the meta parameters `empty_weights` left; a strict load
-    then overwrites every one of them (buffers were built normally)."""
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None and param.is_meta:
-                storage = torch.empty(param.shape, dtype=param.dtype)
-                module._parameters[name] = nn.Parameter(storage, requires_grad=param.requires_grad)
-
-
 def load_export(
     export_dir: Path, base_weights: Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
@@ -74,9 +64,7 @@ def load_export(
     """
     info = read_info(export_dir)
     spec = ModelSpec.from_dict(info["spec"], source=str(export_dir / MODEL_JSON))
-    with empty_weights():  # no random init to overwrite: the full model builds in seconds, not ~30 s
-        model = build_model(spec, str(export_dir / info["vocab"]), training=False, coord_cache=False)
-    allocate_parameters(model)
+    model = build_to_load(spec, str(export_dir / info["vocab"]))
     state, _, _ = image_model_state(load_safetensors(export_dir / info["weights"]))
     if info["mode"] == "delta":
         if base_weights is None or sha256_file(base_weights) != info["base"]["sha256"]:

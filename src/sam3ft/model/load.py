@@ -9,7 +9,7 @@ import torch
 from sam3.model.sam3_image import Sam3Image
 
 from sam3ft.layout import MANIFEST, SPEC_FILE, VOCAB_NAME
-from sam3ft.model.build import build_model
+from sam3ft.model.build import build_model, build_to_load
 from sam3ft.model.spec import ModelSpec, load_spec_file
 from sam3ft.model.weights import load_base_weights, load_trainer_checkpoint, verify_and_load
 
@@ -25,7 +25,7 @@ def load_trained(base_dir: Path, checkpoint: Path) -> tuple[Sam3Image, ModelSpec
     spec = load_spec_file(base_dir / SPEC_FILE)
     state = load_trainer_checkpoint(checkpoint)
     spec = spec.with_mask_head(any(k.startswith(MASK_HEAD) for k in state))
-    model = build_model(spec, str(base_dir / VOCAB_NAME), training=False, coord_cache=False)
+    model = build_to_load(spec, str(base_dir / VOCAB_NAME))  # every weight comes from the checkpoint
     verify_and_load(model, state, str(checkpoint))
     return model.eval(), spec
 

@@ -2,7 +2,9 @@
 
 Same boxes and scores as Sam3Processor (set_image + set_text_prompt per prompt), with less work per image:
 the image backbone runs once for all prompts, the prompts go through the grounding head as one batch, the
-mask head runs only when the model has one, results stay on the device until one copy per image.
+mask head runs only when the model has one, results stay on the device until one copy per batch; masks are
+upsampled and run-length encoded on the device for the detections kept only. Several images (same
+prompts) go through the model as one batch with `predict_batch`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # torch.compile modes offered for the image backbone; bench/gpu_inference.py measures them
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = {"backbone": "image backbone", "all": "image backbone and grounding head"}
+RLE_CHUNK_PIXELS = 2**26  # full-size masks resized at once by masks_to_rles (float32: 256 MB)
 
 Features = dict[str, Any]  # sam3 backbone output: tensors and lists of tensors
 Grounding = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # boxes, scores, mask logits
@@ -42,17 +45,32 @@ class Detection:
     """COCO RLE `{"size": [h, w], "counts": str}` in original pixels; None without a mask head."""
 
 
-def mask_to_rle(mask: torch.Tensor) -> dict[str, Any]:
-    """(H, W) bool mask -> COCO compressed RLE, `counts` as text (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
-
-
-def mask_in_pixels(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(h, w) mask logits -> (height, width) bool, as sam3's PostProcessImage does (bilinear
-    resize, then sigmoid > 0.5, i.e. logit > 0)."""
-    resized = F.interpolate(logits[None, None].float(), (height, width), mode="bilinear", align_corners=False)
-    return resized[0, 0] > 0
+def masks_to_rles(logits: torch.Tensor, height: int, width: int) -> list[dict[str, Any]]:
+    """(K, h, w) mask logits -> K COCO RLEs (`counts` as text, JSON-ready) in (height, width) pixels,
+    as sam3's PostProcessImage makes masks (bilinear resize, then sigmoid > 0.5, i.e. logit > 0):
+    resized, thresholded and cut into runs on the logits' device, a chunk of masks at a time; only
+    the run boundaries come to the host, in one copy per chunk."""
+    pixels = height * width
+    chunk = max(1, RLE_CHUNK_PIXELS // pixels)  # full-size float32 masks of a 12 MP photo are 48 MB each
+    rles: list[dict[str, Any]] = []
+    for start in range(0, len(logits), chunk):
+        part = logits[start : start + chunk, None].float()
+        masks = F.interpolate(part, (height, width), mode="bilinear", align_corners=False)[:, 0] > 0
+        flat = masks.transpose(1, 2).reshape(len(masks), pixels)  # column-major, as COCO RLE runs
+        # (M, 2): mask, index before a change; nonzero waits for the device (its size is data)
+        changes = (flat[:, 1:] != flat[:, :-1]).nonzero()
+        first = flat[:, 0].long()  # 1: the mask starts with a foreground run
+        host = torch.cat([first, changes.flatten()]).cpu().numpy()  # one copy to the host
+        starts, edges = host[: len(masks)], host[len(masks) :].reshape(-1, 2)
+        bounds = np.searchsorted(edges[:, 0], np.arange(len(masks) + 1))  # rows of each mask
+        for i in range(len(masks)):
+            cuts = np.concatenate([[0], edges[bounds[i] : bounds[i + 1], 1] + 1, [pixels]])
+            counts = np.diff(cuts).tolist()  # run lengths, background first
+            rle = mask_utils.frPyObjects(
+                {"size": [height, width], "counts": [0] * int(starts[i]) + counts}, height, width
+            )
+            rles.append({"size": [height, width], "counts": rle["counts"].decode()})
+    return rles
 
 
 def resolve_device(name: str) -> str:
@@ -95,7 +113,9 @@ class Predictor:
     `dtype=torch.bfloat16`: backbone weights in bf16 (no autocast there), grounding head under bf16
     autocast. `compile_mode`: torch.compile with that mode the image backbone (`compile_scope`
     "backbone") or the backbone and the grounding head as one function ("all"), compiled at
-    construction so a failure surfaces there, never as a silent fallback.
+    construction so a failure surfaces there, never as a silent fallback. `compile_batches`: the
+    image batch sizes compiled then (static shapes, one graph each); compiled, a batch of another
+    size is padded up to the next of them (and split above the largest).
     """
 
     def __init__(
@@ -107,6 +127,7 @@ class Predictor:
         compile_mode: str | None = None,
         compile_scope: str = "backbone",
         masks: bool = True,
+        compile_batches: tuple[int, ...] = (1,),
     ) -> None:
         # `model` is a sam3 Sam3Image (typed Any: sam3 ships no type information)
         self.model = cast_backbone(model, dtype).to(device).eval()
@@ -120,18 +141,22 @@ class Predictor:
                 v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
             ]
         )
-        self._query_cache: dict[int, tuple[FindStage, Any]] = {}
+        self._query_cache: dict[tuple[int, int], tuple[FindStage, Any]] = {}
         self._text_cache: dict[str, Features] = {}
         self._stacked_text: dict[tuple[str, ...], Features] = {}
         self._forward_image = model.backbone.forward_image
         self._detect: Any = None  # compile scope `all`: backbone + grounding head, one compiled call
         self._graphs = False  # CUDA graphs replay into the same output buffers on every call
+        self.batch_sizes: tuple[int, ...] = ()  # compiled image batch sizes; () eager: any size as is
         if compile_mode is not None:
+            if not compile_batches or min(compile_batches) < 1:
+                raise Sam3ftError(f"compile batch sizes {compile_batches}", fix="give sizes of at least 1")
+            self.batch_sizes = tuple(sorted(set(compile_batches)))
             self._compile(compile_mode, compile_scope)
 
     def _compile(self, mode: str, scope: str) -> None:
         """torch.compile the image backbone (and with scope `all` the grounding head too), compiled here
-        on a blank image and a dummy prompt: a failure stops, nothing runs uncompiled behind it."""
+        on blank images and a dummy prompt: a failure stops, nothing runs uncompiled behind it."""
         if mode not in COMPILE_MODES:
             raise Sam3ftError(f"unknown compile mode {mode!r}", fix=f"use one of {COMPILE_MODES}")
         if scope not in COMPILE_SCOPES:
@@ -149,13 +174,15 @@ class Predictor:
             if geometry is not None:
                 geometry._encode_boxes = torch.compiler.disable(geometry._encode_boxes)
             # one function, not two: CUDA graph trees start a new generation at every top-level
-            # compiled call, and the head's would overwrite the backbone's outputs while it reads them
-            self._detect = torch.compile(self._image_and_heads, mode=torch_mode)
+            # compiled call, and the head's would overwrite the backbone's outputs while it reads them.
+            # Static shapes: each batch size gets its own graph instead of one with symbolic sizes
+            self._detect = torch.compile(self._image_and_heads, mode=torch_mode, dynamic=False)
             self._graphs = mode == "reduce-overhead"
         else:
-            self._forward_image = torch.compile(self._forward_image, mode=torch_mode)
+            self._forward_image = torch.compile(self._forward_image, mode=torch_mode, dynamic=False)
         try:
-            self.detect(blank, ["object"])  # one prompt: more prompts compile again
+            for size in self.batch_sizes:  # one prompt: more prompts compile again
+                self.detect_batch([blank] * size, ["object"])
         except Exception as exc:  # any compiler/backend failure: stop, do not run uncompiled
             raise Sam3ftError(
                 f"torch.compile(mode={mode!r}) of the {COMPILE_SCOPES[scope]} failed: "
@@ -163,12 +190,15 @@ class Predictor:
                 fix="run without --compile",
             ) from exc
 
-    def _queries(self, prompts: int) -> tuple[FindStage, Any]:
-        """One image (id 0) queried with `prompts` texts (ids 0..prompts-1), no geometric prompt."""
-        if prompts not in self._query_cache:
+    def _queries(self, prompts: int, images: int = 1) -> tuple[FindStage, Any]:
+        """`images` images (ids 0..images-1), each queried with `prompts` texts (ids 0..prompts-1):
+        query i * prompts + j is image i with text j; no geometric prompt."""
+        key = (prompts, images)
+        if key not in self._query_cache:
+            queries = prompts * images
             find = FindStage(
-                img_ids=torch.zeros(prompts, device=self.device, dtype=torch.long),
-                text_ids=torch.arange(prompts, device=self.device, dtype=torch.long),
+                img_ids=torch.arange(images, device=self.device).repeat_interleave(prompts),
+                text_ids=torch.arange(prompts, device=self.device).repeat(images),
                 input_boxes=None,
                 input_boxes_mask=None,
                 input_boxes_label=None,
@@ -176,8 +206,8 @@ class Predictor:
                 input_points_mask=None,
             )
             # empty box prompt, reused as Sam3Processor reuses its state's (sam3_image_processor.py)
-            self._query_cache[prompts] = (find, self.model._get_dummy_prompt(num_prompts=prompts))
-        return self._query_cache[prompts]
+            self._query_cache[key] = (find, self.model._get_dummy_prompt(num_prompts=queries))
+        return self._query_cache[key]
 
     def _text(self, prompts: list[str]) -> Features:
         """Text features of each prompt (encoded alone, cached), stacked along the prompt axis (cached)."""
@@ -195,42 +225,62 @@ class Predictor:
         }
         return self._stacked_text[key]
 
-    def _pixels(self, image: Image.Image) -> torch.Tensor:
-        """(1, 3, R, R) model input: resized to the model's resolution, normalised, in `dtype`."""
-        pixels = v2.functional.to_image(image.convert("RGB")).to(self.device)
-        return self.transform(pixels).unsqueeze(0).to(self.dtype)
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """(B, 3, R, R) model input: each image resized to the model's resolution, normalised, in `dtype`."""
+        pixels = [self.transform(v2.functional.to_image(i.convert("RGB")).to(self.device)) for i in images]
+        return torch.stack(pixels).to(self.dtype)
 
     @torch.inference_mode()
     def features(self, image: Image.Image) -> Features:
         """Image backbone output for one image (batch 1)."""
-        return self._forward_image(self._pixels(image))
+        return self._forward_image(self._pixels([image]))
 
     @torch.inference_mode()
-    def ground(self, features: Features, prompts: list[str]) -> Grounding:
-        """(P, Q, 4) cxcywh boxes in [0, 1], (P, Q) scores = sigmoid(logit) * sigmoid(presence), and
-        with a mask head (P, Q, h, w) mask logits at the model's mask resolution (else None)."""
+    def ground(self, features: Features, prompts: list[str], images: int = 1) -> Grounding:
+        """(images * P, Q, 4) cxcywh boxes in [0, 1], (images * P, Q) scores = sigmoid(logit) *
+        sigmoid(presence), and with a mask head (images * P, Q, h, w) mask logits at the model's mask
+        resolution (else None); row i * P + j is image i, prompt j."""
         backbone_out = {**features, **self._text(prompts)}  # a copy: sam3 pops keys from it
-        return self._grounding(backbone_out, *self._queries(len(prompts)))
+        return self._grounding(backbone_out, *self._queries(len(prompts), images))
 
     def _image_and_heads(
         self, pixels: torch.Tensor, text: Features, find: FindStage, geometric: Any
     ) -> Grounding:
-        """`ground(features(image), prompts)` as one function, for torch.compile with scope `all`."""
+        """`ground(features(images), prompts)` as one function, for torch.compile with scope `all`."""
         return self._grounding({**self._forward_image(pixels), **text}, find, geometric)
 
     @torch.inference_mode()
     def detect(self, image: Image.Image, prompts: list[str]) -> Grounding:
-        """`ground(features(image), prompts)`: through the one compiled function when there is one."""
-        if self._detect is None:
-            return self.ground(self.features(image), prompts)
-        if self._graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        found = self._detect(self._pixels(image), self._text(prompts), *self._queries(len(prompts)))
-        if not self._graphs:
-            return found
-        # the next call replays into the same buffers: hand out copies
+        """`ground(features(image), prompts)` for one image."""
+        return self.detect_batch([image], prompts)
+
+    @torch.inference_mode()
+    def detect_batch(self, images: list[Image.Image], prompts: list[str]) -> Grounding:
+        """`ground` of the images as one batch; compiled, padded up to a compiled batch size (the
+        padding's rows dropped) and split above the largest."""
+        if not self.batch_sizes:
+            return self.ground(self._forward_image(self._pixels(images)), prompts, len(images))
+        largest = self.batch_sizes[-1]
+        if len(images) > largest:
+            parts = [
+                self.detect_batch(images[i : i + largest], prompts) for i in range(0, len(images), largest)
+            ]
+            masks = None if parts[0][2] is None else torch.cat([p[2] for p in parts if p[2] is not None])
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), masks
+        size = next(s for s in self.batch_sizes if s >= len(images))
+        pixels = self._pixels(images + images[-1:] * (size - len(images)))
+        rows = len(images) * len(prompts)
+        if self._detect is None:  # scope `backbone`: compiled backbone, eager head
+            found = self.ground(self._forward_image(pixels), prompts, size)
+        else:
+            if self._graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            found = self._detect(pixels, self._text(prompts), *self._queries(len(prompts), size))
         boxes, scores, masks = found
-        return boxes.clone(), scores.clone(), None if masks is None else masks.clone()
+        if self._graphs or size > len(images):  # the next replay reuses these buffers: copies
+            boxes, scores = boxes[:rows].clone(), scores[:rows].clone()
+            masks = None if masks is None else masks[:rows].clone()
+        return boxes, scores, masks
 
     def _grounding(self, backbone_out: Features, find: FindStage, geometric: Any) -> Grounding:
         """sam3's `Sam3Image.forward_grounding` (sam3/model/sam3_image.py:442) step by step, the mask
@@ -262,8 +312,8 @@ class Predictor:
                     prompt_mask=mask,
                     hs=hs,
                 )
-        presence = out["presence_logit_dec"].float().sigmoid().unsqueeze(1)  # (P, 1, 1)
-        scores = (out["pred_logits"].float().sigmoid() * presence).squeeze(-1)  # (P, Q)
+        presence = out["presence_logit_dec"].float().sigmoid().unsqueeze(1)  # (N, 1, 1)
+        scores = (out["pred_logits"].float().sigmoid() * presence).squeeze(-1)  # (N, Q)
         masks = out["pred_masks"].float() if out.get("pred_masks") is not None else None
         return out["pred_boxes"].float(), scores, masks
 
@@ -287,24 +337,54 @@ class Predictor:
     ) -> list[Detection]:
         """Best `max_dets` detections per prompt scoring at least `min_score`, boxes (and masks, with a
         mask head: encoded for those detections only) in original pixels, highest score first."""
-        width, height = image.size
-        boxes, scores, masks = self.detect(image, list(prompts.values()))
+        return self.predict_batch([image], prompts, max_dets, [min_score])[0]
+
+    @torch.inference_mode()
+    def predict_batch(
+        self, images: list[Image.Image], prompts: dict[int, str], max_dets: int, min_scores: list[float]
+    ) -> list[list[Detection]]:
+        """`predict` of each image (with its own `min_scores` entry), the images as one model batch."""
+        if len(min_scores) != len(images):
+            raise ValueError(f"{len(images)} images but {len(min_scores)} min_scores")
+        boxes, scores, masks = self.detect_batch(images, list(prompts.values()))  # rows: image-major
         scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
-        scores, order = scores[:, :max_dets], order[:, :max_dets]  # (P, K)
-        picked = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))  # (P, K, 4) cxcywh
-        xyxy = box_ops.box_cxcywh_to_xyxy(picked).clamp(0, 1)  # (P, K, 4) in [0, 1]: inside the image
-        rows = torch.cat([xyxy, scores.unsqueeze(-1)], dim=-1).cpu()  # the one wait for the device
+        scores, order = scores[:, :max_dets], order[:, :max_dets]  # (N, K), N = images * P
+        picked = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))  # (N, K, 4) cxcywh
+        xyxy = box_ops.box_cxcywh_to_xyxy(picked).clamp(0, 1)  # (N, K, 4) in [0, 1]: inside the image
+        rows = torch.cat([xyxy, scores.unsqueeze(-1)], dim=-1).cpu()  # the one wait for the boxes
+        rows = rows.view(len(images), len(prompts), *rows.shape[1:])  # (B, P, K, 5)
+        order = order.view(len(images), len(prompts), -1)
+        if masks is not None:
+            masks = masks.view(len(images), len(prompts), *masks.shape[1:])  # (B, P, Q, h, w)
+        found = []
+        for i, (image, min_score) in enumerate(zip(images, min_scores, strict=True)):
+            per_image = None if masks is None else masks[i]
+            found.append(self._detections(image.size, prompts, rows[i], order[i], per_image, min_score))
+        return found
+
+    def _detections(
+        self,
+        size: tuple[int, int],
+        prompts: dict[int, str],
+        rows: torch.Tensor,
+        order: torch.Tensor,
+        masks: torch.Tensor | None,
+        min_score: float,
+    ) -> list[Detection]:
+        """One image's Detections from its (P, K, 5) host rows (xyxy in [0, 1], score; sorted), the
+        (P, K) query index of each and, with a mask head, its (P, Q, h, w) mask logits."""
+        width, height = size
         # scaled on the host: a tensor made on the device would be a host-to-device copy, which syncs
-        rows[..., :4] *= torch.tensor([width, height, width, height], dtype=torch.float32)  # pixels
+        rows = rows * torch.tensor([width, height, width, height, 1.0], dtype=torch.float32)  # pixels
         kept = [int((per_prompt[:, 4] >= min_score).sum()) for per_prompt in rows]  # sorted: a prefix
-        rles: list[list[dict[str, Any] | None]] = [[None] * k for k in kept]
-        if masks is not None:  # one at a time: 100 full-size masks of a 12 MP photo are 1.2 GB
-            rles = [
-                [mask_to_rle(mask_in_pixels(m, height, width)) for m in masks[i][o[:k]]]
-                for i, (o, k) in enumerate(zip(order, kept, strict=True))
-            ]
+        count = sum(kept)
+        rles: list[dict[str, Any] | None] = [None] * count
+        if masks is not None and count:  # the kept detections' masks, all prompts in one call
+            chosen = torch.cat([masks[j][order[j, :k]] for j, k in enumerate(kept)])
+            rles = list(masks_to_rles(chosen, height, width))
+        per_prompt_rles = iter(rles)
         return [
-            Detection((row[0], row[1], row[2], row[3]), row[4], category_id, rle)
-            for category_id, per_prompt, per_rle, k in zip(prompts, rows.tolist(), rles, kept, strict=True)
-            for row, rle in zip(per_prompt[:k], per_rle, strict=True)
+            Detection((row[0], row[1], row[2], row[3]), row[4], category_id, next(per_prompt_rles))
+            for category_id, per_prompt, k in zip(prompts, rows.tolist(), kept, strict=True)
+            for row in per_prompt[:k]
         ]

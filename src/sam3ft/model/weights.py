@@ -54,9 +54,12 @@ def verify_and_load(model: nn.Module, state: StateDict, source: str) -> None:
 
 
 def load_trainer_checkpoint(path: Path) -> StateDict:
-    """The `model` state dict of a sam3 trainer checkpoint, read weights-only (no pickled code)."""
+    """The `model` state dict of a sam3 trainer checkpoint, read weights-only (no pickled code).
+
+    Memory-mapped: the optimizer state beside the weights (twice their size with AdamW) is never read.
+    """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError as exc:
         raise WeightsError(f"{path}: not found", fix="run the train stage (dvc repro)") from exc
     except Exception as exc:  # truncated zip, pickle with code, ...: all mean "not a safe checkpoint"

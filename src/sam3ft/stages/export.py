@@ -8,6 +8,8 @@ to rebuild it), the vocab and a model card (README.md). Two checks, on every val
 - parity: the export vs the trained float32 model; the max box and score differences (and mask
   probability differences, with a mask head) go to parity.json (a DVC metric) and the stage fails
   above `export.tolerance`.
+Both checks run float32 forwards on the GPU when one is visible (the device training used), else on
+the CPU.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from sam3ft.layout import (
     MODEL_JSON,
     VOCAB_NAME,
 )
-from sam3ft.model.build import build_model
+from sam3ft.model.build import build_to_load
 from sam3ft.model.export import FORMAT, cast, delta_state, load_export, write_weights
 from sam3ft.model.load import load_trained
 from sam3ft.model.predict import Predictor
@@ -59,11 +61,13 @@ def max_differences(
     resolution: int,
     images: list[Image.Image],
     prompts: dict[int, str],
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Max |difference| of raw boxes (normalised cxcywh) and scores of two models over images, and
-    of mask probabilities (sigmoid of the logits) when the models have a mask head."""
+    of mask probabilities (sigmoid of the logits) when the models have a mask head; both models
+    are moved to `device` and run there in float32."""
     errors: dict[str, float] = {"max_box_error": 0.0, "max_score_error": 0.0}
-    pa, pb = Predictor(a, resolution), Predictor(b, resolution)
+    pa, pb = Predictor(a, resolution, device), Predictor(b, resolution, device)
     for image in images:
         for prompt in prompts.values():
             out_a, out_b = pa.outputs(image, prompt), pb.outputs(image, prompt)
@@ -165,6 +169,7 @@ def run(p: params_module.Params) -> None:
             key="export.mode",
         )
     trained, spec = load_trained(base_dir, checkpoint)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, export.dtype)
     state = cast(trained.state_dict(), dtype)
     if base_file is not None and export.mode == "delta":
@@ -194,15 +199,16 @@ def run(p: params_module.Params) -> None:
         shutil.copyfile(base_dir / VOCAB_NAME, model_dir / VOCAB_NAME)
         write_json(model_dir / MODEL_JSON, info)
         reloaded, _, _ = load_export(model_dir, base_file)
-        rounded = build_model(spec, str(base_dir / VOCAB_NAME), training=False, coord_cache=False)
+        rounded = build_to_load(spec, str(base_dir / VOCAB_NAME))
         rounded.load_state_dict(cast(cast(trained.state_dict(), dtype), torch.float32))
-        reload_err = max_differences(rounded.eval(), reloaded, spec.image_size, images, prompts)
+        reload_err = max_differences(rounded, reloaded, spec.image_size, images, prompts, device)
+        del rounded  # one fewer model in (device) memory for the parity check
         if max(reload_err.values()) != 0.0:
             raise WeightsError(
                 f"the export does not reload exactly: {reload_err}",
                 fix="report this as a bug; nothing was written",
             )
-        parity = max_differences(trained, reloaded, spec.image_size, images, prompts)
+        parity = max_differences(trained, reloaded, spec.image_size, images, prompts, device)
         if max(parity.values()) > export.tolerance:
             raise WeightsError(
                 f"{export.dtype} export differs from the trained model by {parity}, above "
@@ -220,7 +226,13 @@ def run(p: params_module.Params) -> None:
             },
         )
     log.info(
-        "exported %s (%s, %s) -> %s; parity %s", spec.name, export.dtype, export.mode, paths.export, parity
+        "exported %s (%s, %s) -> %s; parity (on %s) %s",
+        spec.name,
+        export.dtype,
+        export.mode,
+        paths.export,
+        device,
+        parity,
     )
 
 
