@@ -39,23 +39,30 @@ def workspace(tmp_path_factory) -> Path:
 
 def trainer_start(base_dir: Path, seed: int, max_epochs: int) -> dict[str, torch.Tensor]:
     """The model state the train stage starts from with `fetch.weights: none`: sam3's trainer seeds
-    (`set_seeds`, rank 0) and then instantiates the model config's `build_trainable_model`."""
+    (`set_seeds`, rank 0) and then instantiates the model config's `build_trainable_model`, whose
+    `init_seed` is base.seed."""
     from sam3.train.utils.train_utils import set_seeds
 
     from sam3ft.train.model import GROUPS, build_trainable_model
 
     set_seeds(seed, max_epochs, 0)
-    model = build_trainable_model(str(base_dir / SPEC_FILE), str(base_dir / VOCAB_NAME), list(GROUPS))
+    model = build_trainable_model(
+        str(base_dir / SPEC_FILE), str(base_dir / VOCAB_NAME), list(GROUPS), init_seed=seed
+    )
     return model.state_dict()
 
 
-def test_the_base_is_the_trainers_seeded_init(workspace):
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_base_is_the_trainers_seeded_init(workspace, seed):
+    """For every base.seed, whatever trainer.max_epochs (sam3 seeds its processes with both)."""
     p = params.load(["paths", "base", "trainer"], workspace)
     base_dir = Path(p.paths.base)
-    started = trainer_start(base_dir, p.base.seed, p.trainer.max_epochs)
-    loaded = load_base(base_dir, p.base.seed)[0].state_dict()
+    started = trainer_start(base_dir, seed, p.trainer.max_epochs)
+    loaded = load_base(base_dir, seed)[0].state_dict()
     assert list(loaded) == list(started)
     assert all(torch.equal(loaded[k], started[k]) for k in started)
+    other = load_base(base_dir, seed + 1)[0].state_dict()
+    assert not all(torch.equal(other[k], started[k]) for k in started)  # the seed matters
 
 
 def test_evaluate_puts_the_base_beside_the_fine_tuned_and_warns_when_below(workspace):

@@ -35,9 +35,8 @@ def load_base(base_dir: Path, seed: int) -> tuple[Sam3Image, ModelSpec]:
     `torch.manual_seed(seed)`, then fetch's weights loaded as the trainer's
     `model_weight_initializer` loads them (none with `fetch.weights: none`).
 
-    sam3's trainer seeds with seed * max_epochs (`set_seeds`, sam3/train/utils/train_utils.py:104):
-    the same init for base.seed 0; for another seed its random init also depends on
-    trainer.max_epochs, which this deliberately leaves out so that trainer changes keep the base.
+    The trainer draws the init the same way (`train/model.build_trainable_model`'s `init_seed`),
+    apart from sam3's per-process seeding, so the base is the trainer's start for every base.seed.
     """
     spec = load_spec_file(base_dir / SPEC_FILE)
     manifest = json.loads((base_dir / MANIFEST).read_text())

@@ -50,20 +50,29 @@ def build_trainable_model(
     act_ckpt_text: bool = True,
     act_ckpt_geometry: bool = True,
     stacked_matching: bool = False,
+    init_seed: int | None = None,
 ) -> torch.nn.Module:
     """The model for the trainer, with every parameter outside `trainable` groups frozen;
     `segmentation` adds the mask head to a preset built without one (tiny); LoRA adapters
     (trainable) go on the trunk's attention when `lora_rank` > 0; `stacked_matching` matches all
     decoder layers' outputs in one matcher call (train/matching.py); `compile_mode` is torch.compile's
     mode for `compile_model` (not a params key: bench/gpu_scaling.py compares modes through a
-    config override).
+    config override). With `init_seed` the preset's random init is drawn from
+    `torch.manual_seed(init_seed)` on a forked RNG: sam3's trainer seeds every process with
+    (seed + rank) x max_epochs, so without it the init would change with trainer.max_epochs, and
+    the baseline stage (`model/load.load_base`) could not build the same start from base.seed alone.
+    The process's own RNG stream goes on as sam3 seeded it.
 
     `autocast_cache` is process-wide: sam3's trainer builds its autocast contexts without
     `cache_enabled`, so they take torch's global default, which is set here, in the training process.
     """
     torch.set_autocast_cache_enabled(autocast_cache)
     spec = load_spec_file(spec_path).with_mask_head(segmentation)
-    model = freeze_and_adapt(build_model(spec, bpe_path), trainable, lora_rank, lora_alpha)
+    with torch.random.fork_rng(devices=[]):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        built = build_model(spec, bpe_path)
+    model = freeze_and_adapt(built, trainable, lora_rank, lora_alpha)
     compile_parts(model, trunk=compile_trunk, layers=compile_layers)
     if compile_model:
         compile_training_forward(model, compile_mode)
