@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -249,3 +250,43 @@ def test_exp_run_max_epochs_is_honoured(pipeline):
     assert kept == [{"AP50": selection["value"], "step": selection["epoch"]}]  # the validation chart's rule
     shown = run([*dvc, "exp", "show", "--json"], repo, env).stdout
     assert "max_epochs" in shown
+
+
+# README commands that run on the finished pipeline in seconds, offline; the others train (dvc exp
+# run: test_exp_run_max_epochs_is_honoured), serve until stopped (tests/test_serve.py), need a
+# remote (tests/test_remote.py, tests/test_registry.py) or a GPU
+README_RUNNABLE = (
+    "sam3ft predict",
+    "sam3ft summary",
+    "sam3ft compare",
+    "dvc metrics diff",
+    "dvc plots diff",
+    "dvc plots show",
+    "git diff params.yaml",
+)
+
+
+def readme_commands() -> list[str]:
+    """Each command of the README's bash blocks (continuation lines joined, comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            command = line.split(" #")[0].strip()
+            if command:
+                commands.append(command)
+    return commands
+
+
+def test_readme_commands_run_as_written(pipeline):
+    """The README's commands that can run here do, as written, in a plain shell of the clone; this
+    runs last in the file, since predict and plots leave files in the clone."""
+    runnable = [c for c in readme_commands() if c.startswith(README_RUNNABLE)]
+    assert {c.split()[0] + " " + c.split()[1] for c in runnable} >= {"sam3ft predict", "sam3ft compare"}
+    for command in runnable:
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=pipeline["repo"], env=pipeline["env"], capture_output=True, text=True
+        )
+        assert result.returncode == 0, f"README: `{command}` failed:\n{result.stdout}\n{result.stderr}"
+    predicted = json.loads((pipeline["repo"] / "predictions/detections.json").read_text())
+    assert len(predicted["images"]) == len(list((REPO / "data/find-fuse-neutrals-v5/test").glob("*.jpg")))
