@@ -1,6 +1,7 @@
-"""README.md and docs/ stay true to the repo without running what they describe (as litgpt's
-test_readme.py does): every `sam3ft` option, `-S` params key, `make` target, repo path and relative
-link they mention exists, the README stays short, and benchmark bookkeeping stays in bench/."""
+"""README.md and docs/ stay true to the repo: every `sam3ft` option, `-S` params key, `make` target,
+repo path and relative link they mention exists, the README stays short, and benchmark bookkeeping
+stays in bench/. The README's offline commands also run as written on the pipeline's clone
+(tests/test_pipeline.py, as litgpt's test_readme.py runs its README)."""
 
 from __future__ import annotations
 
