@@ -206,3 +206,65 @@ def test_deepcopy_is_not_needed_for_independent_runs() -> None:
     x, y = _batch(0)
     torch.nn.functional.mse_loss(a(x), y).backward()
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in b_before.items())
+
+
+class _Schedule:
+    """A learning rate per step, called as sam3's schedulers are (step and where)."""
+
+    def __call__(self, step: int, where: float) -> float:
+        return 1e-2 / (1 + step)
+
+
+def test_trainer_sets_the_schedule_before_the_backward() -> None:
+    """Our Trainer's step (sam3's train_epoch sets lrs only after the backward) with adamw_in_backward
+    gives the weights of torch's AdamW stepped after the backward at each step's scheduled lr."""
+    from sam3.train.optim.optimizer import Optimizer as Sam3Optimizer
+
+    from sam3ft.train.trainer import Trainer
+    from test_trainer_step import _batches, _meters
+    from test_trainer_step import _trainer as stub_trainer
+
+    trainer = stub_trainer(Trainer, sync_once=True)
+    reference = copy.deepcopy(trainer.model)
+    inner = make_optimizer([{"params": list(trainer.model.parameters())}], "adamw_in_backward")
+    trainer.optim = Sam3Optimizer(inner, schedulers=[{"lr": _Schedule()}])  # sets step 0's lr
+    trainer.epoch, trainer.max_epochs, trainer._epoch_steps = 0, 1, 3  # as train_epoch sets them
+    ordinary = torch.optim.AdamW(reference.parameters(), weight_decay=1e-2)
+    loss_mts, extra_mts = _meters()
+    for step, (x, target) in enumerate(_batches(3)):
+        trainer._run_step((x, target), "train", loss_mts, extra_mts)
+        trainer.optim.step_schedulers(step / 3, step=step)  # upstream's, after the backward
+        trainer.optim.optimizer.step()  # nothing left to step
+        assert all(p.grad is None for p in trainer.model.parameters())
+        out = reference(x)  # the stub's loss (tests/test_trainer_step.py `_step`)
+        loss = ((out - target) ** 2).mean() * 2 + out.abs().mean()
+        ordinary.zero_grad(set_to_none=True)
+        loss.backward()
+        ordinary.param_groups[0]["lr"] = _Schedule()(step, step / 3)
+        ordinary.step()
+    for a, b in zip(reference.parameters(), trainer.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_trainer_hands_clipping_to_the_optimizer_and_drops_the_scaler(monkeypatch) -> None:
+    """No GradScaler (bf16 needs none) and trainer.grad_clip clips each tensor in the backward."""
+    from sam3.train.trainer import Trainer as Sam3Trainer
+
+    from sam3ft.train.optim import GradientClipper
+    from sam3ft.train.trainer import Trainer
+
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw_bf16_in_backward")
+
+    def setup(self: Trainer) -> None:
+        self.device = torch.device("cpu")
+        self.scaler = torch.amp.GradScaler("cpu", enabled=True)
+        self.gradient_clipper = GradientClipper(max_norm=0.1)
+
+    monkeypatch.setattr(Sam3Trainer, "_setup_components", setup)
+    monkeypatch.setattr(Sam3Trainer, "_construct_optimizers", lambda self: setattr(
+        self, "optim", SimpleNamespace(optimizer=optimizer)))  # fmt: skip
+    trainer = object.__new__(Trainer)
+    trainer._setup_components()
+    trainer._construct_optimizers()
+    assert not trainer.scaler.is_enabled() and trainer.gradient_clipper is None
+    assert isinstance(optimizer, InBackward) and optimizer.max_norm == pytest.approx(0.1)

@@ -183,6 +183,8 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
     ema_decay: float = 0.0
     ema: WeightEma | None = None
     _resumed_ema: dict[str, Any] | None = None
+    _epoch_steps = 0  # training steps of this epoch (train_epoch's loader length); 0: outside one
+    _data_iter = 0  # the training step of this epoch that runs next
 
     def __init__(
         self,
@@ -210,8 +212,6 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         self._gc_frozen = False  # see _freeze_gc
         self._queued: list[_Queued] = []  # the previous step's values (sync_once)
         self._steps_left = 0  # in this epoch; 0: read each step's values at its end
-        self._epoch_steps = 0  # training steps of this epoch (train_epoch's loader length)
-        self._data_iter = 0  # the training step of this epoch that runs next
         super().__init__(**kwargs)
 
     def _setup_dataloaders(self) -> None:
@@ -246,7 +246,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         """For an optimizer stepping in the backward: the lr and weight decay upstream's train_epoch
         sets after this step's backward (sam3/train/trainer.py `train_epoch`, the same `where` and
         `step`), set before it; upstream's call after the backward then sets the same values again."""
-        if not isinstance(self.optim.optimizer, InBackward) or self._epoch_steps == 0:
+        if self._epoch_steps == 0 or not isinstance(self.optim.optimizer, InBackward):
             return
         exact_epoch = self.epoch + float(self._data_iter) / self._epoch_steps
         where = float(exact_epoch) / self.max_epochs
