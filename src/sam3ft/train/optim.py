@@ -58,7 +58,10 @@ class InBackward(torch.optim.Optimizer):
     unchanged. The per-parameter states live in this optimizer's `state`, so `state_dict` and
     `load_state_dict` are torch's, and a checkpoint has the layout of the ordinary optimizer's.
     adamw_bf16's rounding noise comes from a seed per parameter here (its position in the groups),
-    not per bucket: the same distribution, other draws than the whole-model step.
+    not per bucket: the same distribution, other draws than the whole-model step. A hook fires once
+    per backward call, so every weight's gradient must be complete in one: sam3's activation
+    checkpointing is non-reentrant (a reentrant checkpoint's inner backward would step a weight on
+    a partial gradient).
     """
 
     HYPER = ("lr", "weight_decay")  # what sam3's schedulers set per group and step
