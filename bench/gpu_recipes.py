@@ -5,7 +5,7 @@ own Trainer composed exactly as the train stage composes it (configs/train + par
 batches of the prepared sample, sam3's loss, clipping, schedulers, DDP wrapper. Only the epoch
 loop is ours, so a run stops after `--steps` steps without validation or a 10 GB checkpoint.
 
-    python bench/gpu_recipes.py --params .gpu/sam3-1.yaml --steps 20 stock:1 lean:1 lean:8
+    python bench/gpu_recipes.py --params .gpu/sam3-1.yaml --steps 20 stock:1 lean:1 lean:8 lean-in-backward:1
 """
 
 from __future__ import annotations

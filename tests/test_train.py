@@ -84,14 +84,19 @@ def test_a_run_as_long_as_its_warmup_trains(tmp_path, shipped_params):
     assert max(lrs) > 0
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["plain", "ema"])
-def test_killed_run_resumes_to_the_same_checkpoint(tmp_path, shipped_params, ema_decay):
+@pytest.mark.parametrize(
+    ("ema_decay", "recipe"),
+    [(0.0, "stock"), (0.9, "stock"), (0.0, "lean-in-backward")],
+    ids=["plain", "ema", "in-backward"],
+)
+def test_killed_run_resumes_to_the_same_checkpoint(tmp_path, shipped_params, ema_decay, recipe):
     """Killed after epoch 2's checkpoint of 3 and resumed: the same checkpoint and stats, byte for
     byte; with EMA, the average continues from the checkpoint's (the tracked checkpoint holds it, and
-    the validation stats score it). (This case drifted by float rounding while TorchScript optimized
+    the validation stats score it); with lean-in-backward, the per-weight optimizer states stepped in the
+    backward pass resume too. (This case drifted by float rounding while TorchScript optimized
     sam3's scripted loss helpers after their first calls in a process: see train/run.run_trainer.)"""
     # checkpoint_<epoch>.pt tells the epochs apart
-    settings = {"max_epochs": 3, "checkpoint_freq": 1, "ema_decay": ema_decay}
+    settings = {"max_epochs": 3, "checkpoint_freq": 1, "ema_decay": ema_decay, "recipe": recipe}
     ref = workspace(tmp_path / "ref", json.loads(json.dumps(shipped_params)), **settings)
     finish(train(ref))
     path = workspace(tmp_path / "cut", shipped_params, **settings)

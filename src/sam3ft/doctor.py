@@ -140,12 +140,12 @@ def check_accelerator(accelerator: str) -> Check:
 
 def vram_estimate_gb(spec: ModelSpec, trainer: params_module.Trainer, vocab: Path) -> tuple[float, str]:
     """Estimated training peak in GB for this preset and recipe (sam3ft.train.memory), and how."""
-    from sam3ft.train.memory import param_counts, training_peak_gb
+    from sam3ft.train.memory import param_sizes, training_peak_gb
     from sam3ft.train.model import trained_groups
 
     groups = trained_groups(trainer.trainable, trainer.segmentation)
-    total, trainable = param_counts(spec, vocab, groups, trainer.lora_rank)
-    return training_peak_gb(spec, total, trainable, trainer)
+    total, trainable, largest = param_sizes(spec, vocab, groups, trainer.lora_rank)
+    return training_peak_gb(spec, total, trainable, trainer, largest)
 
 
 # -- 4. DVC remotes -------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from sam3ft.layout import CONFIGS_DIR
 from sam3ft.model.spec import PATCH_SIZE, load_preset, preset_train_defaults
 
 DEFAULT_PARAMS = Path("params.yaml")
-OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16")  # built by sam3ft.train.optim.make_optimizer
+IN_BACKWARD = "_in_backward"  # suffix of the optimizers that step each parameter inside the backward pass
+# built by sam3ft.train.optim.make_optimizer
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16", "adamw" + IN_BACKWARD, "adamw_bf16" + IN_BACKWARD)
 # box metrics the trainer's validation logs every epoch (named as sam3ft.train.logging.val_metrics
 # names them) that trainer.select may pick; the per-size ones are left out (-1 without such objects)
 SELECT_METRICS = ("AP", "AP50", "AP75", "AR@1", "AR@10", "AR@100")
@@ -185,7 +187,8 @@ class Trainer:
     weight_decay: float
     """AdamW weight decay (not applied to biases and LayerNorms)."""
     grad_clip: float
-    """Max gradient norm."""
+    """Max gradient norm (global L2 over the trainable weights; per weight tensor with an
+    *_in_backward optimizer)."""
     warmup_steps: int
     """Linear warm-up, optimizer steps."""
     cooldown_steps: int
@@ -228,7 +231,11 @@ class Trainer:
     """configs/recipes/<name>.yaml: its values for RECIPE_KEYS (those differing from the defaults
     below) apply where params.yaml leaves a key null or out."""
     optimizer: str = "adamw"
-    """adamw (torch, as upstream) | adamw_fused | adamw_bf16 (bf16 moments: half the optimizer memory)."""
+    """adamw (torch, as upstream) | adamw_fused | adamw_bf16 (bf16 moments: half the optimizer memory)
+    | adamw_in_backward | adamw_bf16_in_backward (each parameter stepped in the backward pass as its
+    gradient is produced, then the gradient freed: no whole-model gradients; grad_clip then caps
+    each parameter's gradient norm, not the global one; needs grad_accum 1, one process without
+    DDP, and no fp16 autocast)."""
     lora_rank: int = 0
     """LoRA rank on the ViT trunk's attention (qkv, proj); 0 = off. Needs trunk frozen."""
     lora_alpha: float = 16.0
@@ -275,6 +282,39 @@ class Trainer:
     match the layers' outputs in one Hungarian matcher call per matcher (train/matching.py;
     upstream: 11 calls, four host waits each). Same terms and logs up to float summation order, the
     same matches; ~1750 fewer small GPU kernels per step."""
+
+    def _check_in_backward(self) -> None:
+        """What an optimizer stepping inside the backward pass cannot do: each gradient is applied
+        and freed as it is produced, so no step sees all gradients at once."""
+        why = f"with trainer.optimizer {self.optimizer} (each gradient is applied and freed as the backward "
+        why += "pass "
+        _check(
+            self.grad_accum == 1,
+            "trainer.grad_accum",
+            self.grad_accum,
+            f"1 {why}produces it, so gradients cannot add up over batches), or another optimizer",
+        )
+        _check(
+            not (self.amp and self.amp_dtype == "float16"),
+            "trainer.amp_dtype",
+            self.amp_dtype,
+            f"bfloat16 {why}produces it, before fp16's GradScaler could check all gradients for "
+            "overflow), or another optimizer",
+        )
+        _check(
+            self.world_size == 1,
+            "trainer.num_gpus",
+            self.num_gpus,
+            f"0 or 1 with trainer.num_nodes 1 {why}produces it, before any all-reduce across "
+            "processes), or another optimizer",
+        )
+        _check(
+            not self.ddp_one_process,
+            "trainer.ddp_one_process",
+            self.ddp_one_process,
+            f"false {why}produces it; DDP's buckets expect every gradient to stay until its "
+            "all-reduce), or another optimizer",
+        )
 
     @classmethod
     def with_recipe(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -398,6 +438,8 @@ class Trainer:
         _check(
             self.optimizer in OPTIMIZERS, "trainer.optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}"
         )
+        if self.optimizer.endswith(IN_BACKWARD):
+            self._check_in_backward()
         _check(self.lora_rank >= 0, "trainer.lora_rank", self.lora_rank, ">= 0 (0 = no LoRA)")
         _check(self.lora_alpha > 0, "trainer.lora_alpha", self.lora_alpha, "> 0")
         _check(

@@ -43,7 +43,7 @@ from sam3ft.stages import pin_threads
 from sam3ft.train.compose import CONFIG_NAME, compose_trainer_config, resolved_yaml
 from sam3ft.train.launch import launch_local, launch_slurm
 from sam3ft.train.logging import STEPS_FILE, log_steps_to_dvclive, log_to_dvclive, read_steps
-from sam3ft.train.memory import param_counts, training_peak_gb
+from sam3ft.train.memory import param_sizes, training_peak_gb
 from sam3ft.train.model import trained_groups
 from sam3ft.train.run import STATS_FILES, normalise_checkpoint, prepare_scratch, read_stats
 from sam3ft.train.select import BEST_CHECKPOINT, TIES, metric_curve, select_epoch
@@ -164,7 +164,7 @@ def count_images(split_dir: Path) -> int:
 
 def preflight(spec: ModelSpec, trainer: params_module.Trainer, root: Path, vocab: Path) -> None:
     """Refuse, with numbers, a run that cannot fit the disk (or, on CUDA, the GPU) before it starts."""
-    n_params, n_trained = param_counts(
+    n_params, n_trained, largest = param_sizes(
         spec, vocab, trained_groups(trainer.trainable, trainer.segmentation), trainer.lora_rank
     )
     needed = train_checkpoints_gb(n_params, trainer)  # scratch checkpoint(s) + tracked copy + DVC cache copy
@@ -173,7 +173,7 @@ def preflight(spec: ModelSpec, trainer: params_module.Trainer, root: Path, vocab
     if check.status == "FAIL":
         raise ConfigError(f"not enough disk: {check.detail}", fix=check.fix)
     if trainer.accelerator == "cuda":
-        estimate, how = training_peak_gb(spec, n_params, n_trained, trainer)
+        estimate, how = training_peak_gb(spec, n_params, n_trained, trainer, largest)
         memory = cuda_memory_gb()
         vram = check_vram(estimate, how, *(memory or (None, None)))
         if vram.status == "FAIL":

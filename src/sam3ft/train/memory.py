@@ -1,7 +1,8 @@
 """Peak GPU memory of a training run, estimated per recipe before any GPU work.
 
 peak = fp32 weights (4 B x all params)
-     + grads (4 B x trainable; DDP keeps them in its buckets for the whole run)
+     + grads (4 B x trainable; DDP keeps them in its buckets for the whole run; with an *_in_backward
+       optimizer, which frees each gradient once its weight stepped, 4 B x the largest trainable tensor)
      + optimizer moments (8 B x trainable for adamw/adamw_fused, 4 B for adamw_bf16)
      + autocast's bf16 weight copies (2 B x all params) while trainer.autocast_cache is true
      + activations: a measured GB per image at the preset's resolution, one figure when the backward
@@ -24,11 +25,17 @@ from pathlib import Path
 
 from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec
-from sam3ft.params import Trainer
+from sam3ft.params import IN_BACKWARD, Trainer
 from sam3ft.preflight import GB
 from sam3ft.train.model import freeze_and_adapt
 
-STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_bf16": 4}
+STATE_BYTES = {
+    "adamw": 8,
+    "adamw_fused": 8,
+    "adamw_bf16": 4,
+    "adamw_in_backward": 8,
+    "adamw_bf16_in_backward": 4,
+}
 
 
 @dataclass(frozen=True)
@@ -68,16 +75,30 @@ MEASURED = {
 
 def param_counts(spec: ModelSpec, vocab: Path, trainable: list[str], lora_rank: int) -> tuple[int, int]:
     """(all, trainable) parameters of the model the trainer builds, counted on the meta device."""
+    total, trained, _ = param_sizes(spec, vocab, trainable, lora_rank)
+    return total, trained
+
+
+def param_sizes(spec: ModelSpec, vocab: Path, trainable: list[str], lora_rank: int) -> tuple[int, int, int]:
+    """(all, trainable, largest trainable tensor) parameter counts of the model the trainer builds,
+    on the meta device."""
     with empty_weights():
         model = build_model(spec, str(vocab), training=True, coord_cache=False)
         freeze_and_adapt(model, trainable, lora_rank, lora_alpha=1.0)  # alpha changes no count
     params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    trained = [p.numel() for p in params if p.requires_grad]
+    return sum(p.numel() for p in params), sum(trained), max(trained, default=0)
 
 
-def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Trainer) -> tuple[float, str]:
-    """Estimated peak allocated GPU memory in GB for `trainer` (params.Trainer), and how it was made."""
-    weights_grads_states = 4 * total + trainable * (4 + STATE_BYTES[trainer.optimizer])
+def training_peak_gb(
+    spec: ModelSpec, total: int, trainable: int, trainer: Trainer, largest: int | None = None
+) -> tuple[float, str]:
+    """Estimated peak allocated GPU memory in GB for `trainer` (params.Trainer), and how it was made.
+    `largest`: parameters of the largest trainable tensor (None: `trainable`, an upper bound), the
+    only gradient an *_in_backward optimizer holds at once."""
+    in_backward = trainer.optimizer.endswith(IN_BACKWARD)
+    grads = 4 * (trainable if largest is None or not in_backward else largest)
+    weights_grads_states = 4 * total + grads + trainable * STATE_BYTES[trainer.optimizer]
     static = weights_grads_states + (2 * total if trainer.amp and trainer.autocast_cache else 0)
     how = f"{total / 1e6:.0f} M params, {trainable / 1e6:.1f} M trainable, {trainer.optimizer}"
     act = MEASURED.get(spec.name)
@@ -101,7 +122,7 @@ def training_peak_gb(spec: ModelSpec, total: int, trainable: int, trainer: Train
     # ops, as on cards without native bf16 such as a T4 (352 MB more, ~3% of lean's batch-1 peak);
     # torch's foreach AdamW's group-sized temporary (runs with it had DDP, whose peak comes earlier).
     step_end = weights_grads_states / GB + act.backward_end_gb
-    return max(peak - 4 * trainable / GB, step_end + act.constant_gb), how + ", no DDP wrapper"
+    return max(peak - grads / GB, step_end + act.constant_gb), how + ", no DDP wrapper"
 
 
 def uses_ddp(trainer: Trainer) -> bool:

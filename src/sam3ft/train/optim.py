@@ -7,6 +7,10 @@
   and fp32 update math. Halves optimizer memory (6.7 -> 3.4 GB for the full model). On CUDA cards
   with native bf16 one Triton kernel launch per step does the update (train/adamw_kernel.py);
   elsewhere torch ops.
+- adamw_in_backward, adamw_bf16_in_backward: the same math per parameter, stepped inside the
+  backward pass as each gradient is produced, which is then freed (`InBackward`): no gradient of
+  the whole model is ever held. Clipping caps each parameter's gradient norm, not the global
+  one; no accumulation or fp16 GradScaler (params.Trainer refuses them).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from sam3.train.optim.optimizer import GradientClipper as Sam3GradientClipper
 from sam3.train.optim.schedulers import InverseSquareRootParamScheduler
 from torch.amp.grad_scaler import OptState
 
-from sam3ft.params import OPTIMIZERS  # the names params.yaml accepts; each one is built below
+from sam3ft.params import IN_BACKWARD, OPTIMIZERS  # the names params.yaml accepts; each one is built below
 
 CHUNK = 1 << 24  # elements per update bucket: fp32 temporaries of 64 MB each
 
@@ -34,7 +38,75 @@ def make_optimizer(params: Iterable[Any], kind: str, seed: int = 0) -> torch.opt
         return torch.optim.AdamW(params, fused=True)
     if kind == "adamw_bf16":
         return AdamWBf16(params, seed=seed)
+    if kind in OPTIMIZERS and kind.endswith(IN_BACKWARD):
+        return InBackward(params, kind.removesuffix(IN_BACKWARD), seed=seed)
     raise ValueError(f"unknown optimizer {kind!r}; expected one of {OPTIMIZERS}")
+
+
+class InBackward(torch.optim.Optimizer):
+    """The optimizer `kind` stepped per parameter inside the backward pass, as torchtune's
+    optimizer-in-backward: a post-accumulate-grad hook on each parameter steps that parameter's own
+    `kind` optimizer as soon as its gradient is complete, then frees the gradient. Gradient memory
+    is one parameter's gradient at a time (plus what autograd holds in flight), not the model's.
+
+    This object holds sam3's param groups, so its schedulers set lr and weight decay here as
+    usual; each hook copies its group's values into the parameter's optimizer before stepping.
+    Schedulers must therefore run before the backward pass (our Trainer does). With `max_norm`
+    (the trainer hands over trainer.grad_clip) each parameter's gradient is clipped to that L2 norm
+    on its own: the global norm over all gradients never exists at once. `step` is a no-op
+    (the weights moved in the backward), so the trainer's scaler.step and step hooks (EMA) run
+    unchanged. The per-parameter states live in this optimizer's `state`, so `state_dict` and
+    `load_state_dict` are torch's, and a checkpoint has the layout of the ordinary optimizer's.
+    adamw_bf16's rounding noise comes from a seed per parameter here (its position in the groups),
+    not per bucket: the same distribution, other draws than the whole-model step. A hook fires once
+    per backward call, so every weight's gradient must be complete in one: sam3's activation
+    checkpointing is non-reentrant (a reentrant checkpoint's inner backward would step a weight on
+    a partial gradient).
+    """
+
+    HYPER = ("lr", "weight_decay")  # what sam3's schedulers set per group and step
+
+    def __init__(self, params: Iterable[Any], kind: str, seed: int = 0) -> None:
+        super().__init__(params, {"lr": 1e-3, "weight_decay": 1e-2})  # both set by sam3's schedulers
+        self.kind = kind
+        self.max_norm: float | None = None  # per-parameter gradient clipping; None: off
+        # each trainable weight's optimizer and the index of its group (load_state_dict replaces
+        # the group dicts, so the hooks look them up)
+        self._inner: dict[torch.Tensor, tuple[torch.optim.Optimizer, int]] = {}
+        for at, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                if not param.requires_grad:
+                    continue
+                index = len(self._inner)
+                hyper = {k: v for k, v in group.items() if k != "params"}
+                inner = make_optimizer([{"params": [param], **hyper}], kind, seed=seed * 1_000_003 + index)
+                inner.state = self.state  # one state dict: the per-parameter states are this one's
+                self._inner[param] = (inner, at)
+                param.register_post_accumulate_grad_hook(self._step_param)
+
+    @torch.no_grad()
+    def _step_param(self, param: torch.Tensor) -> None:
+        inner, at = self._inner[param]
+        inner_group, group = inner.param_groups[0], self.param_groups[at]
+        for key in self.HYPER:
+            inner_group[key] = group[key]
+        if self.max_norm is not None:
+            torch.nn.utils.clip_grad_norm_([param], max_norm=self.max_norm)
+        inner.step()
+        param.grad = None
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """Nothing left to do: every parameter with a gradient stepped in the backward pass."""
+        return closure() if closure is not None else None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # replaces self.state: point the inner ones at it again
+        for inner, _ in self._inner.values():
+            inner.state = self.state
+            if isinstance(inner, AdamWBf16):
+                inner._layout = None
+        if self.kind == "adamw_bf16":
+            _restore_bf16_state(self.state)
 
 
 class GradientClipper(Sam3GradientClipper):  # type: ignore[misc]  # sam3 ships no type information
@@ -303,12 +375,7 @@ class AdamWBf16(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._layout = None
-        for state in self.state.values():  # Optimizer.load_state_dict casts states to the weights' fp32
-            if "step" in state:  # its own scalar: the loaded one may be a view shared with the dict's owner
-                state["step"] = state["step"].detach().clone().reshape(())
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state and state[key].dtype != torch.bfloat16:
-                    state[key] = state[key].to(torch.bfloat16)
+        _restore_bf16_state(self.state)
 
     def _buckets(self, group: dict[str, Any]) -> Iterable[tuple[int, list[list[torch.Tensor]]]]:
         """(step, pieces) with at most CHUNK elements per bucket; a piece is the flat slices
@@ -358,3 +425,13 @@ class AdamWBf16(torch.optim.Optimizer):
         denom = (v.sqrt_() / math.sqrt(1 - beta2**step)).add_(group["eps"])
         update = m.div_(denom).mul_(-lr / (1 - beta1**step))
         torch._foreach_add_(params, list(update.split(sizes)))
+
+
+def _restore_bf16_state(states: dict[Any, dict[str, Any]]) -> None:
+    """After Optimizer.load_state_dict, which casts states to the weights' fp32: bf16 moments again."""
+    for state in states.values():
+        if "step" in state:  # its own scalar: the loaded one may be a view shared with the dict's owner
+            state["step"] = state["step"].detach().clone().reshape(())
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state and state[key].dtype != torch.bfloat16:
+                state[key] = state[key].to(torch.bfloat16)

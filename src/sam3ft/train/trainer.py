@@ -27,7 +27,7 @@ from torch.utils.data import Sampler
 from sam3ft.errors import Sam3ftError
 from sam3ft.preflight import GB
 from sam3ft.train.ema import EMA_KEY, WeightEma
-from sam3ft.train.optim import DeviceGradScaler, GradientClipper
+from sam3ft.train.optim import DeviceGradScaler, GradientClipper, InBackward
 from sam3ft.train.run import STATS_FILES, read_stats
 from sam3ft.train.select import BEST_CHECKPOINT, metric_curve, select_epoch
 from sam3ft.train.transfer import unpack
@@ -161,6 +161,11 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
       (`train/model.compile_training_forward`): the process's first training step runs eager, so sam3
       fills its lazy device caches outside any CUDA graph, and every later step tells CUDA graph
       trees where it begins (outputs of the previous step's graphs may then be overwritten).
+    - an optimizer that steps inside the backward pass (train/optim.py `InBackward`) gets its
+      learning rates and weight decays from the schedulers before the backward (upstream sets them
+      after it, just before its step), the gradient clipping's max norm (it clips per parameter),
+      and no GradScaler: bf16 needs none, and the scaled gradients would be applied before any
+      unscale or overflow check (params.Trainer refuses fp16 with it).
     - Python's cyclic garbage collector leaves the objects alive after the first training step
       alone (`_freeze_gc`).
     - `select` (a validation metric, or `last`): after each validation, the best epoch's
@@ -173,10 +178,13 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
 
     logger: Any  # sam3's Logger; a _HeldLogger while a step runs
     scaler: Any  # torch's GradScaler
+    gradient_clipper: Any  # ours (train/optim.py), None without clipping
     # EMA off until __init__ says otherwise: the checkpoint and optimizer hooks read these
     ema_decay: float = 0.0
     ema: WeightEma | None = None
     _resumed_ema: dict[str, Any] | None = None
+    _epoch_steps = 0  # training steps of this epoch (train_epoch's loader length); 0: outside one
+    _data_iter = 0  # the training step of this epoch that runs next
 
     def __init__(
         self,
@@ -227,6 +235,23 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
             self.gradient_clipper.optimizer = self.optim.optimizer
         if self.ema_decay > 0:  # torch runs step post-hooks only after a step that happened
             self.optim.optimizer.register_step_post_hook(self._update_ema)
+        if isinstance(self.optim.optimizer, InBackward):
+            self.scaler = DeviceGradScaler(self.device, enabled=False)  # scale() and step() pass through
+            # each gradient is gone by the time upstream's clipper would run: it clips per parameter
+            if self.gradient_clipper is not None and self.gradient_clipper.max_norm is not None:
+                self.optim.optimizer.max_norm = float(self.gradient_clipper.max_norm)
+            self.gradient_clipper = None
+
+    def _schedule_before_backward(self) -> None:
+        """For an optimizer stepping in the backward: the lr and weight decay upstream's train_epoch
+        sets after this step's backward (sam3/train/trainer.py `train_epoch`, the same `where` and
+        `step`), set before it; upstream's call after the backward then sets the same values again."""
+        if self._epoch_steps == 0 or not isinstance(self.optim.optimizer, InBackward):
+            return
+        exact_epoch = self.epoch + float(self._data_iter) / self._epoch_steps
+        where = float(exact_epoch) / self.max_epochs
+        if where < 1.0:
+            self.optim.step_schedulers(where, step=int(exact_epoch * self._epoch_steps))
 
     def _update_ema(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.ema is not None:
@@ -331,11 +356,12 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         return super()._step(unpack(batch, self.device), model, phase)
 
     def train_epoch(self, train_loader: Any) -> Any:
-        self._steps_left = len(train_loader)
+        self._steps_left = self._epoch_steps = len(train_loader)
+        self._data_iter = 0
         try:
             return super().train_epoch(train_loader)
         finally:
-            self._steps_left = 0
+            self._steps_left = self._epoch_steps = 0
 
     def _setup_ddp_distributed_training(self, distributed_conf: Any, accelerator: str) -> None:
         if self.ddp_one_process or dist.get_world_size() > 1:
@@ -393,6 +419,8 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         """Upstream's forward/backward (sam3/train/trainer.py `_run_step`) under `_step_stance`;
         with `sync_once`, one device read per step: loss, extra loss terms and every tensor logged
         in `_step`, queued after the backward, read after the next step's forward."""
+        self._schedule_before_backward()
+        self._data_iter += 1
         with self._step_stance():
             if not self.sync_once:
                 super()._run_step(batch, phase, loss_mts, extra_loss_mts, raise_on_error)

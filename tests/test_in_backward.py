@@ -1,0 +1,270 @@
+"""Optimizers stepped inside the backward pass (`*_in_backward`, train/optim.py InBackward): the same
+weights as the ordinary step, gradients freed, exact resume, refused combinations, memory estimate."""
+
+from __future__ import annotations
+
+import copy
+import io
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import write_params
+from sam3ft import params
+from sam3ft.errors import ConfigError
+from sam3ft.model.build import bundled_vocab
+from sam3ft.model.spec import load_preset
+from sam3ft.preflight import GB
+from sam3ft.train import memory
+from sam3ft.train.optim import AdamWBf16, InBackward, make_optimizer
+
+LRS = [(1e-2, 3e-3), (5e-3, 1e-3), (2e-3, 4e-4), (1e-3, 1e-4)]  # per step, per group: a schedule
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+
+
+def _groups(model: torch.nn.Module) -> list[dict]:
+    """Two groups as sam3's lr / weight-decay groups."""
+    return [
+        {"params": list(model[0].parameters()), "lr": 1e-2, "weight_decay": 0.1},
+        {"params": list(model[2].parameters()), "lr": 3e-3, "weight_decay": 0.0},
+    ]
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randn(64, 16, generator=generator), torch.randn(64, 1, generator=generator)
+
+
+def _run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, clip: float | None = None) -> None:
+    """Steps as sam3's trainer runs them, with a schedule setting each group's lr every step: before
+    the backward (where an in-backward optimizer needs it), which for the ordinary step is the same as
+    upstream's after it. `clip`: each weight tensor's gradient clipped to this norm on its own."""
+    for step in steps:
+        for group, lr in zip(opt.param_groups, LRS[step % len(LRS)], strict=True):
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        x, y = _batch(step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if clip is not None and not isinstance(opt, InBackward):
+            for p in model.parameters():
+                torch.nn.utils.clip_grad_norm_([p], max_norm=clip)
+        opt.step()
+
+
+def test_in_backward_gives_the_ordinary_steps_weights_exactly() -> None:
+    """torch AdamW over one tensor runs the same per-tensor ops (single-tensor path on the CPU) in
+    the backward as in the ordinary step, so the weights are bitwise equal, schedule included."""
+    ordinary, in_backward = _model(), _model()
+    _run(ordinary, make_optimizer(_groups(ordinary), "adamw"), range(6))
+    _run(in_backward, make_optimizer(_groups(in_backward), "adamw_in_backward"), range(6))
+    for a, b in zip(ordinary.parameters(), in_backward.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(_model()[0].weight, in_backward[0].weight)  # the steps moved the weights
+
+
+def test_bf16_in_backward_is_adamw_bf16_per_tensor() -> None:
+    """adamw_bf16 in the backward equals one AdamWBf16 per weight tensor (its seed: the tensor's
+    position) stepped after the backward: the same bf16 moments and rounding noise."""
+    ordinary, in_backward = _model(), _model()
+    per_tensor = []
+    for index, (group, param) in enumerate((g, p) for g in _groups(ordinary) for p in g["params"]):
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        per_tensor.append(AdamWBf16([{"params": [param], **hyper}], seed=7 * 1_000_003 + index))
+    for step in range(6):
+        for opt, group_index in zip(per_tensor, (0, 0, 1, 1), strict=True):
+            opt.param_groups[0]["lr"] = LRS[step % len(LRS)][group_index]
+        x, y = _batch(step)
+        ordinary.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(ordinary(x), y).backward()
+        for opt in per_tensor:
+            opt.step()
+    _run(in_backward, make_optimizer(_groups(in_backward), "adamw_bf16_in_backward", seed=7), range(6))
+    for a, b in zip(ordinary.parameters(), in_backward.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gradients_are_freed_in_the_backward() -> None:
+    model = _model()
+    opt = make_optimizer(_groups(model), "adamw_bf16_in_backward")
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _batch(0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    assert [p.grad for p in model.parameters()] == [None] * 4
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(int(s["step"]) == 1 for s in opt.state.values()) and len(opt.state) == 4
+
+
+def test_clipping_in_backward_is_per_tensor() -> None:
+    """trainer.grad_clip with an in-backward optimizer: each tensor's gradient clipped on its own."""
+    ordinary, in_backward = _model(), _model()
+    _run(ordinary, make_optimizer(_groups(ordinary), "adamw"), range(4), clip=0.05)
+    opt = make_optimizer(_groups(in_backward), "adamw_in_backward")
+    assert isinstance(opt, InBackward)
+    opt.max_norm = 0.05
+    _run(in_backward, opt, range(4), clip=0.05)
+    for a, b in zip(ordinary.parameters(), in_backward.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["adamw_in_backward", "adamw_bf16_in_backward"])
+def test_state_dict_round_trip_resumes_exactly(kind: str) -> None:
+    """Saved after 3 steps (through torch.save, as a checkpoint) and loaded into a fresh model and
+    optimizer, 3 more steps give the unbroken run's weights and states, bit for bit."""
+    unbroken = _model()
+    opt = make_optimizer(_groups(unbroken), kind, seed=3)
+    _run(unbroken, opt, range(3))
+    buffer = io.BytesIO()
+    torch.save({"model": unbroken.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _model(seed=1)  # other weights until loaded
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = make_optimizer(_groups(resumed), kind, seed=3)
+    resumed_opt.load_state_dict(saved["optimizer"])
+    assert {s["exp_avg"].dtype for s in resumed_opt.state.values()} == {
+        torch.bfloat16 if "bf16" in kind else torch.float32
+    }
+    _run(unbroken, opt, range(3, 6))
+    _run(resumed, resumed_opt, range(3, 6))
+    for a, b in zip(unbroken.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for key, state in opt.state_dict()["state"].items():
+        other = resumed_opt.state_dict()["state"][key]
+        assert all(torch.equal(state[k], other[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def _trainer(tmp_path, shipped_params, **changes) -> params.Trainer:
+    shipped_params["trainer"].update({"recipe": "lean-in-backward", "num_gpus": 0, **changes})
+    return params.load(["trainer"], write_params(tmp_path / "params.yaml", shipped_params)).trainer
+
+
+def test_lean_8gb_recipe_loads(tmp_path, shipped_params) -> None:
+    trainer = _trainer(tmp_path, shipped_params)
+    assert trainer.optimizer == "adamw_bf16_in_backward" and trainer.ddp_one_process is False
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "fix"),
+    [
+        ({"grad_accum": 2}, "trainer.grad_accum", "use 1 with trainer.optimizer adamw_bf16_in_backward"),
+        (
+            {"num_gpus": 1, "amp": True, "amp_dtype": "float16"},
+            "trainer.amp_dtype",
+            "use bfloat16 with trainer.optimizer adamw_bf16_in_backward",
+        ),
+        ({"num_gpus": 2}, "trainer.num_gpus", "use 0 or 1 with trainer.num_nodes 1"),
+        ({"ddp_one_process": True}, "trainer.ddp_one_process", "use false with trainer.optimizer"),
+    ],
+)
+def test_bad_combinations_are_refused_naming_the_key(tmp_path, shipped_params, changes, key, fix) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}=.* is invalid") as err:
+        _trainer(tmp_path, shipped_params, **changes)
+    assert err.value.key == key and err.value.fix is not None and fix in err.value.fix
+
+
+def test_memory_estimate_counts_one_gradient_tensor() -> None:
+    """Without DDP the peak is the larger of the forward pass's (no gradients yet) and the end of the
+    backward pass's (weights, gradients, moments): in the backward only the largest tensor's gradient
+    is held, so only the second term drops, by 4 B x (trainable - largest)."""
+    trainer = SimpleNamespace(
+        amp=True, autocast_cache=False, optimizer="adamw_bf16", trainable=list(params.GROUPS)
+    )
+    trainer.lora_rank, trainer.batch_size, trainer.ddp_one_process = 0, 1, False
+    trainer.num_gpus = trainer.num_nodes = 1
+    sam3, act = load_preset("sam3"), memory.MEASURED["sam3"]
+    total, trainable, largest = 840 * 10**6, 830 * 10**6, 50 * 10**6
+    no_grads = (4 * total + 4 * trainable) / GB  # fp32 weights, bf16 moments
+    forward = no_grads + act.constant_gb + act.trunk_backward_gb  # batch 1
+    backward_end = no_grads + act.backward_end_gb + act.constant_gb  # plus the gradients held
+    lean, _ = memory.training_peak_gb(sam3, total, trainable, trainer, largest)
+    assert lean == pytest.approx(max(forward, backward_end + 4 * trainable / GB))
+    trainer.optimizer = "adamw_bf16_in_backward"
+    in_backward, how = memory.training_peak_gb(sam3, total, trainable, trainer, largest)
+    assert in_backward == pytest.approx(max(forward, backward_end + 4 * largest / GB))
+    assert in_backward < lean and "adamw_bf16_in_backward" in how
+    unknown, _ = memory.training_peak_gb(sam3, total, trainable, trainer)  # largest unknown: all counted
+    assert unknown == pytest.approx(lean)
+
+
+def test_largest_trainable_tensor_is_counted() -> None:
+    """param_sizes' third count is the largest trainable tensor of the model the trainer builds."""
+    total, trainable, largest = memory.param_sizes(load_preset("tiny"), bundled_vocab(), ["heads"], 0)
+    assert 0 < largest <= trainable < total
+    assert (total, trainable) == memory.param_counts(load_preset("tiny"), bundled_vocab(), ["heads"], 0)
+
+
+def test_deepcopy_is_not_needed_for_independent_runs() -> None:
+    """Two in-backward optimizers on two models do not step each other's weights (hooks are per tensor)."""
+    a, b = _model(), _model()
+    make_optimizer(_groups(a), "adamw_in_backward")
+    b_before = copy.deepcopy(b.state_dict())
+    x, y = _batch(0)
+    torch.nn.functional.mse_loss(a(x), y).backward()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in b_before.items())
+
+
+class _Schedule:
+    """A learning rate per step, called as sam3's schedulers are (step and where)."""
+
+    def __call__(self, step: int, where: float) -> float:
+        return 1e-2 / (1 + step)
+
+
+def test_trainer_sets_the_schedule_before_the_backward() -> None:
+    """Our Trainer's step (sam3's train_epoch sets lrs only after the backward) with adamw_in_backward
+    gives the weights of torch's AdamW stepped after the backward at each step's scheduled lr."""
+    from sam3.train.optim.optimizer import Optimizer as Sam3Optimizer
+
+    from sam3ft.train.trainer import Trainer
+    from test_trainer_step import _batches, _meters
+    from test_trainer_step import _trainer as stub_trainer
+
+    trainer = stub_trainer(Trainer, sync_once=True)
+    reference = copy.deepcopy(trainer.model)
+    inner = make_optimizer([{"params": list(trainer.model.parameters())}], "adamw_in_backward")
+    trainer.optim = Sam3Optimizer(inner, schedulers=[{"lr": _Schedule()}])  # sets step 0's lr
+    trainer.epoch, trainer.max_epochs, trainer._epoch_steps = 0, 1, 3  # as train_epoch sets them
+    ordinary = torch.optim.AdamW(reference.parameters(), weight_decay=1e-2)
+    loss_mts, extra_mts = _meters()
+    for step, (x, target) in enumerate(_batches(3)):
+        trainer._run_step((x, target), "train", loss_mts, extra_mts)
+        trainer.optim.step_schedulers(step / 3, step=step)  # upstream's, after the backward
+        trainer.optim.optimizer.step()  # nothing left to step
+        assert all(p.grad is None for p in trainer.model.parameters())
+        out = reference(x)  # the stub's loss (tests/test_trainer_step.py `_step`)
+        loss = ((out - target) ** 2).mean() * 2 + out.abs().mean()
+        ordinary.zero_grad(set_to_none=True)
+        loss.backward()
+        ordinary.param_groups[0]["lr"] = _Schedule()(step, step / 3)
+        ordinary.step()
+    for a, b in zip(reference.parameters(), trainer.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_trainer_hands_clipping_to_the_optimizer_and_drops_the_scaler(monkeypatch) -> None:
+    """No GradScaler (bf16 needs none) and trainer.grad_clip clips each tensor in the backward."""
+    from sam3.train.trainer import Trainer as Sam3Trainer
+
+    from sam3ft.train.optim import GradientClipper
+    from sam3ft.train.trainer import Trainer
+
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw_bf16_in_backward")
+
+    def setup(self: Trainer) -> None:
+        self.device = torch.device("cpu")
+        self.scaler = torch.amp.GradScaler("cpu", enabled=True)
+        self.gradient_clipper = GradientClipper(max_norm=0.1)
+
+    monkeypatch.setattr(Sam3Trainer, "_setup_components", setup)
+    monkeypatch.setattr(Sam3Trainer, "_construct_optimizers", lambda self: setattr(
+        self, "optim", SimpleNamespace(optimizer=optimizer)))  # fmt: skip
+    trainer = object.__new__(Trainer)
+    trainer._setup_components()
+    trainer._construct_optimizers()
+    assert not trainer.scaler.is_enabled() and trainer.gradient_clipper is None
+    assert isinstance(optimizer, InBackward) and optimizer.max_norm == pytest.approx(0.1)
