@@ -143,12 +143,16 @@ def check_port_free(host: str, port: int) -> None:
         ) from exc
 
 
-def unit_interval(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = _number(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is outside 0..1 (scores are probabilities)")
     return value
@@ -175,10 +179,7 @@ def positive_int(text: str) -> int:
 
 def seconds(text: str) -> float:
     """argparse type: a number of seconds, 0.001 to 10 (LitServe polls without pause at 0)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0.001 <= value <= 10.0:
         raise argparse.ArgumentTypeError(f"{text} is outside 0.001..10 seconds")
     return value
@@ -365,7 +366,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
+def _params_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
 
 
@@ -421,8 +422,8 @@ COMMANDS = {
         "and threshold) returns JSON detections; GET /health; GET /info. With SAM3FT_API_KEY set, "
         "requests need the header X-API-Key.",
     ),
-    "doctor": Command(_doctor_arguments, _doctor, "check this machine for the configured run"),
-    "summary": Command(_doctor_arguments, _summary, "the last evaluate run's decision metrics, a few lines"),
+    "doctor": Command(_params_argument, _doctor, "check this machine for the configured run"),
+    "summary": Command(_params_argument, _summary, "the last evaluate run's decision metrics, a few lines"),
     "compare": Command(
         _compare_arguments, _compare, "the workspace, HEAD and its experiments (dvc exp show): a line each"
     ),
