@@ -248,23 +248,9 @@ def test_trainer_sets_the_schedule_before_the_backward() -> None:
 
 def test_trainer_hands_clipping_to_the_optimizer_and_drops_the_scaler(monkeypatch) -> None:
     """No GradScaler (bf16 needs none) and trainer.grad_clip clips each tensor in the backward."""
-    from sam3.train.trainer import Trainer as Sam3Trainer
-
-    from sam3ft.train.optim import GradientClipper
-    from sam3ft.train.trainer import Trainer
+    from test_trainer_step import set_up_with
 
     optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw_bf16_in_backward")
-
-    def setup(self: Trainer) -> None:
-        self.device = torch.device("cpu")
-        self.scaler = torch.amp.GradScaler("cpu", enabled=True)
-        self.gradient_clipper = GradientClipper(max_norm=0.1)
-
-    monkeypatch.setattr(Sam3Trainer, "_setup_components", setup)
-    monkeypatch.setattr(Sam3Trainer, "_construct_optimizers", lambda self: setattr(
-        self, "optim", SimpleNamespace(optimizer=optimizer)))  # fmt: skip
-    trainer = object.__new__(Trainer)
-    trainer._setup_components()
-    trainer._construct_optimizers()
+    trainer = set_up_with(monkeypatch, optimizer, scaler_enabled=True)
     assert not trainer.scaler.is_enabled() and trainer.gradient_clipper is None
     assert isinstance(optimizer, InBackward) and optimizer.max_norm == pytest.approx(0.1)

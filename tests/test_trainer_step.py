@@ -186,17 +186,14 @@ def test_host_floats_are_exact_for_every_dtype():
     assert HostFloats([1, 2.0]).get() == [1.0, 2.0]
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_scaler_and_clipper_may_hand_their_passes_to_the_optimizer(monkeypatch, enabled):
-    """Our Trainer swaps in DeviceGradScaler (same enabled state) and tells the clipper which optimizer
-    may clip in its step (tests/test_adamw_kernel.py: the same weights as torch's passes)."""
-    from sam3ft.train.optim import AdamWBf16, DeviceGradScaler, GradientClipper
-
-    optimizer = AdamWBf16([torch.nn.Parameter(torch.zeros(3))])
+def set_up_with(monkeypatch: Any, optimizer: torch.optim.Optimizer, scaler_enabled: bool) -> Trainer:
+    """Our Trainer after `_setup_components` and `_construct_optimizers`, over upstream's versions
+    replaced by a CPU GradScaler, a 0.1 gradient clipper and `optimizer`."""
+    from sam3ft.train.optim import GradientClipper
 
     def setup(self: Any) -> None:
         self.device = torch.device("cpu")
-        self.scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
         self.gradient_clipper = GradientClipper(max_norm=0.1)
 
     monkeypatch.setattr(Sam3Trainer, "_setup_components", setup)
@@ -205,6 +202,17 @@ def test_scaler_and_clipper_may_hand_their_passes_to_the_optimizer(monkeypatch, 
     trainer = object.__new__(Trainer)
     trainer._setup_components()
     trainer._construct_optimizers()
+    return trainer
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_scaler_and_clipper_may_hand_their_passes_to_the_optimizer(monkeypatch, enabled):
+    """Our Trainer swaps in DeviceGradScaler (same enabled state) and tells the clipper which optimizer
+    may clip in its step (tests/test_adamw_kernel.py: the same weights as torch's passes)."""
+    from sam3ft.train.optim import AdamWBf16, DeviceGradScaler
+
+    optimizer = AdamWBf16([torch.nn.Parameter(torch.zeros(3))])
+    trainer = set_up_with(monkeypatch, optimizer, scaler_enabled=enabled)
     assert type(trainer.scaler) is DeviceGradScaler and trainer.scaler.is_enabled() == enabled
     assert trainer.gradient_clipper.optimizer is optimizer
 
