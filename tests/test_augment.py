@@ -12,9 +12,10 @@ from hydra.utils import instantiate
 from PIL import Image as PILImage
 from sam3.train.data.sam3_image_dataset import Datapoint, Image, Object
 
-from conftest import REPO
+from conftest import REPO, write_params
 from sam3ft import params
 from sam3ft.errors import ConfigError
+from sam3ft.stages import prepare
 from sam3ft.stages.train import config_name
 from sam3ft.train.augment import Augment, _rotate_boxes, crop_region, rotate
 from sam3ft.train.compose import compose_trainer_config, resolved_yaml
@@ -81,8 +82,14 @@ def test_crop_keeps_every_box_whole_and_at_least_crop_min_of_each_side():
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return params.load(list(params.SECTIONS), REPO / "params.yaml")
+def loaded(tmp_path_factory):
+    """Shipped params with the sample prepared into a temporary paths.prepared (a clean clone has none)."""
+    tmp = tmp_path_factory.mktemp("augment")
+    data = params.read_params(REPO / "params.yaml")
+    data["paths"].update(data=str(REPO / "data"), prepared=str(tmp / "prepared"))
+    path = write_params(tmp / "params.yaml", data)
+    prepare.run(params.load(prepare.SECTIONS, path))
+    return params.load(list(params.SECTIONS), path)
 
 
 def _train_item(

@@ -21,7 +21,7 @@ from sam3ft.train.compose import compose_trainer_config, config_dir, resolved_ya
 def knobs_for(p: dict) -> dict:
     spec = load_preset(p.model.preset).with_mask_head(p.trainer.segmentation)
     manifest = {"weights": {"source": "none"}, "min_loaded": 0.95}
-    base, prepared, scratch = Path("artifacts/base"), Path("artifacts/prepared"), Path(".work/train")
+    base, prepared, scratch = Path("artifacts/base"), Path(p.paths.prepared), Path(".work/train")
     return trainer_knobs(p, spec, manifest, base, prepared, scratch, train_images=24)
 
 
