@@ -9,12 +9,10 @@
 # On the GPU machine, repository root, .whl/ carried (bench/gpu_sam3_train.md):
 #   OLD_SRC=.gpu/old/src bash bench/gpu_export_eval.sh
 set -euo pipefail
-OUT=${OUT:-/tmp/gpu-out}
 OLD_SRC=${OLD_SRC:?a src/ folder with the code before}
 RUN=${RUN:-/tmp/sam3-run}
-mkdir -p "$OUT" "$RUN"
-export PYTHONUNBUFFERED=1 SITE=/tmp/site
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt" || true
+source bench/gpu_env.sh
+mkdir -p "$RUN"
 python3 - "$RUN" "${PRESET:-sam3}" <<'PY'
 import sys, yaml
 run, preset = sys.argv[1:]

@@ -8,13 +8,8 @@
 # prepare outputs for the sam3 preset) carried:   bash bench/gpu_sam3_train.sh [PARAMS]
 # (PARAMS: .gpu/params.yaml unless given, e.g. .gpu/params-c.yaml for lean with compile_model)
 set -euo pipefail
-OUT=${OUT:-/tmp/gpu-out}
+source bench/gpu_env.sh
 PARAMS=${1:-.gpu/params.yaml}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])" | tee -a "$OUT/device.txt"
 start=$(date +%s)
 python3 -m sam3ft.stages.train --params "$PARAMS" 2>&1 | tee "$OUT/train.log" | grep -v "it/s\]" || true
 echo "stage_wall_s=$(( $(date +%s) - start ))" | tee -a "$OUT/device.txt"

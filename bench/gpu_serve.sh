@@ -7,9 +7,7 @@
 # rest of the serve stack among the wheels; bench/gpu_sam3_train.md says how .whl/ is made):
 #   bash bench/gpu_serve.sh   (WHL=DIR: the wheels elsewhere than .whl/)
 set -euo pipefail
-OUT=${OUT:-/tmp/gpu-out}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHL:-.whl}"/*.whl
-export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 python3 bench/serve_load.py --preset sam3 --device cuda --dets 10 --requests 48 \
   --setting unbatched="--max-batch-size 1" \
   --setting batched="--max-batch-size 8" \

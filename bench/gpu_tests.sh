@@ -5,7 +5,6 @@
 # .whl/ (wheels the GPU image lacks, open_clip_torch among them), .gpu/ and data/ carried:
 #   bash bench/gpu_tests.sh
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="$PWD/src:$PWD/tests:/tmp/site" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+source bench/gpu_env.sh
+export PYTHONPATH="$PYTHONPATH:$PWD/tests"
 python3 -m pytest -q -p no:cacheprovider --tb=short -W ignore tests/test_predict.py tests/test_model.py tests/test_trainer_step.py tests/test_adamw_kernel.py tests/test_loss.py "$@"

@@ -1,0 +1,14 @@
+# Sourced by the bench/gpu_*.sh scripts on the GPU machine, from the repository root: installs the
+# carried wheels (.whl/, or the folder WHL names) into /tmp/site, puts src/ and them on PYTHONPATH,
+# creates $OUT (default /tmp/gpu-out) and appends the GPUs, torch, Python and the date to
+# $OUT/device.txt. bench/gpu_sam3_train.md ("How it was run") says how .whl/ is made.
+OUT=${OUT:-/tmp/gpu-out}
+SITE=/tmp/site
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WHL:-.whl}"/*.whl
+export OUT SITE PYTHONPATH="$PWD/src:$SITE" PYTHONUNBUFFERED=1
+{
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+    python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
+    date -u +%FT%TZ
+} | tee -a "$OUT/device.txt"
