@@ -17,6 +17,7 @@ GPU (sam3 preset; repository root with .whl/ carried, see bench/gpu_serve.sh):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -61,20 +63,13 @@ def wait_healthy(url: str, process: subprocess.Popen, limit_s: float) -> float:
 
 
 def tree_rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and every process below it (Linux /proc), MB."""
-    parents, rss = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-        rss[int(stat.parent.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    found, frontier = [pid], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        found += frontier
-    return round(sum(rss.get(p, 0) for p in found) / 2**20, 1)
+    """Resident memory of `pid` and every process below it, MB."""
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return round(total / 2**20, 1)
 
 
 def gpu_used_mb() -> float | None:

@@ -74,6 +74,15 @@ def checkout_copy(dst: Path, extra_env: dict[str, str] | None = None) -> dict[st
     return env
 
 
+def run_ok(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """`cmd` in `cwd`; fails the test with the command and the tails of its output unless it exits 0."""
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, cmd))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
+    return result
+
+
 def cpu_type() -> dict[str, object]:
     """What decides which float kernels torch, MKL and oneDNN run: the vendor and the vector
     instruction sets. Two machines that agree here computed the same bits in every run we have

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import LOCK_CPU, REPO, checkout_copy, cpu_type
+from conftest import LOCK_CPU, REPO, checkout_copy, cpu_type, run_ok
 from sam3ft.metrics.operating import best_threshold
 from sam3ft.stages.evaluate import SWEEP
 from sam3ft.train.logging import val_metrics
@@ -35,22 +35,14 @@ FAKE_SECRETS = {
 }
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (
-        f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    )
-    return result
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     repo = tmp_path_factory.mktemp("clone")
     env = checkout_copy(repo, FAKE_SECRETS)
     dvc = [sys.executable, "-m", "dvc"]
-    run([*dvc, "pull", "data.dvc"], repo, env)
+    run_ok([*dvc, "pull", "data.dvc"], repo, env)
     start = time.monotonic()
-    repro = run([*dvc, "repro"], repo, env)
+    repro = run_ok([*dvc, "repro"], repo, env)
     return {"repo": repo, "env": env, "dvc": dvc, "repro": repro, "seconds": time.monotonic() - start}
 
 
@@ -87,8 +79,8 @@ def test_a_stage_run_by_another_python_says_how_to_enter_the_venv(pipeline, tmp_
     assert failed.returncode != 0
     assert "cannot import sam3ft; fix: source .venv/bin/activate" in failed.stderr, failed.stderr[-2000:]
     assert "ModuleNotFoundError" not in failed.stderr
-    run([*dvc, "checkout", "-q", "artifacts/check.json"], repo, env)  # -f removed it before the guard
-    assert "up to date" in run([*dvc, "status"], repo, env).stdout
+    run_ok([*dvc, "checkout", "-q", "artifacts/check.json"], repo, env)  # -f removed it before the guard
+    assert "up to date" in run_ok([*dvc, "status"], repo, env).stdout
 
 
 def committed(rel: str) -> str:
@@ -159,7 +151,7 @@ def test_bad_params_are_refused_before_any_output_is_deleted(pipeline, value, sa
     assert "Running stage 'fetch'" not in refused.stdout
     assert seconds < 60
     assert {rel: (repo / rel).read_bytes() for rel in tracked} == before
-    assert "up to date" in run([*dvc, "status"], repo, env).stdout
+    assert "up to date" in run_ok([*dvc, "status"], repo, env).stdout
 
 
 def test_metrics_cover_valid_and_test(pipeline):
@@ -180,7 +172,7 @@ def test_metrics_cover_valid_and_test(pipeline):
     assert {metrics[s]["image_level"]["threshold"] for s in ("valid", "test")} == {chosen}
     model_json = json.loads((repo / "artifacts/export/model/model.json").read_text())
     assert model_json["threshold"] == chosen  # predict's and serve's default
-    shown = run([*pipeline["dvc"], "metrics", "show", "--json"], pipeline["repo"], pipeline["env"]).stdout
+    shown = run_ok([*pipeline["dvc"], "metrics", "show", "--json"], pipeline["repo"], pipeline["env"]).stdout
     assert '"valid"' in shown and '"AP50"' in shown
 
 
@@ -200,9 +192,9 @@ def test_trainer_validation_matches_evaluate_on_valid(pipeline):
 
 def test_status_clean_and_second_repro_is_a_noop(pipeline):
     repo, env, dvc = pipeline["repo"], pipeline["env"], pipeline["dvc"]
-    assert "up to date" in run([*dvc, "status"], repo, env).stdout
+    assert "up to date" in run_ok([*dvc, "status"], repo, env).stdout
     start = time.monotonic()
-    again = run([*dvc, "repro"], repo, env).stdout
+    again = run_ok([*dvc, "repro"], repo, env).stdout
     assert "Running stage" not in again
     assert time.monotonic() - start < 30
 
@@ -234,7 +226,7 @@ def test_export_is_bf16_and_within_tolerance(pipeline):
 def test_exp_run_max_epochs_is_honoured(pipeline):
     """The pilot's silently ignored `max_epochs` override: here the trainer runs exactly 2 epochs."""
     repo, env, dvc = pipeline["repo"], pipeline["env"], pipeline["dvc"]
-    run([*dvc, "exp", "run", "-S", "trainer.max_epochs=2"], repo, env)
+    run_ok([*dvc, "exp", "run", "-S", "trainer.max_epochs=2"], repo, env)
     stats = json.loads((repo / "artifacts/train/run/train_stats.json").read_text())
     assert [s["Trainer/epoch"] for s in stats] == [0, 1]
     loss_rows = (repo / "artifacts/train/dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()
@@ -242,13 +234,13 @@ def test_exp_run_max_epochs_is_honoured(pipeline):
     recorded = yaml.safe_load((repo / "artifacts/train/run/trainer_config.yaml").read_text())
     assert recorded["trainer"]["max_epochs"] == 2
     selection = json.loads((repo / "artifacts/train/run/selection.json").read_text())
-    diff = json.loads(run([*dvc, "metrics", "diff", "--json"], repo, env).stdout)
+    diff = json.loads(run_ok([*dvc, "metrics", "diff", "--json"], repo, env).stdout)
     assert list(diff) == ["artifacts/eval/summary.json"]  # the one metrics file: no val.* beside valid.*
     summary = json.loads((repo / "artifacts/eval/summary.json").read_text())
     assert selection["epoch"] in (0, 1) and summary["epoch"] == selection["epoch"]
     kept = json.loads((repo / "artifacts/eval/plots/selected_epoch.json").read_text())
     assert kept == [{"AP50": selection["value"], "step": selection["epoch"]}]  # the validation chart's rule
-    shown = run([*dvc, "exp", "show", "--json"], repo, env).stdout
+    shown = run_ok([*dvc, "exp", "show", "--json"], repo, env).stdout
     assert "max_epochs" in shown
 
 

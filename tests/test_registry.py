@@ -8,7 +8,6 @@ one of this repo's dvc.yaml, so its name and path are what the test exercises.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,19 +17,13 @@ import pytest
 import yaml
 from moto.server import ThreadedMotoServer
 
-from conftest import REPO
+from conftest import REPO, run_ok
 
 BIN = Path(sys.executable).parent
 DVC, GTO = [sys.executable, "-m", "dvc"], [str(BIN / "gto")]
 BUCKET = "sam3ft-registry-test"
 KEYS = {"access_key_id": "registry", "secret_access_key": "registry-secret"}
 NAME = "fuse-neutrals-detector"
-
-
-def sh(command: list[str], cwd: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +63,14 @@ def env(tmp_path_factory) -> dict[str, str]:
 def use_bucket(repo: Path, env: dict[str, str], endpoint: str) -> None:
     """Keys in the git-ignored .dvc/config.local, as docs/remotes.md says."""
     for option, value in {"endpointurl": endpoint, **KEYS}.items():
-        sh([*DVC, "remote", "modify", "--local", "storage", option, value], repo, env)
+        run_ok([*DVC, "remote", "modify", "--local", "storage", option, value], repo, env)
 
 
 def test_register_assign_and_get_from_clone_and_remote(tmp_path, endpoint, env):
     artifact = yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"][NAME]
     path = artifact["path"]
     hub, origin = tmp_path / "hub.git", tmp_path / "origin"
-    sh(["git", "init", "-q", "--bare", "-b", "main", str(hub)], tmp_path, env)
+    run_ok(["git", "init", "-q", "--bare", "-b", "main", str(hub)], tmp_path, env)
     origin.mkdir()
     stage = {"cmd": f"mkdir -p {path} && echo v1 > {path}/model.json", "outs": [path]}
     (origin / "dvc.yaml").write_text(
@@ -88,27 +81,27 @@ def test_register_assign_and_get_from_clone_and_remote(tmp_path, endpoint, env):
         [*DVC, "init", "-q"],
         [*DVC, "remote", "add", "-d", "storage", f"s3://{BUCKET}/sam3ft"],
     ):
-        sh(command, origin, env)
+        run_ok(command, origin, env)
     use_bucket(origin, env, endpoint)
-    sh([*DVC, "repro", "-q"], origin, env)
+    run_ok([*DVC, "repro", "-q"], origin, env)
     for command in (["git", "add", "-A"], ["git", "commit", "-qm", "model"], [*DVC, "push", "-q"]):
-        sh(command, origin, env)
+        run_ok(command, origin, env)
 
-    sh([*GTO, "register", NAME, "--version", "v0.1.0"], origin, env)
-    sh([*GTO, "assign", NAME, "--version", "v0.1.0", "--stage", "prod"], origin, env)
-    assert sh(["git", "tag"], origin, env).split() == [f"{NAME}#prod#1", f"{NAME}@v0.1.0"]
-    sh(["git", "push", "-q", str(hub), "main", "--tags"], origin, env)
+    run_ok([*GTO, "register", NAME, "--version", "v0.1.0"], origin, env)
+    run_ok([*GTO, "assign", NAME, "--version", "v0.1.0", "--stage", "prod"], origin, env)
+    assert run_ok(["git", "tag"], origin, env).stdout.split() == [f"{NAME}#prod#1", f"{NAME}@v0.1.0"]
+    run_ok(["git", "push", "-q", str(hub), "main", "--tags"], origin, env)
 
     clone = tmp_path / "clone"
-    sh(["git", "clone", "-q", str(hub), str(clone)], tmp_path, env)
+    run_ok(["git", "clone", "-q", str(hub), str(clone)], tmp_path, env)
     use_bucket(clone, env, endpoint)
-    sh([*DVC, "artifacts", "get", ".", NAME, "--stage", "prod", "-o", "prod"], clone, env)
+    run_ok([*DVC, "artifacts", "get", ".", NAME, "--stage", "prod", "-o", "prod"], clone, env)
     assert (clone / "prod/model.json").read_text() == "v1\n"
 
     settings = [f"endpointurl={endpoint}", *(f"{k}={v}" for k, v in KEYS.items())]
     got = tmp_path / "from-remote"
     got.mkdir()
-    sh(
+    run_ok(
         [
             *DVC,
             "artifacts",

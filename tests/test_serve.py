@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -59,7 +60,7 @@ def running_server(tmp: Path, model: Path, *options: str) -> Iterator[dict]:
                 pass
             assert time.monotonic() < deadline, f"no /health in 90 s:\n{log.read_text()}"
             time.sleep(0.3)
-        children = descendants(process.pid)
+        children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 2  # LitServe's API server and the model worker (plus its helpers)
         model_json = json.loads((model / "model.json").read_text())
         yield {"url": url, "log": log, "model": model_json, "model_dir": model}
@@ -67,9 +68,9 @@ def running_server(tmp: Path, model: Path, *options: str) -> Iterator[dict]:
         process.terminate()  # SIGTERM, as `kill`, docker stop or systemd send it
         process.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+    while running(children) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [pid for pid in children if alive(pid)], "server processes outlived SIGTERM"
+    assert not running(children), "server processes outlived SIGTERM"
 
 
 @pytest.fixture(scope="module")
@@ -79,28 +80,14 @@ def server(tmp_path_factory) -> Iterator[dict]:
         yield running
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        found += frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie left for its parent to reap counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (a zombie left for its parent to reap counts as gone)."""
+    left = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.status() != psutil.STATUS_ZOMBIE:
+                left.append(process)
+    return left
 
 
 def post(server: dict, files: dict | None = None, data: dict | None = None, key: str | None = KEY, **kw):
