@@ -135,3 +135,19 @@ def test_torch_file_loads_with_upstreams_own_loader(tree):
     _load_checkpoint(fresh, str(out / "model" / "model.pt"))
     state = fresh.state_dict()
     assert all(torch.equal(state[k], v) for k, v in trained.items())
+
+
+def test_parity_images_bounds_the_checks(tree):
+    run, _, _ = tree
+    out = run(dtype="bfloat16", mode="full", parity_images=1)
+    assert json.loads((out / "parity.json").read_text())["images"] == 1
+    with pytest.raises(ConfigError, match=r"export\.parity_images=0"):
+        run(parity_images=0)
+
+
+def test_a_gpu_sized_preset_checks_two_images_on_a_cpu_by_default():
+    assert export.parity_image_count(None, "sam3", "cpu", 6) == 2
+    assert export.parity_image_count(None, "sam3", "cuda", 6) == 6
+    assert export.parity_image_count(None, "tiny", "cpu", 6) == 6
+    assert export.parity_image_count(4, "sam3", "cpu", 6) == 4  # asked for: as asked
+    assert export.parity_image_count(9, "tiny", "cpu", 6) == 6

@@ -532,8 +532,17 @@ class Export:
     """Also write model.pt, loadable by upstream's build_sam3_image_model(checkpoint_path=...)."""
     tolerance: float
     """Max |box or score difference| between export and trained model on valid; above it, fail."""
+    parity_images: int | None = None
+    """Validation images the reload and parity checks run on; null: all, except for a preset sized
+    for GPUs (sam3) on a CPU, where 2 (three float32 forwards per image, tens of seconds each)."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.parity_images is None or self.parity_images >= 1,
+            "export.parity_images",
+            self.parity_images,
+            "null (all; 2 for sam3 on a CPU) or >= 1",
+        )
         _check(self.dtype in ("float32", "bfloat16"), "export.dtype", self.dtype, "float32 or bfloat16")
         _check(self.mode in ("full", "delta"), "export.mode", self.mode, "full or delta")
         _check(self.tolerance >= 0, "export.tolerance", self.tolerance, ">= 0")

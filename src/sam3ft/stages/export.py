@@ -2,7 +2,8 @@
 
 Writes `model.safetensors` (bf16 or fp32, sam3.pt's key layout; `delta` mode: only what changed
 against the fetched base weights), optionally `model.pt` for upstream's loader, `model.json` (how
-to rebuild it), the vocab and a model card (README.md). Two checks, on every validation image:
+to rebuild it), the vocab and a model card (README.md). Two checks, on the validation images
+(all of them, unless export.parity_images or a GPU-sized preset on a CPU says fewer):
 - reload: a fresh model built from the export alone must reproduce the trained model with its
   weights rounded to the export dtype *exactly* (else the stage fails: the files are wrong);
 - parity: the export vs the trained float32 model; the max box and score differences (and mask
@@ -40,10 +41,12 @@ from sam3ft.model.export import FORMAT, cast, delta_state, load_export, write_we
 from sam3ft.model.load import load_trained
 from sam3ft.model.predict import Predictor
 from sam3ft.model.weights import image_model_state, read_weights_file
+from sam3ft.preflight import CPU_PRESET_PARAMS, preset_params
 from sam3ft.stages import pin_threads
 
 log = logging.getLogger(__name__)
 SECTIONS = ["paths", "base", "export"]
+CPU_PARITY_IMAGES = 2  # export.parity_images null: a GPU-sized preset's checks on a CPU
 
 
 def validation_images(prepared: Path, split: str = "valid") -> tuple[list[Image.Image], dict[int, str]]:
@@ -55,32 +58,46 @@ def validation_images(prepared: Path, split: str = "valid") -> tuple[list[Image.
     return images, {c["id"]: c["name"] for c in coco["categories"]}
 
 
+def parity_image_count(asked: int | None, preset: str, device: str, available: int) -> int:
+    """How many validation images the two checks run on: `asked` (export.parity_images) where set,
+    else all of them, except for a preset sized for GPUs on a CPU: CPU_PARITY_IMAGES, since each of
+    its float32 forwards there takes tens of seconds."""
+    if asked is not None:
+        return min(asked, available)
+    big = (preset_params(preset) or 0) > CPU_PRESET_PARAMS
+    return min(CPU_PARITY_IMAGES, available) if big and device == "cpu" else available
+
+
+def model_outputs(
+    model: torch.nn.Module, resolution: int, images: list[Image.Image], prompts: dict[int, str], device: str
+) -> list[dict[str, torch.Tensor]]:
+    """Raw outputs (boxes, scores, mask logits where the model has a mask head) of `model`, moved
+    to `device` and run there in float32, for each image and prompt; kept on the CPU."""
+    predictor = Predictor(model, resolution, device)
+    return [
+        {key: value.cpu() for key, value in predictor.outputs(image, prompt).items()}
+        for image in images
+        for prompt in prompts.values()
+    ]
+
+
 def max_differences(
-    a: torch.nn.Module,
-    b: torch.nn.Module,
-    resolution: int,
-    images: list[Image.Image],
-    prompts: dict[int, str],
-    device: str = "cpu",
+    outs_a: list[dict[str, torch.Tensor]], outs_b: list[dict[str, torch.Tensor]]
 ) -> dict[str, float]:
-    """Max |difference| of raw boxes (normalised cxcywh) and scores of two models over images, and
-    of mask probabilities (sigmoid of the logits) when the models have a mask head; both models
-    are moved to `device` and run there in float32."""
+    """Max |difference| of raw boxes (normalised cxcywh) and scores of two models' outputs
+    (model_outputs), and of mask probabilities (sigmoid of the logits) when they have a mask head."""
     errors: dict[str, float] = {"max_box_error": 0.0, "max_score_error": 0.0}
-    pa, pb = Predictor(a, resolution, device), Predictor(b, resolution, device)
-    for image in images:
-        for prompt in prompts.values():
-            out_a, out_b = pa.outputs(image, prompt), pb.outputs(image, prompt)
-            if set(out_a) != set(out_b):
-                raise WeightsError(
-                    f"one model has outputs {sorted(out_a)}, the other {sorted(out_b)}",
-                    fix="report this as a bug: the export lost or gained the mask head",
-                )
-            for key, name in (("boxes", "max_box_error"), ("scores", "max_score_error")):
-                errors[name] = max(errors[name], (out_a[key] - out_b[key]).abs().max().item())
-            if "masks" in out_a:
-                diff = (out_a["masks"].sigmoid() - out_b["masks"].sigmoid()).abs().max().item()
-                errors["max_mask_error"] = max(errors.get("max_mask_error", 0.0), diff)
+    for out_a, out_b in zip(outs_a, outs_b, strict=True):
+        if set(out_a) != set(out_b):
+            raise WeightsError(
+                f"one model has outputs {sorted(out_a)}, the other {sorted(out_b)}",
+                fix="report this as a bug: the export lost or gained the mask head",
+            )
+        for key, name in (("boxes", "max_box_error"), ("scores", "max_score_error")):
+            errors[name] = max(errors[name], (out_a[key] - out_b[key]).abs().max().item())
+        if "masks" in out_a:
+            diff = (out_a["masks"].sigmoid() - out_b["masks"].sigmoid()).abs().max().item()
+            errors["max_mask_error"] = max(errors.get("max_mask_error", 0.0), diff)
     return {name: round(value, 8) for name, value in errors.items()}
 
 
@@ -175,6 +192,17 @@ def run(p: params_module.Params) -> None:
     if base_file is not None and export.mode == "delta":
         state = delta_state(state, image_model_state(read_weights_file(base_file))[0])
     images, prompts = validation_images(Path(paths.prepared))
+    available = len(images)
+    images = images[: parity_image_count(export.parity_images, spec.name, device, available)]
+    if len(images) < available:
+        log.info(
+            "parity checks on %d of %d validation images: %s on the %s runs 3 float32 forwards per "
+            "image and prompt (export.parity_images sets the count)",
+            len(images),
+            available,
+            spec.name,
+            device,
+        )
     metrics = json.loads((Path(paths.eval) / "metrics.json").read_text())
     metrics.pop(BASE_BLOCK, None)  # the base model's numbers: the card and threshold are the fine-tuned's
     with atomic_dir(Path(paths.export)) as out:
@@ -199,16 +227,22 @@ def run(p: params_module.Params) -> None:
         shutil.copyfile(base_dir / VOCAB_NAME, model_dir / VOCAB_NAME)
         write_json(model_dir / MODEL_JSON, info)
         reloaded, _, _ = load_export(model_dir, base_file)
+        reloaded_outs = model_outputs(reloaded, spec.image_size, images, prompts, device)
+        del reloaded  # one model in (device) memory at a time
         rounded = build_to_load(spec, str(base_dir / VOCAB_NAME))
         rounded.load_state_dict(cast(cast(trained.state_dict(), dtype), torch.float32))
-        reload_err = max_differences(rounded, reloaded, spec.image_size, images, prompts, device)
-        del rounded  # one fewer model in (device) memory for the parity check
+        reload_err = max_differences(
+            model_outputs(rounded, spec.image_size, images, prompts, device), reloaded_outs
+        )
+        del rounded
         if max(reload_err.values()) != 0.0:
             raise WeightsError(
                 f"the export does not reload exactly: {reload_err}",
                 fix="report this as a bug; nothing was written",
             )
-        parity = max_differences(trained, reloaded, spec.image_size, images, prompts, device)
+        parity = max_differences(
+            model_outputs(trained, spec.image_size, images, prompts, device), reloaded_outs
+        )
         if max(parity.values()) > export.tolerance:
             raise WeightsError(
                 f"{export.dtype} export differs from the trained model by {parity}, above "
