@@ -26,9 +26,8 @@ import pytest
 from dvc.repo import Repo
 from moto.server import ThreadedMotoServer
 
-from conftest import copy_worktree
+from conftest import copy_worktree, run_ok
 from sam3ft.io import sha256_file
-from test_pipeline import run
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +66,7 @@ def closed_port() -> int:
 
 def dvc(repo: Path, env: dict[str, str], *args: str) -> str:
     """Run a dvc command that must succeed; its stdout."""
-    return run([*DVC, *args], repo, env).stdout
+    return run_ok([*DVC, *args], repo, env).stdout
 
 
 def dvc_fails(repo: Path, env: dict[str, str], *args: str) -> str:
@@ -88,7 +87,7 @@ def use_bucket(repo: Path, env: dict[str, str], s3: S3) -> None:
 
 
 def clone(hub: Path, dst: Path, env: dict[str, str]) -> Path:
-    run(["git", "clone", "-q", str(hub), str(dst)], dst.parent, env)
+    run_ok(["git", "clone", "-q", str(hub), str(dst)], dst.parent, env)
     return dst
 
 
@@ -186,7 +185,7 @@ def env(tmp_path_factory) -> dict[str, str]:
 def hub(tmp_path_factory, env) -> Path:
     """The team's git remote (bare)."""
     path = tmp_path_factory.mktemp("hub") / "sam3ft.git"
-    run(["git", "init", "-q", "--bare", "-b", "main", str(path)], path.parent, env)
+    run_ok(["git", "init", "-q", "--bare", "-b", "main", str(path)], path.parent, env)
     return path
 
 
@@ -195,18 +194,18 @@ def origin(tmp_path_factory, s3, env, hub) -> dict:
     """Clone A: this checkout, the bucket URL committed, `dvc repro`, `dvc push`, git pushed to hub."""
     repo = tmp_path_factory.mktemp("a")
     copy_worktree(repo)
-    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run_ok(["git", "init", "-q", "-b", "main"], repo, env)
     dvc(repo, env, "remote", "modify", "storage", "url", f"s3://{BUCKET}/{PREFIX}")
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "clone, storage on the team bucket"], repo, env)
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "clone, storage on the team bucket"], repo, env)
     use_bucket(repo, env, s3)
     dvc(repo, env, "pull", "data.dvc")
     dvc(repo, env, "repro")
     pushed = dvc(repo, env, "push")
-    run(["git", "add", "-A"], repo, env)  # dvc.lock, metrics: whatever repro changed
-    run(["git", "commit", "-qm", "repro", "--allow-empty"], repo, env)
-    run(["git", "remote", "add", "origin", str(hub)], repo, env)
-    run(["git", "push", "-q", "origin", "main"], repo, env)
+    run_ok(["git", "add", "-A"], repo, env)  # dvc.lock, metrics: whatever repro changed
+    run_ok(["git", "commit", "-qm", "repro", "--allow-empty"], repo, env)
+    run_ok(["git", "remote", "add", "origin", str(hub)], repo, env)
+    run_ok(["git", "push", "-q", "origin", "main"], repo, env)
     return {"repo": repo, "hashes": output_hashes(repo), "pushed": pushed}
 
 
@@ -343,7 +342,7 @@ def test_secret_lives_only_in_config_local(s3, env, hub, origin, pulled, experim
     needle = s3.secret.encode()
     for repo in (origin["repo"], pulled, experiment["repo"], offline):
         assert files_holding(repo, needle) == [".dvc/config.local"], repo
-    revs = run(["git", "rev-list", "--all"], hub, env).stdout.split()
+    revs = run_ok(["git", "rev-list", "--all"], hub, env).stdout.split()
     assert len(revs) >= 3  # clone, repro, the experiment
     grep = subprocess.run(["git", "grep", "-F", "-e", s3.secret, *revs], cwd=hub, capture_output=True)
     assert grep.returncode == 1, grep.stdout  # 1: no match in any commit, experiments included
