@@ -93,6 +93,13 @@ def test_every_trainer_param_changes_the_composed_config(loaded):
             other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
             assert other != baseline_lora, f"trainer.{field.name} does not reach the trainer config"
             continue
+        elif field.name == "weight_dtype":  # bfloat16 needs bf16 autocast, so a GPU run's params
+            base = dataclasses.replace(base, num_gpus=1, amp=True, optimizer="adamw_bf16")
+            gpu = resolved_yaml(compose_trainer_config(knobs_for(loaded.replace(trainer=base))).trainer)
+            perturbed = loaded.replace(trainer=dataclasses.replace(base, weight_dtype="bfloat16"))
+            other = resolved_yaml(compose_trainer_config(knobs_for(perturbed)).trainer)
+            assert other != gpu, "trainer.weight_dtype does not reach the trainer config"
+            continue
         elif field.name == "val_epoch_freq":  # more than 1 only without best-epoch selection
             base = dataclasses.replace(base, select="last")
             last = loaded.replace(trainer=base)
@@ -187,7 +194,9 @@ def test_every_recipe_composes(loaded, name):
     data = params.read_params(REPO / "params.yaml")
     assert all(data["trainer"][k] is None for k in params.CHOSEN_RECIPE_KEYS)  # the recipe decides by default
     assert not set(params.SWITCH_KEYS) & set(data["trainer"])  # recipe-only: not a user's choice
-    trainer = params.section_from_dict(params.Trainer, dict(data["trainer"], recipe=name), "trainer", "tiny")
+    # as on one GPU with bf16 autocast: the recipes are for GPUs, and bf16 weights need the autocast
+    gpu = dict(data["trainer"], recipe=name, num_gpus=1, amp=True)
+    trainer = params.section_from_dict(params.Trainer, gpu, "trainer", "tiny")
     recipe = params.load_recipe(name)
     defaults = params.Trainer(
         **{**dataclasses.asdict(trainer), **{k: DEFAULTS[k] for k in params.RECIPE_KEYS}}
@@ -200,6 +209,7 @@ def test_every_recipe_composes(loaded, name):
     cfg = compose_trainer_config(knobs_for(loaded.replace(trainer=trainer))).trainer
     assert cfg.optim.optimizer.kind == trainer.optimizer
     assert cfg.model.trainable == trainer.trainable and cfg.model.lora_rank == trainer.lora_rank
+    assert cfg.model.weight_dtype == trainer.weight_dtype
 
 
 def test_stock_is_the_defaults():

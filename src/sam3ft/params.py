@@ -37,6 +37,7 @@ CHOSEN_RECIPE_KEYS = (
     "compile_trunk",
     "compile_layers",
     "compile_model",
+    "weight_dtype",
 )
 # Recipe-only: switches that keep the numbers (memory, host waits; docs/training.md), set by the
 # recipes, absent from params.yaml; a params file may still set one for an A/B run (tests, bench/).
@@ -236,6 +237,11 @@ class Trainer:
     gradient is produced, then the gradient freed: no whole-model gradients; grad_clip then caps
     each parameter's gradient norm, not the global one; needs grad_accum 1, one process without
     DDP, and no fp16 autocast)."""
+    weight_dtype: str = "float32"
+    """float32 | bfloat16: the dtype every weight is held in while training. bfloat16 halves the
+    weights' memory (and the gradients'); each optimizer step computes in float32 and rounds the
+    new weight onto bf16 stochastically, so updates smaller than bf16's step still move it in
+    expectation. Needs adamw_bf16 or adamw_bf16_in_backward, bf16 autocast, and no EMA."""
     lora_rank: int = 0
     """LoRA rank on the ViT trunk's attention (qkv, proj); 0 = off. Needs trunk frozen."""
     lora_alpha: float = 16.0
@@ -282,6 +288,32 @@ class Trainer:
     match the layers' outputs in one Hungarian matcher call per matcher (train/matching.py;
     upstream: 11 calls, four host waits each). Same terms and logs up to float summation order, the
     same matches; ~1750 fewer small GPU kernels per step."""
+
+    def _check_bf16_weights(self) -> None:
+        """What training with bf16 weights needs: an optimizer that rounds onto them stochastically
+        (round-to-nearest drops every update below half a bf16 step), autocast to feed the bf16
+        layers, and no EMA (an average held in bf16 would drop the same small updates)."""
+        why = "with trainer.weight_dtype bfloat16"
+        _check(
+            self.optimizer in ("adamw_bf16", "adamw_bf16" + IN_BACKWARD),
+            "trainer.optimizer",
+            self.optimizer,
+            f"adamw_bf16 or adamw_bf16{IN_BACKWARD} {why} (they round each update onto the bf16 "
+            "weights stochastically), or trainer.weight_dtype: float32",
+        )
+        _check(
+            self.amp and self.amp_dtype == "bfloat16",
+            "trainer.amp",
+            self.amp,
+            f"true with trainer.amp_dtype bfloat16 {why} (autocast feeds the bf16 layers; CUDA "
+            "only), or trainer.weight_dtype: float32",
+        )
+        _check(
+            self.ema_decay == 0,
+            "trainer.ema_decay",
+            self.ema_decay,
+            f"0 {why} (a bf16 average would drop the small updates), or trainer.weight_dtype: float32",
+        )
 
     def _check_in_backward(self) -> None:
         """What an optimizer stepping inside the backward pass cannot do: each gradient is applied
@@ -440,6 +472,14 @@ class Trainer:
         )
         if self.optimizer.endswith(IN_BACKWARD):
             self._check_in_backward()
+        _check(
+            self.weight_dtype in ("float32", "bfloat16"),
+            "trainer.weight_dtype",
+            self.weight_dtype,
+            "float32 or bfloat16",
+        )
+        if self.weight_dtype == "bfloat16":
+            self._check_bf16_weights()
         _check(self.lora_rank >= 0, "trainer.lora_rank", self.lora_rank, ">= 0 (0 = no LoRA)")
         _check(self.lora_alpha > 0, "trainer.lora_alpha", self.lora_alpha, "> 0")
         _check(

@@ -1,10 +1,14 @@
 """Peak GPU memory of a training run, estimated per recipe before any GPU work.
 
-peak = fp32 weights (4 B x all params)
-     + grads (4 B x trainable; DDP keeps them in its buckets for the whole run; with an *_in_backward
-       optimizer, which frees each gradient once its weight stepped, 4 B x the largest trainable tensor)
+peak = weights (4 B x all params; 2 B with trainer.weight_dtype bfloat16)
+     + grads (the weights' bytes per element x trainable; DDP keeps them in its buckets for the whole
+       run; with an *_in_backward optimizer, which frees each gradient once its weight stepped, x the
+       largest trainable tensor)
      + optimizer moments (8 B x trainable for adamw/adamw_fused, 4 B for adamw_bf16)
-     + autocast's bf16 weight copies (2 B x all params) while trainer.autocast_cache is true
+     + autocast's bf16 weight copies (2 B x all params) while trainer.autocast_cache is true and the
+       weights are fp32
+     + with bf16 weights, the torch-ops update's temporaries for one bucket (STEP_TEMPORARIES_GB;
+       adamw_bf16's Triton kernel, which allocates nothing, updates fp32 weights only)
      + activations: a measured GB per image at the preset's resolution, one figure when the backward
        pass runs through the ViT trunk (trunk trains, or LoRA adapts it), one when it stops above it;
        a little more per image when the text encoder trains without activation checkpointing
@@ -36,6 +40,10 @@ STATE_BYTES = {
     "adamw_in_backward": 8,
     "adamw_bf16_in_backward": 4,
 }
+# adamw_bf16's torch-ops update of one CHUNK bucket (16.8 M elements): 352 MB measured for the
+# moments' part (bench/optim_step.py); the fp32 copy of the bucket's weights and its stochastic
+# rounding add ~64 MB (computed from train/optim.py AdamWBf16._update)
+STEP_TEMPORARIES_GB = 0.42
 
 
 @dataclass(frozen=True)
@@ -97,10 +105,18 @@ def training_peak_gb(
     `largest`: parameters of the largest trainable tensor (None: `trainable`, an upper bound), the
     only gradient an *_in_backward optimizer holds at once."""
     in_backward = trainer.optimizer.endswith(IN_BACKWARD)
-    grads = 4 * (trainable if largest is None or not in_backward else largest)
-    weights_grads_states = 4 * total + grads + trainable * STATE_BYTES[trainer.optimizer]
-    static = weights_grads_states + (2 * total if trainer.amp and trainer.autocast_cache else 0)
+    bf16_weights = getattr(trainer, "weight_dtype", "float32") == "bfloat16"
+    weight_bytes = 2 if bf16_weights else 4
+    grads = weight_bytes * (trainable if largest is None or not in_backward else largest)
+    temporaries = STEP_TEMPORARIES_GB * GB if bf16_weights else 0.0
+    weights_grads_states = (
+        weight_bytes * total + grads + trainable * STATE_BYTES[trainer.optimizer] + temporaries
+    )
+    cached = trainer.amp and trainer.autocast_cache and not bf16_weights
+    static = weights_grads_states + (2 * total if cached else 0)
     how = f"{total / 1e6:.0f} M params, {trainable / 1e6:.1f} M trainable, {trainer.optimizer}"
+    if bf16_weights:
+        how += ", bf16 weights"
     act = MEASURED.get(spec.name)
     if act is None:
         return static / GB, how + "; activations of this preset not measured (a lower bound)"

@@ -42,6 +42,7 @@ def build_trainable_model(
     segmentation: bool = False,
     lora_rank: int = 0,
     lora_alpha: float = 16.0,
+    weight_dtype: str = "float32",
     autocast_cache: bool = True,
     compile_trunk: bool = False,
     compile_layers: bool = False,
@@ -73,6 +74,8 @@ def build_trainable_model(
             torch.manual_seed(init_seed)
         built = build_model(spec, bpe_path)
     model = freeze_and_adapt(built, trainable, lora_rank, lora_alpha)
+    if weight_dtype != "float32":
+        cast_weights(model, getattr(torch, weight_dtype))
     compile_parts(model, trunk=compile_trunk, layers=compile_layers)
     if compile_model:
         compile_training_forward(model, compile_mode)
@@ -161,6 +164,14 @@ def replace_matching(model: torch.nn.Module, stacked: bool, eager: bool) -> None
 def trained_groups(trainable: list[str], segmentation: bool) -> list[str]:
     """The groups that train: `trainer.trainable`, plus "masks" exactly when masks train."""
     return list(trainable) + (["masks"] if segmentation else [])
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter (frozen ones too) held in `dtype`, in place. Buffers keep theirs: RoPE's
+    complex tables and the position encodings' precomputed grids stay exact, and autocast casts
+    what meets them."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
 
 
 def freeze_and_adapt(

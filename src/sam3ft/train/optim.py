@@ -208,6 +208,8 @@ class _Handover:
 
 class AdamWBf16(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) with bf16 moments and fp32 update math.
+    bf16 weights (trainer.weight_dtype) take the new weight computed in fp32 and rounded onto bf16
+    stochastically, as the moments are (torch ops; the Triton kernel updates fp32 weights only).
 
     The parameters of a group are updated in flat buckets of up to CHUNK elements (pieces of
     bigger tensors, whole small ones side by side): a few dozen kernels per bucket instead of
@@ -380,7 +382,8 @@ class AdamWBf16(torch.optim.Optimizer):
     def _buckets(self, group: dict[str, Any]) -> Iterable[tuple[int, list[list[torch.Tensor]]]]:
         """(step, pieces) with at most CHUNK elements per bucket; a piece is the flat slices
         [param, grad, exp_avg, exp_avg_sq] of one parameter (or of a CHUNK of a larger one).
-        Parameters at different step counts (some had no gradient at times) never share a bucket."""
+        Parameters at different step counts (some had no gradient at times) or of different dtypes
+        never share a bucket."""
         pieces: list[list[torch.Tensor]] = []
         size, step = 0, -1
         for param in group["params"]:
@@ -397,7 +400,9 @@ class AdamWBf16(torch.optim.Optimizer):
             flat = [t.view(-1) for t in (param, grad, state["exp_avg"], state["exp_avg_sq"])]
             for start in range(0, n, CHUNK):
                 piece = [t[start : start + CHUNK] for t in flat]
-                if pieces and (size + piece[0].numel() > CHUNK or at != step):
+                if pieces and (
+                    size + piece[0].numel() > CHUNK or at != step or param.dtype != pieces[0][0].dtype
+                ):
                     yield step, pieces
                     pieces, size = [], 0
                 pieces.append(piece)
@@ -420,10 +425,21 @@ class AdamWBf16(torch.optim.Optimizer):
             stochastic_round_(rounded, src, generator)
             torch._foreach_copy_(dst, list(rounded.split(sizes)))
         # this step's update uses the unrounded moments; the rounded ones carry to the next
-        if decay:
-            torch._foreach_mul_(params, 1 - lr * decay)
         denom = (v.sqrt_() / math.sqrt(1 - beta2**step)).add_(group["eps"])
         update = m.div_(denom).mul_(-lr / (1 - beta1**step))
+        del v
+        if params[0].dtype == torch.bfloat16:  # bf16 weights: the new weight in fp32, rounded stochastically
+            weights = torch.cat(params).float() if len(params) > 1 else params[0].float()
+            if decay:
+                weights.mul_(1 - lr * decay)
+            weights.add_(update)
+            del update
+            rounded = torch.empty_like(weights, dtype=torch.bfloat16)
+            stochastic_round_(rounded, weights, generator)
+            torch._foreach_copy_(params, list(rounded.split(sizes)))
+            return
+        if decay:
+            torch._foreach_mul_(params, 1 - lr * decay)
         torch._foreach_add_(params, list(update.split(sizes)))
 
 
