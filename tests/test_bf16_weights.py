@@ -4,6 +4,7 @@ its buffers exact, the refused combinations, and the memory estimate."""
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from sam3ft import params
 from sam3ft.errors import ConfigError
 from sam3ft.io import write_json
 from sam3ft.model.build import bundled_vocab
+from sam3ft.model.load import load_trained
 from sam3ft.model.spec import load_preset
 from sam3ft.preflight import GB
 from sam3ft.train import memory
@@ -153,3 +155,19 @@ def test_memory_estimate_halves_weights_and_gradients() -> None:
     trainer = params.section_from_dict(params.Trainer, gpu, "trainer", "sam3")
     total, trainable, largest = memory.param_sizes(sam3, bundled_vocab(), trainer.trainable, 0)
     assert memory.training_peak_gb(sam3, total, trainable, trainer, largest)[0] < 8.0
+
+
+def test_a_bf16_checkpoint_loads_in_float32_for_evaluate_and_export(tmp_path) -> None:
+    """The trainer saves the bf16 weights; evaluate and export build the float32 model from them."""
+    base = tmp_path / "base"
+    base.mkdir()
+    write_json(base / "model_spec.yaml", load_preset("tiny").to_dict())
+    shutil.copyfile(bundled_vocab(), base / bundled_vocab().name)
+    trained = build_trainable_model(
+        str(base / "model_spec.yaml"), str(bundled_vocab()), ["heads"], weight_dtype="bfloat16", init_seed=0
+    )
+    torch.save({"model": trained.state_dict(), "epoch": 0}, tmp_path / "checkpoint.pt")
+    model, _ = load_trained(base, tmp_path / "checkpoint.pt")
+    state = model.state_dict()
+    for name, param in trained.named_parameters():
+        assert state[name].dtype is torch.float32 and torch.equal(state[name], param.float()), name
