@@ -574,7 +574,7 @@ class Export:
     """Max |box or score difference| between export and trained model on valid; above it, fail."""
     parity_images: int | None = None
     """Validation images the reload and parity checks run on; null: all, except for a preset sized
-    for GPUs (sam3) on a CPU, where 2 (three float32 forwards per image, tens of seconds each)."""
+    for GPUs (sam3) on a CPU, where 2 (three full-size float32 forwards per image)."""
 
     def __post_init__(self) -> None:
         _check(

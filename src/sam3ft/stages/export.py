@@ -61,7 +61,7 @@ def validation_images(prepared: Path, split: str = "valid") -> tuple[list[Image.
 def parity_image_count(asked: int | None, preset: str, device: str, available: int) -> int:
     """How many validation images the two checks run on: `asked` (export.parity_images) where set,
     else all of them, except for a preset sized for GPUs on a CPU: CPU_PARITY_IMAGES, since each of
-    its float32 forwards there takes tens of seconds."""
+    its full-size float32 forwards there is slow (bench/README.md has the stage's time)."""
     if asked is not None:
         return min(asked, available)
     big = (preset_params(preset) or 0) > CPU_PRESET_PARAMS
