@@ -5,6 +5,7 @@ stays in bench/. The README's offline commands also run as written on the pipeli
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from pathlib import Path
@@ -157,3 +158,33 @@ def test_no_benchmark_bookkeeping_outside_bench():
             where = f"{path.relative_to(REPO)}:{n}"
             assert not CALL.search(line), f"{where}: cites a benchmark call; say it in bench/LOG.md instead"
             assert not SESSION.search(line), f"{where}: cites a work session; say it in bench/LOG.md instead"
+
+
+def test_the_recipe_tables_batches_are_the_memory_estimates():
+    """docs/training.md's "largest batch by the estimate" columns: for each recipe and card, the
+    largest batch whose estimated peak (train/memory.py, the sam3 preset on one GPU) stays within
+    93% of the card ("—": not even batch 1)."""
+    from sam3ft import params
+    from sam3ft.model.spec import load_preset
+    from sam3ft.stages.fetch import bundled_vocab
+    from sam3ft.train.memory import param_sizes, training_peak_gb
+
+    body = text(REPO / "docs" / "training.md")
+    header = re.search(r"^\| recipe \|.*largest batch by the estimate: ([\d /]+) GB card \|$", body, re.M)
+    assert header, "docs/training.md: the recipe table's header moved"
+    cards = [int(c) for c in header.group(1).split("/")]
+    rows = dict(re.findall(r"^\| `([\w-]+)`[^|]*\|.*\| ([—\d /]+) \|$", body, re.M))
+    assert set(rows) == set(params.recipes()), "every recipe has a row, and only recipes do"
+    spec, data = load_preset("sam3"), params.read_params(REPO / "params.yaml")["trainer"]
+    for recipe, cells in rows.items():
+        trainer = params.section_from_dict(
+            params.Trainer, dict(data, recipe=recipe, num_gpus=1, amp=True), "trainer", "sam3"
+        )
+        sizes = param_sizes(spec, bundled_vocab(), trainer.trainable, trainer.lora_rank)
+        peaks = [
+            training_peak_gb(spec, *sizes[:2], dataclasses.replace(trainer, batch_size=b), sizes[2])[0]
+            for b in range(1, 100)
+        ]
+        expected = [sum(peak <= 0.93 * card for peak in peaks) for card in cards]  # peaks grow with batch
+        shown = [0 if c.strip() == "—" else int(c) for c in cells.split("/")]
+        assert shown == expected, f"docs/training.md, `{recipe}`: {shown} but the estimate gives {expected}"
