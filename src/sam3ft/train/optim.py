@@ -419,11 +419,8 @@ class AdamWBf16(torch.optim.Optimizer):
         m = torch.cat(m16s).float().lerp_(g, 1 - beta1)
         v = torch.cat(v16s).float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
         del g
-        sizes = [p.numel() for p in params]
         for dst, src in ((m16s, m), (v16s, v)):
-            rounded = torch.empty_like(src, dtype=torch.bfloat16)
-            stochastic_round_(rounded, src, generator)
-            torch._foreach_copy_(dst, list(rounded.split(sizes)))
+            _round_into(dst, src, generator)
         # this step's update uses the unrounded moments; the rounded ones carry to the next
         denom = (v.sqrt_() / math.sqrt(1 - beta2**step)).add_(group["eps"])
         update = m.div_(denom).mul_(-lr / (1 - beta1**step))
@@ -434,13 +431,19 @@ class AdamWBf16(torch.optim.Optimizer):
                 weights.mul_(1 - lr * decay)
             weights.add_(update)
             del update
-            rounded = torch.empty_like(weights, dtype=torch.bfloat16)
-            stochastic_round_(rounded, weights, generator)
-            torch._foreach_copy_(params, list(rounded.split(sizes)))
+            _round_into(params, weights, generator)
             return
         if decay:
             torch._foreach_mul_(params, 1 - lr * decay)
-        torch._foreach_add_(params, list(update.split(sizes)))
+        torch._foreach_add_(params, list(update.split([p.numel() for p in params])))
+
+
+def _round_into(dst: list[torch.Tensor], src: torch.Tensor, generator: torch.Generator) -> None:
+    """The fp32 values `src` (the pieces of `dst` side by side) rounded stochastically into the bf16
+    tensors `dst`."""
+    rounded = torch.empty_like(src, dtype=torch.bfloat16)
+    stochastic_round_(rounded, src, generator)
+    torch._foreach_copy_(dst, list(rounded.split([t.numel() for t in dst])))
 
 
 def _restore_bf16_state(states: dict[Any, dict[str, Any]]) -> None:
