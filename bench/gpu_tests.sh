@@ -7,4 +7,4 @@
 set -euo pipefail
 source bench/gpu_env.sh
 export PYTHONPATH="$PYTHONPATH:$PWD/tests"
-python3 -m pytest -q -p no:cacheprovider --tb=short -W ignore tests/test_predict.py tests/test_model.py tests/test_trainer_step.py tests/test_adamw_kernel.py tests/test_loss.py "$@"
+python3 -m pytest -q -p no:cacheprovider --tb=short -W ignore tests/test_predict.py tests/test_model.py tests/test_trainer_step.py tests/test_adamw_kernel.py tests/test_loss.py tests/test_bf16_weights.py "$@"

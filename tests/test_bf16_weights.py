@@ -31,17 +31,28 @@ def _steps(weight: torch.Tensor, opt: torch.optim.Optimizer, steps: int) -> None
         opt.step()
 
 
-def test_updates_below_half_a_bf16_step_still_move_the_weights() -> None:
+CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA (bench/gpu_tests.sh runs it on a GPU)"
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_updates_below_half_a_bf16_step_still_move_the_weights(device: str) -> None:
     """At 1.0 a bf16 step is 2**-7; AdamW's update here is ~1e-4 per step. Rounded to nearest the
-    weights would never move; rounded stochastically they follow fp32 AdamW on average."""
+    weights would never move; rounded stochastically they follow fp32 AdamW on average. On CUDA,
+    where adamw_bf16 defaults to its Triton kernel, bf16 weights take the torch-ops path."""
     reference = torch.nn.Parameter(torch.ones(50_000))
     _steps(reference, torch.optim.AdamW([reference], lr=1e-4, weight_decay=0.0), 300)
     moved = 1.0 - reference.mean().item()
     assert moved == pytest.approx(0.03, rel=0.01)
     assert torch.tensor(1.0 - 1e-4).to(torch.bfloat16).item() == 1.0  # nearest: stuck at 1.0
 
-    weight = torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16))
-    _steps(weight, AdamWBf16([weight], lr=1e-4, weight_decay=0.0, kernel=False), 300)
+    weight = torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16, device=device))
+    _steps(
+        weight,
+        AdamWBf16([weight], lr=1e-4, weight_decay=0.0),
+        300,
+    )
     assert weight.dtype is torch.bfloat16
     assert 1.0 - weight.float().mean().item() == pytest.approx(moved, rel=0.02)
     values = set(weight.float().unique().tolist())
