@@ -128,6 +128,10 @@ def test_disk_formula():
     assert preflight.disk_needed_gb(840e6, trainer, f32) == pytest.approx(6 * 10.08 + 2 * 3.36)
     trainer.select = "AP50"  # best.pt besides
     assert preflight.disk_needed_gb(840e6, trainer, f32) == pytest.approx(7 * 10.08 + 2 * 3.36)
+    lean = SimpleNamespace(max_epochs=12, checkpoint_freq=0, select="last", optimizer="adamw_bf16")
+    assert preflight.disk_needed_gb(840e6, lean, f32) == pytest.approx(3 * 6.72 + 2 * 3.36)  # bf16 moments
+    lean.weight_dtype = "bfloat16"  # and bf16 weights; 32 M trainable (frozen trunk): moments of those only
+    assert preflight.disk_needed_gb(840e6, lean, f32, 32e6) == pytest.approx(3 * (1.68 + 0.128) + 2 * 3.36)
 
 
 def test_too_little_disk_fails_with_the_numbers(repo, shipped_params, monkeypatch, capsys):

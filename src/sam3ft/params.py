@@ -23,6 +23,9 @@ DEFAULT_PARAMS = Path("params.yaml")
 IN_BACKWARD = "_in_backward"  # suffix of the optimizers that step each parameter inside the backward pass
 # built by sam3ft.train.optim.make_optimizer
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16", "adamw" + IN_BACKWARD, "adamw_bf16" + IN_BACKWARD)
+# bytes per trainable parameter of each optimizer's state (AdamW's two moments: fp32, or bf16)
+STATE_BYTES = {name: 4 if "bf16" in name else 8 for name in OPTIMIZERS}
+WEIGHT_BYTES = {"float32": 4, "bfloat16": 2}  # trainer.weight_dtype: bytes per weight (and gradient)
 # box metrics the trainer's validation logs every epoch (named as sam3ft.train.logging.val_metrics
 # names them) that trainer.select may pick; the per-size ones are left out (-1 without such objects)
 SELECT_METRICS = ("AP", "AP50", "AP75", "AR@1", "AR@10", "AR@100")

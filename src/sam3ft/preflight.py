@@ -173,11 +173,18 @@ def check_vram(estimate_gb: float, how: str, free_gb: float | None, total_gb: fl
     return Check("OK", "vram", detail)
 
 
-def disk_needed_gb(n_params: float, trainer: params_module.Trainer, export: params_module.Export) -> float:
+def disk_needed_gb(
+    n_params: float,
+    trainer: params_module.Trainer,
+    export: params_module.Export,
+    n_trained: float | None = None,
+) -> float:
     """GB that `dvc repro` adds to the repository's filesystem for this preset and schedule.
 
-    checkpoint = 12 B/param: fp32 weights 4 B + AdamW's two moments 8 B (3 x the fp32 weights; grads are
-    not saved). That predicts the measured 10.0 GB for sam3 (840 M) and 50.6 MB for tiny (4.3 M).
+    checkpoint = the weights (4 B/param, 2 B with trainer.weight_dtype bfloat16) + the optimizer's state
+             (AdamW's two moments: 8 B per trainable param, 4 B for adamw_bf16*; grads are not
+             saved). Stock's 12 B/param predicts the measured 10.0 GB for sam3 (840 M) and 50.6 MB
+             for tiny (4.3 M).
     train  = checkpoint x (1 + extras) in paths.scratch: the trainer's checkpoint.pt, plus one
              checkpoint_<epoch>.pt kept every trainer.checkpoint_freq epochs, i.e. max_epochs // freq
              extras (sam3/train/trainer.py:348 saves when (epoch + 1) % save_freq == 0), plus best.pt
@@ -186,17 +193,21 @@ def disk_needed_gb(n_params: float, trainer: params_module.Trainer, export: para
            + checkpoint in .dvc/cache (DVC's copy of that output; reflinks or hardlinks would save it).
     export = model weights at export.dtype (4 or 2 B/param) x 2: paths.export and its .dvc/cache copy.
     Datasets, logs and plots are small next to these and not counted; a cache.dir on another disk is
-    not considered.
+    not considered. `n_trained`: trainable parameters (None: all, an upper bound).
     """
     weights = (4 if export.dtype == "float32" else 2) * n_params
-    return train_checkpoints_gb(n_params, trainer) + 2 * weights / GB
+    return train_checkpoints_gb(n_params, trainer, n_trained) + 2 * weights / GB
 
 
-def train_checkpoints_gb(n_params: float, trainer: params_module.Trainer) -> float:
+def train_checkpoints_gb(
+    n_params: float, trainer: params_module.Trainer, n_trained: float | None = None
+) -> float:
     """GB of trainer checkpoints the train stage leaves: the train part of disk_needed_gb."""
     extras = trainer.max_epochs // trainer.checkpoint_freq if trainer.checkpoint_freq > 0 else 0
     extras += trainer.select != "last"  # best.pt, once checkpoint.pt has moved past the best epoch
-    checkpoint = 12 * n_params
+    weight_bytes = params_module.WEIGHT_BYTES[getattr(trainer, "weight_dtype", "float32")]
+    state_bytes = params_module.STATE_BYTES[getattr(trainer, "optimizer", "adamw")]
+    checkpoint = weight_bytes * n_params + state_bytes * (n_params if n_trained is None else n_trained)
     return (checkpoint * (1 + extras) + checkpoint + checkpoint) / GB
 
 

@@ -167,7 +167,9 @@ def preflight(spec: ModelSpec, trainer: params_module.Trainer, root: Path, vocab
     n_params, n_trained, largest = param_sizes(
         spec, vocab, trained_groups(trainer.trainable, trainer.segmentation), trainer.lora_rank
     )
-    needed = train_checkpoints_gb(n_params, trainer)  # scratch checkpoint(s) + tracked copy + DVC cache copy
+    needed = train_checkpoints_gb(
+        n_params, trainer, n_trained
+    )  # scratch checkpoint(s), tracked copy, DVC cache
     existing = next(d for d in (root, *root.parents) if d.exists())  # outputs may not exist yet
     check = check_disk(needed, shutil.disk_usage(existing).free / GB, existing)
     if check.status == "FAIL":

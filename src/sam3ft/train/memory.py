@@ -29,17 +29,10 @@ from pathlib import Path
 
 from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec
-from sam3ft.params import IN_BACKWARD, Trainer
+from sam3ft.params import IN_BACKWARD, STATE_BYTES, WEIGHT_BYTES, Trainer
 from sam3ft.preflight import GB
 from sam3ft.train.model import freeze_and_adapt
 
-STATE_BYTES = {
-    "adamw": 8,
-    "adamw_fused": 8,
-    "adamw_bf16": 4,
-    "adamw_in_backward": 8,
-    "adamw_bf16_in_backward": 4,
-}
 # adamw_bf16's torch-ops update of one CHUNK bucket (16.8 M elements): 352 MB measured for the
 # moments' part (bench/optim_step.py); the fp32 copy of the bucket's weights and its stochastic
 # rounding add ~64 MB (computed from train/optim.py AdamWBf16._update)
@@ -105,8 +98,8 @@ def training_peak_gb(
     `largest`: parameters of the largest trainable tensor (None: `trainable`, an upper bound), the
     only gradient an *_in_backward optimizer holds at once."""
     in_backward = trainer.optimizer.endswith(IN_BACKWARD)
-    bf16_weights = getattr(trainer, "weight_dtype", "float32") == "bfloat16"
-    weight_bytes = 2 if bf16_weights else 4
+    weight_bytes = WEIGHT_BYTES[getattr(trainer, "weight_dtype", "float32")]
+    bf16_weights = weight_bytes == 2
     grads = weight_bytes * (trainable if largest is None or not in_backward else largest)
     temporaries = STEP_TEMPORARIES_GB * GB if bf16_weights else 0.0
     weights_grads_states = (
