@@ -298,6 +298,13 @@ class Trainer:
         layers, and no EMA (an average held in bf16 would drop the same small updates)."""
         why = "with trainer.weight_dtype bfloat16"
         _check(
+            self.accelerator == "cuda",
+            "trainer.weight_dtype",
+            self.weight_dtype,
+            "float32 on the CPU (bf16 weights need bf16 autocast, which sam3 runs on CUDA only): "
+            "another trainer.recipe, or train on a GPU (trainer.num_gpus >= 1)",
+        )
+        _check(
             self.optimizer in ("adamw_bf16", "adamw_bf16" + IN_BACKWARD),
             "trainer.optimizer",
             self.optimizer,
@@ -308,8 +315,8 @@ class Trainer:
             self.amp and self.amp_dtype == "bfloat16",
             "trainer.amp",
             self.amp,
-            f"true with trainer.amp_dtype bfloat16 {why} (autocast feeds the bf16 layers; CUDA "
-            "only), or trainer.weight_dtype: float32",
+            f"true with trainer.amp_dtype bfloat16 {why} (autocast feeds the bf16 layers), or "
+            "trainer.weight_dtype: float32",
         )
         _check(
             self.ema_decay == 0,
