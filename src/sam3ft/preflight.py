@@ -199,15 +199,22 @@ def disk_needed_gb(
     return train_checkpoints_gb(n_params, trainer, n_trained) + 2 * weights / GB
 
 
+def weights_and_states_bytes(trainer: params_module.Trainer, n_params: float, n_trained: float) -> float:
+    """Bytes of the weights (all `n_params`, at trainer.weight_dtype) and of the optimizer's state
+    (per trainable parameter): what a checkpoint holds, and what training keeps in memory besides
+    gradients and activations."""
+    weight_bytes = params_module.WEIGHT_BYTES[getattr(trainer, "weight_dtype", "float32")]
+    state_bytes = params_module.STATE_BYTES[getattr(trainer, "optimizer", "adamw")]
+    return weight_bytes * n_params + state_bytes * n_trained
+
+
 def train_checkpoints_gb(
     n_params: float, trainer: params_module.Trainer, n_trained: float | None = None
 ) -> float:
     """GB of trainer checkpoints the train stage leaves: the train part of disk_needed_gb."""
     extras = trainer.max_epochs // trainer.checkpoint_freq if trainer.checkpoint_freq > 0 else 0
     extras += trainer.select != "last"  # best.pt, once checkpoint.pt has moved past the best epoch
-    weight_bytes = params_module.WEIGHT_BYTES[getattr(trainer, "weight_dtype", "float32")]
-    state_bytes = params_module.STATE_BYTES[getattr(trainer, "optimizer", "adamw")]
-    checkpoint = weight_bytes * n_params + state_bytes * (n_params if n_trained is None else n_trained)
+    checkpoint = weights_and_states_bytes(trainer, n_params, n_params if n_trained is None else n_trained)
     return (checkpoint * (1 + extras) + checkpoint + checkpoint) / GB
 
 

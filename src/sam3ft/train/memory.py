@@ -29,8 +29,8 @@ from pathlib import Path
 
 from sam3ft.model.build import build_model, empty_weights
 from sam3ft.model.spec import ModelSpec
-from sam3ft.params import IN_BACKWARD, STATE_BYTES, WEIGHT_BYTES, Trainer
-from sam3ft.preflight import GB
+from sam3ft.params import IN_BACKWARD, WEIGHT_BYTES, Trainer
+from sam3ft.preflight import GB, weights_and_states_bytes
 from sam3ft.train.model import freeze_and_adapt
 
 # adamw_bf16's torch-ops update of one CHUNK bucket (16.8 M elements): 352 MB measured for the
@@ -102,9 +102,7 @@ def training_peak_gb(
     bf16_weights = weight_bytes == 2
     grads = weight_bytes * (trainable if largest is None or not in_backward else largest)
     temporaries = STEP_TEMPORARIES_GB * GB if bf16_weights else 0.0
-    weights_grads_states = (
-        weight_bytes * total + grads + trainable * STATE_BYTES[trainer.optimizer] + temporaries
-    )
+    weights_grads_states = weights_and_states_bytes(trainer, total, trainable) + grads + temporaries
     cached = trainer.amp and trainer.autocast_cache and not bf16_weights
     static = weights_grads_states + (2 * total if cached else 0)
     how = f"{total / 1e6:.0f} M params, {trainable / 1e6:.1f} M trainable, {trainer.optimizer}"
