@@ -33,6 +33,8 @@ from sam3ft.model.spec import load_preset
 from sam3ft.stages import export, fetch, pin_threads
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import cpuinfo  # noqa: E402
 
 
 def tree(work: Path, prepared_valid: Path) -> Path:
@@ -100,14 +102,7 @@ def main() -> None:
     result = {
         "date": datetime.date.today().isoformat(),
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
-        "cpu": next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            "?",
-        ),
+        "cpu": cpuinfo().get("model name", "?"),
         "torch": torch.__version__,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "setup_s (build, save checkpoint)": round(setup_s, 1),
