@@ -74,6 +74,15 @@ def checkout_copy(dst: Path, extra_env: dict[str, str] | None = None) -> dict[st
     return env
 
 
+def recipe_trainer(recipe: str, preset: str, **changes: Any) -> Any:
+    """The shipped params.yaml's trainer section with `recipe`, as on one GPU with autocast (the
+    recipes are for GPUs; bf16 weights need the autocast), validated for `preset`."""
+    from sam3ft import params
+
+    data = dict(params.read_params(REPO / "params.yaml")["trainer"], recipe=recipe, num_gpus=1, amp=True)
+    return params.section_from_dict(params.Trainer, {**data, **changes}, "trainer", preset)
+
+
 def run_ok(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
     """`cmd` in `cwd`; fails the test with the command and the tails of its output unless it exits 0."""
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

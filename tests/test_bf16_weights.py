@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, write_params
+from conftest import recipe_trainer, write_params
 from sam3ft import params
 from sam3ft.errors import ConfigError
 from sam3ft.io import write_json
@@ -48,11 +48,7 @@ def test_updates_below_half_a_bf16_step_still_move_the_weights(device: str) -> N
     assert torch.tensor(1.0 - 1e-4).to(torch.bfloat16).item() == 1.0  # nearest: stuck at 1.0
 
     weight = torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16, device=device))
-    _steps(
-        weight,
-        AdamWBf16([weight], lr=1e-4, weight_decay=0.0),
-        300,
-    )
+    _steps(weight, AdamWBf16([weight], lr=1e-4, weight_decay=0.0), 300)
     assert weight.dtype is torch.bfloat16
     assert 1.0 - weight.float().mean().item() == pytest.approx(moved, rel=0.02)
     values = set(weight.float().unique().tolist())
@@ -162,9 +158,7 @@ def test_memory_estimate_halves_weights_and_gradients() -> None:
     # at batch 1 the forward pass sets the peak, before any gradient: weights and autocast's copies
     saved = (2 * total + 2 * total) / GB - memory.STEP_TEMPORARIES_GB
     assert fp32 - bf16 == pytest.approx(saved) and "bf16 weights" in how
-    data = params.read_params(REPO / "params.yaml")["trainer"]
-    gpu = dict(data, recipe="lean-bf16-in-backward", num_gpus=1, amp=True, batch_size=1)
-    trainer = params.section_from_dict(params.Trainer, gpu, "trainer", "sam3")
+    trainer = recipe_trainer("lean-bf16-in-backward", "sam3", batch_size=1)
     total, trainable, largest = memory.param_sizes(sam3, bundled_vocab(), trainer.trainable, 0)
     assert memory.training_peak_gb(sam3, total, trainable, trainer, largest)[0] < 8.0
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import REPO, recipe_trainer
 from sam3ft import params
 from sam3ft.errors import ConfigError
 from sam3ft.model.spec import load_preset, presets_dir
@@ -194,9 +194,7 @@ def test_every_recipe_composes(loaded, name):
     data = params.read_params(REPO / "params.yaml")
     assert all(data["trainer"][k] is None for k in params.CHOSEN_RECIPE_KEYS)  # the recipe decides by default
     assert not set(params.SWITCH_KEYS) & set(data["trainer"])  # recipe-only: not a user's choice
-    # as on one GPU with bf16 autocast: the recipes are for GPUs, and bf16 weights need the autocast
-    gpu = dict(data["trainer"], recipe=name, num_gpus=1, amp=True)
-    trainer = params.section_from_dict(params.Trainer, gpu, "trainer", "tiny")
+    trainer = recipe_trainer(name, "tiny")
     recipe = params.load_recipe(name)
     defaults = params.Trainer(
         **{**dataclasses.asdict(trainer), **{k: DEFAULTS[k] for k in params.RECIPE_KEYS}}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, recipe_trainer
 from sam3ft.__main__ import main
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -175,11 +175,9 @@ def test_the_recipe_tables_batches_are_the_memory_estimates():
     cards = [int(c) for c in header.group(1).split("/")]
     rows = dict(re.findall(r"^\| `([\w-]+)`[^|]*\|.*\| ([—\d /]+) \|$", body, re.M))
     assert set(rows) == set(params.recipes()), "every recipe has a row, and only recipes do"
-    spec, data = load_preset("sam3"), params.read_params(REPO / "params.yaml")["trainer"]
+    spec = load_preset("sam3")
     for recipe, cells in rows.items():
-        trainer = params.section_from_dict(
-            params.Trainer, dict(data, recipe=recipe, num_gpus=1, amp=True), "trainer", "sam3"
-        )
+        trainer = recipe_trainer(recipe, "sam3")
         sizes = param_sizes(spec, bundled_vocab(), trainer.trainable, trainer.lora_rank)
         peaks = [
             training_peak_gb(spec, *sizes[:2], dataclasses.replace(trainer, batch_size=b), sizes[2])[0]
