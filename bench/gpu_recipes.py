@@ -224,7 +224,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     knobs = stage.trainer_knobs(
         p, spec, manifest, base_dir, data_dir, out, stage.count_images(data_dir / "train")
     )
-    cfg = compose_trainer_config(knobs, name=stage.config_name(p["trainer"].segmentation))
+    cfg = compose_trainer_config(knobs, name=stage.config_name(p.trainer.segmentation))
     setup_process()  # as the train stage's run_trainer: rank 0 of 1, sam3's workarounds, resolvers
 
     logged: list[tuple[str, float, int]] = []
@@ -338,6 +338,12 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "peak_gb": round(max(mem), 2),
         "peak_gb_step0": round(mem[0], 2),
         "loss": [round(v, 4) for _, v in sorted(rows[step_logging._LOSS])],
+        # each loss term's mean over the run's steps (loss_mask, loss_dice: the mask head trains)
+        "loss_terms": {
+            name.removeprefix(step_logging._LOSS + "/"): round(statistics.fmean(v for _, v in each), 4)
+            for name, each in sorted(rows.items())
+            if name.startswith(step_logging._LOSS + "/")
+        },
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         # Python's garbage collections by generation (count, total ms, longest ms): in the timed
