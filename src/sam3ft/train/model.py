@@ -166,12 +166,29 @@ def trained_groups(trainable: list[str], segmentation: bool) -> list[str]:
     return list(trainable) + (["masks"] if segmentation else [])
 
 
+def outside_autocast(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters sam3 uses with CUDA autocast switched off, on float32 inputs: each decoder
+    layer's feed-forward linears (`TransformerDecoderLayer.forward_ffn` disables autocast)."""
+    from sam3.model.decoder import TransformerDecoderLayer
+
+    return [
+        param
+        for module in model.modules()
+        if isinstance(module, TransformerDecoderLayer)
+        for linear in (module.linear1, module.linear2)
+        for param in linear.parameters()
+    ]
+
+
 def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Every parameter (frozen ones too) held in `dtype`, in place. Buffers keep theirs: RoPE's
-    complex tables and the position encodings' precomputed grids stay exact, and autocast casts
-    what meets them."""
+    """Every parameter (frozen ones too) held in `dtype`, in place, except those sam3 runs outside
+    autocast (`outside_autocast`): they stay float32, or their float32 inputs would meet `dtype`
+    weights. Buffers keep theirs: RoPE's complex tables and the position encodings' precomputed
+    grids stay exact, and autocast casts what meets them."""
+    kept = {id(param) for param in outside_autocast(model)}
     for param in model.parameters():
-        param.data = param.data.to(dtype)
+        if id(param) not in kept:
+            param.data = param.data.to(dtype)
 
 
 def freeze_and_adapt(
