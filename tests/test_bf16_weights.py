@@ -19,7 +19,7 @@ from sam3ft.model.load import load_trained
 from sam3ft.model.spec import load_preset
 from sam3ft.preflight import GB
 from sam3ft.train import memory
-from sam3ft.train.model import build_trainable_model
+from sam3ft.train.model import build_trainable_model, outside_autocast
 from sam3ft.train.optim import AdamWBf16, InBackward
 
 
@@ -95,9 +95,11 @@ def test_the_model_is_built_in_bf16_with_exact_buffers(tmp_path) -> None:
     bf16 = build_trainable_model(
         str(spec), str(bundled_vocab()), ["trunk", "neck"], weight_dtype="bfloat16", init_seed=0
     )
-    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    kept = {id(p) for p in outside_autocast(bf16)}
+    assert kept  # the decoder layers' feed-forward linears
     for (name, a), (_, b) in zip(fp32.named_parameters(), bf16.named_parameters(), strict=True):
-        assert torch.equal(a.to(torch.bfloat16), b), name
+        assert b.dtype == (torch.float32 if id(b) in kept else torch.bfloat16), name
+        assert torch.equal(a.to(b.dtype), b), name
     buffers = dict(fp32.named_buffers())
     for name, buffer in bf16.named_buffers():
         assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name
@@ -108,6 +110,34 @@ def test_the_model_is_built_in_bf16_with_exact_buffers(tmp_path) -> None:
     grads = [p.grad for p in bf16.backbone.parameters() if p.grad is not None]
     assert grads and {g.dtype for g in grads} == {torch.bfloat16}
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_what_sam3_runs_outside_autocast_stays_float32(tmp_path, monkeypatch) -> None:
+    """sam3's decoder layers switch CUDA autocast off around their feed-forward linears, whose input
+    is then float32: with bf16 weights there the GPU run failed ("mat1 and mat2 must have the same
+    dtype"). Here sam3's `autocast(device_type="cuda", enabled=False)` switches the CPU's autocast
+    off instead, so the same code path runs: the layer's feed-forward answers in float32 and
+    back-propagates into its float32 weights."""
+    from sam3.model.decoder import TransformerDecoderLayer
+
+    real = torch.amp.autocast
+    monkeypatch.setattr(torch.amp, "autocast", lambda device_type, *a, **k: real("cpu", *a, **k))
+    spec = tmp_path / "model_spec.yaml"
+    write_json(spec, load_preset("tiny").to_dict())
+    model = build_trainable_model(
+        str(spec), str(bundled_vocab()), ["decoder"], weight_dtype="bfloat16", init_seed=0
+    )
+    layer = next(m for m in model.modules() if isinstance(m, TransformerDecoderLayer))
+    # the layer norm after the linears: CUDA's autocast runs it in float32 (weights cast), the
+    # CPU's does not cast a bf16 weight for a float32 input; not what this test is about
+    monkeypatch.setattr(layer, "norm3", torch.nn.Identity())
+    tgt = torch.randn(4, 1, layer.linear1.in_features, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.forward_ffn(tgt)
+    out.square().mean().backward()
+    assert out.dtype == torch.float32
+    assert layer.linear1.weight.grad.dtype == layer.linear2.weight.grad.dtype == torch.float32
+    assert torch.isfinite(tgt.grad).all()
 
 
 def _trainer(tmp_path, shipped_params, **changes) -> params.Trainer:
