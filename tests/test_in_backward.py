@@ -112,6 +112,44 @@ def test_clipping_in_backward_is_per_tensor() -> None:
 
 
 @pytest.mark.parametrize("kind", ["adamw_in_backward", "adamw_bf16_in_backward"])
+def test_a_non_finite_gradient_skips_its_weight_only(kind: str) -> None:
+    """No GradScaler runs with an in-backward optimizer, so none skips the step whose gradients hold
+    an inf or nan: the optimizer skips each such weight itself (its weight and moments unchanged),
+    steps the others, and counts the skips."""
+    model = _model()
+    opt = make_optimizer(_groups(model), kind)
+    assert isinstance(opt, InBackward)
+    _run(model, opt, range(2))
+    poisoned = model[2].weight
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    moments = {k: v.clone() for k, v in opt.state[poisoned].items()}
+    poisoned.register_hook(lambda grad: torch.full_like(grad, float("nan")))  # runs before the step
+    _run(model, opt, range(2, 3))
+    assert torch.equal(poisoned, before[id(poisoned)])
+    assert torch.equal(opt.state[poisoned]["exp_avg"], moments["exp_avg"])
+    assert torch.equal(opt.state[poisoned]["exp_avg_sq"], moments["exp_avg_sq"])
+    moved = [p for p in model.parameters() if p is not poisoned]
+    assert all(not torch.equal(p, before[id(p)]) and torch.isfinite(p).all() for p in moved)
+    assert opt.skipped is not None and float(opt.skipped) == 1.0
+
+
+def test_an_epoch_with_many_skipped_updates_stops_training(caplog) -> None:
+    """A few skipped updates in an epoch are logged; more than SKIPPED_LIMIT of them stop training
+    with an error naming the optimizer and the recipe to use instead, and the count starts over."""
+    model = _model()
+    opt = make_optimizer(_groups(model), "adamw_bf16_in_backward")
+    assert isinstance(opt, InBackward)
+    opt.check_skipped(steps=4, epoch=0)  # nothing ran: nothing to say
+    opt.skipped = torch.tensor(1.0)  # 1 of 4 steps x 4 tensors x 100 epochs' worth: under 1%
+    opt.check_skipped(steps=400, epoch=0)
+    assert "1 of 1600 weight updates (0.1%) skipped" in caplog.text
+    assert opt.skipped is None
+    opt.skipped = torch.tensor(3.0)  # 3 of 16 updates
+    with pytest.raises(FloatingPointError, match=r"epoch 2: 3 of 16 .* adamw_bf16_in_backward.*recipe lean"):
+        opt.check_skipped(steps=4, epoch=2)
+
+
+@pytest.mark.parametrize("kind", ["adamw_in_backward", "adamw_bf16_in_backward"])
 def test_state_dict_round_trip_resumes_exactly(kind: str) -> None:
     """Saved after 3 steps (through torch.save, as a checkpoint) and loaded into a fresh model and
     optimizer, 3 more steps give the unbroken run's weights and states, bit for bit."""

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ class InBackward(torch.optim.Optimizer):
         super().__init__(params, {"lr": 1e-3, "weight_decay": 1e-2})  # both set by sam3's schedulers
         self.kind = kind
         self.max_norm: float | None = None  # per-parameter gradient clipping; None: off
+        # how many weight updates a non-finite gradient skipped (a device scalar; None: none ran yet)
+        self.skipped: torch.Tensor | None = None
         # each trainable weight's optimizer and the index of its group (load_state_dict replaces
         # the group dicts, so the hooks look them up)
         self._inner: dict[torch.Tensor, tuple[torch.optim.Optimizer, int]] = {}
@@ -90,10 +93,46 @@ class InBackward(torch.optim.Optimizer):
         inner_group, group = inner.param_groups[0], self.param_groups[at]
         for key in self.HYPER:
             inner_group[key] = group[key]
+        # a gradient with an inf or nan leaves its weight and moments as they were, as GradScaler
+        # skips a whole step for one (no scaler runs here); handed to the step as GradScaler hands
+        # its found_inf: on the device for the kernel, read on the host by the torch-ops path
+        assert param.grad is not None  # the hook runs once the gradient is complete
+        found_inf = (~torch.isfinite(param.grad).all()).float()
+        self.skipped = found_inf if self.skipped is None else self.skipped + found_inf
         if self.max_norm is not None:
             torch.nn.utils.clip_grad_norm_([param], max_norm=self.max_norm)
-        inner.step()
+        if isinstance(inner, AdamWBf16):
+            inner.found_inf = found_inf  # type: ignore[attr-defined]
+            try:
+                inner.step()
+            finally:
+                del inner.found_inf  # type: ignore[attr-defined]
+        elif not found_inf.item():  # torch's AdamW reads no found_inf: a host check
+            inner.step()
         param.grad = None
+
+    SKIPPED_LIMIT = 0.01  # share of an epoch's weight updates that may be skipped before training stops
+
+    def check_skipped(self, steps: int, epoch: int) -> None:
+        """After an epoch of `steps` training steps: how many weight updates a non-finite gradient
+        skipped (one host read), logged when any were; more than SKIPPED_LIMIT of them stops training
+        with FloatingPointError, before the epoch's checkpoint, as a non-finite loss does."""
+        skipped, self.skipped = (0 if self.skipped is None else int(self.skipped)), None
+        if not skipped:
+            return
+        updates = steps * len(self._inner)
+        message = (
+            f"epoch {epoch}: {skipped} of {updates} weight updates ({skipped / updates:.1%}) skipped on "
+            f"non-finite gradients by trainer.optimizer {self.kind}{IN_BACKWARD}"
+        )
+        if skipped <= self.SKIPPED_LIMIT * updates:
+            logging.warning(message)
+            return
+        raise FloatingPointError(
+            f"{message}; training stopped. Use an optimizer stepping after the backward pass (recipe "
+            "lean: GradScaler then skips a whole step on one non-finite gradient); bench/LOG.md "
+            "2026-12-03 has the GPU runs where the in-backward recipes hit this"
+        )
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         """Nothing left to do: every parameter with a gradient stepped in the backward pass."""

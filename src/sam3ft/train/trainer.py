@@ -359,9 +359,12 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         self._steps_left = self._epoch_steps = len(train_loader)
         self._data_iter = 0
         try:
-            return super().train_epoch(train_loader)
+            out = super().train_epoch(train_loader)
         finally:
             self._steps_left = self._epoch_steps = 0
+        if isinstance(self.optim.optimizer, InBackward):  # no GradScaler skipped its non-finite steps
+            self.optim.optimizer.check_skipped(len(train_loader), self.epoch)
+        return out
 
     def _setup_ddp_distributed_training(self, distributed_conf: Any, accelerator: str) -> None:
         if self.ddp_one_process or dist.get_world_size() > 1:
