@@ -66,7 +66,12 @@ BENCH_KEYS = (
     "cudagraphs",
     "compile_loss",
     "gc_freeze",
+    "nan_watch",
+    "decoder_ckpt",
 )
+
+# nan_watch=true: what the watch saw (see watch_nonfinite), added to the run's figures
+WATCH: dict[str, Any] = {}
 
 
 def bench_only(overrides: dict[str, str]) -> None:
@@ -76,7 +81,9 @@ def bench_only(overrides: dict[str, str]) -> None:
     wait each step, instead of model.build.DeviceTokenizer (for stock as upstream runs it);
     cudagraphs=true: see parts_with_cudagraphs;
     compile_loss=false: the batched loss terms eager under compile_model (as before the tenth
-    session); gc_freeze=false: no gc.freeze() after the first training step (with compile_model:
+    session); nan_watch=true: see watch_nonfinite; decoder_ckpt=false: sam3's decoder without its
+    activation checkpointing (its layers and box-bias MLPs keep their activations);
+    gc_freeze=false: no gc.freeze() after the first training step (with compile_model:
     the first compiled one), as before the eleventh session.
     (The whole forward compiled with CUDA graphs, the sixth and seventh sessions'
     `compile=model:cudagraphs=true:eager=geometry_encoder`, is the trainer param
@@ -102,9 +109,58 @@ def bench_only(overrides: dict[str, str]) -> None:
         Trainer._freeze_gc = lambda self: setattr(self, "_gc_frozen", True)  # type: ignore[method-assign]
     if overrides.get("adamw_kernel") == "false":
         AdamWBf16._use_kernel = lambda self, group: False  # type: ignore[method-assign]
+    if overrides.get("nan_watch") == "true":
+        watch_nonfinite()
+    if overrides.get("decoder_ckpt") == "false":  # sam3's decoder asserts its checkpointing is on
+        import sam3.model.decoder as decoder
+
+        wrapper = decoder.activation_ckpt_wrapper
+
+        def no_checkpoint(module: Any) -> Any:
+            wrapped = wrapper(module)
+            return lambda *a, act_ckpt_enable=False, **k: wrapped(*a, act_ckpt_enable=False, **k)
+
+        decoder.activation_ckpt_wrapper = no_checkpoint
     if "adamw_seed" in overrides:
         init, seed = AdamWBf16.__init__, int(overrides["adamw_seed"])
         AdamWBf16.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "seed": seed})  # type: ignore[method-assign]
+
+
+def watch_nonfinite(keep: int = 30) -> None:
+    """A diagnosis, not a timing (a host wait per weight): with an optimizer stepping in the
+    backward, each gradient and then its weight checked for inf/nan as the hook steps it (the first
+    `keep` of each, by step and parameter name); with any optimizer, GradScaler's scale after each
+    step (it halves where upstream's step skipped non-finite gradients)."""
+    import torch
+
+    from sam3ft.train.optim import DeviceGradScaler, InBackward
+
+    WATCH.update(nonfinite_grads=[], nonfinite_weights=[], scaler_scales=[], watched_steps=0)
+    names: dict[int, str] = WATCH.setdefault("names", {})
+    step_param, step, update = InBackward._step_param, InBackward.step, DeviceGradScaler.update
+
+    def watched(self: Any, param: torch.Tensor) -> None:
+        where = (WATCH["watched_steps"], names.get(id(param), str(tuple(param.shape))))
+        if len(WATCH["nonfinite_grads"]) < keep and not bool(torch.isfinite(param.grad).all()):
+            WATCH["nonfinite_grads"].append(where)
+        step_param(self, param)
+        if len(WATCH["nonfinite_weights"]) < keep and not bool(torch.isfinite(param).all()):
+            WATCH["nonfinite_weights"].append(where)
+            # on stdout as it happens: the run may crash on these weights before its RESULT line
+            print("WATCH " + json.dumps({k: v for k, v in WATCH.items() if k != "names"}), flush=True)
+
+    def counted(self: Any, closure: Any = None) -> Any:
+        WATCH["watched_steps"] += 1
+        return step(self, closure)
+
+    def scale_after(self: Any, new_scale: Any = None) -> None:
+        update(self, new_scale)
+        if self.is_enabled():
+            WATCH["scaler_scales"].append(float(self.get_scale()))
+
+    InBackward._step_param = watched  # type: ignore[method-assign]
+    InBackward.step = counted  # type: ignore[method-assign]
+    DeviceGradScaler.update = scale_after  # type: ignore[method-assign]
 
 
 def parts_with_cudagraphs() -> None:
@@ -245,6 +301,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     build_s = time.perf_counter() - t0
     trainer.model.train()
     module = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    if "names" in WATCH:
+        WATCH["names"].update({id(q): name for name, q in module.named_parameters()})
     n_params = sum(q.numel() for q in module.parameters())
     n_train = sum(q.numel() for q in module.parameters() if q.requires_grad)
     dataset = trainer.train_dataset
@@ -267,7 +325,10 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     _, gc_full_ms = pauses[2][-1]
     for each in pauses.values():
         each.clear()
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {k: v for k, v in WATCH.items() if k != "names"}
+    skipped = getattr(trainer.optim.optimizer, "skipped", None)  # InBackward: non-finite gradients
+    if skipped is not None:
+        figures["in_backward_skips"] = int(skipped)
 
     def say(what: str) -> None:
         print(f"pass: {what} ({time.perf_counter() - t0:.0f} s in)", file=sys.stderr, flush=True)
@@ -721,6 +782,9 @@ def main() -> None:
                 "error": "out of memory" if oom else f"exit {proc.returncode}",
                 "tail": tail,
             }
+            watched = [ln for ln in (proc.stdout or "").splitlines() if ln.startswith("WATCH ")]
+            if watched:  # nan_watch=true: what it saw before the run ended
+                result["watch"] = json.loads(watched[-1][len("WATCH ") :])
         else:
             result = json.loads(lines[-1][len("RESULT ") :])
         result["wall_s"] = round(time.perf_counter() - t0, 1)
