@@ -259,6 +259,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     from sam3ft.stages import train as stage
     from sam3ft.train import logging as step_logging
     from sam3ft.train.compose import compose_trainer_config
+    from sam3ft.train.optim import InBackward
     from sam3ft.train.run import setup_process
 
     recipe, batch, *rest = args.one.split(":")
@@ -295,6 +296,14 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         logged.append((name, float(data.detach()) if hasattr(data, "detach") else float(data), step))
 
     step_logging.StepLogger.log = capture  # type: ignore[method-assign]
+    skips: list[int] = []  # read before the trainer's end-of-epoch check resets (or raises on) them
+    check_skipped = InBackward.check_skipped
+
+    def count_skips(self: Any, steps: int, epoch: int) -> None:
+        skips.append(0 if self.skipped is None else int(self.skipped))
+        check_skipped(self, steps, epoch)
+
+    InBackward.check_skipped = count_skips  # type: ignore[method-assign]
     pauses = gc_pauses()
     t0 = time.perf_counter()
     trainer = instantiate(cfg.trainer, _recursive_=False)
@@ -326,9 +335,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     for each in pauses.values():
         each.clear()
     figures: dict[str, Any] = {k: v for k, v in WATCH.items() if k != "names"}
-    skipped = getattr(trainer.optim.optimizer, "skipped", None)  # InBackward: non-finite gradients
-    if skipped is not None:
-        figures["in_backward_skips"] = int(skipped)
+    if skips:  # InBackward: weight updates a non-finite gradient skipped, per bench epoch
+        figures["in_backward_skips"] = skips
 
     def say(what: str) -> None:
         print(f"pass: {what} ({time.perf_counter() - t0:.0f} s in)", file=sys.stderr, flush=True)
