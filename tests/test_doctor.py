@@ -10,10 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
 from conftest import REPO, SAMPLE, write_params
-from sam3ft import doctor, preflight
+from sam3ft import doctor, params, preflight
 from sam3ft.__main__ import main as cli
 from sam3ft.data.doctor import dataset_checks
 from sam3ft.model.build import bundled_vocab
@@ -261,7 +260,7 @@ def _trained(row: dict) -> list[str]:
 
 def _weight_dtype(row: dict) -> str:
     """Rows carry no weight_dtype: the run's recipe file (or an override) set it."""
-    recipe = yaml.safe_load((REPO / "configs/recipes" / f"{row['recipe']}.yaml").read_text()) or {}
+    recipe = params.load_recipe(row["recipe"])
     return (row.get("overrides") or {}).get("weight_dtype", recipe.get("weight_dtype", "float32"))
 
 
@@ -335,13 +334,12 @@ def test_unchecked_geometry_encoder_costs_memory_only_when_the_backward_runs_thr
 
 def test_train_preflight_refuses_with_the_recipe_estimate(tmp_path, monkeypatch):
     """The train stage's pre-flight: one meta-device count feeds the disk and the VRAM check."""
-    from sam3ft import params as params_module
     from sam3ft.errors import ConfigError
     from sam3ft.stages import train as stage
 
-    data = params_module.read_params(REPO / "params.yaml")["trainer"]
+    data = params.read_params(REPO / "params.yaml")["trainer"]
     data.update(num_gpus=1, amp=True, resolution=1008, batch_size=4, recipe="lean")
-    trainer = params_module.section_from_dict(params_module.Trainer, data, "trainer", "sam3")
+    trainer = params.section_from_dict(params.Trainer, data, "trainer", "sam3")
     spec = load_preset("sam3")
     monkeypatch.setattr(stage.shutil, "disk_usage", lambda path: SimpleNamespace(free=1e12))
     monkeypatch.setattr(stage, "cuda_memory_gb", lambda: (11.0, 12.0))  # a 12 GB card
