@@ -130,8 +130,8 @@ class InBackward(torch.optim.Optimizer):
             return
         raise FloatingPointError(
             f"{message}; training stopped. Use an optimizer stepping after the backward pass (recipe "
-            "lean: GradScaler then skips a whole step on one non-finite gradient); bench/LOG.md "
-            "2026-12-03 has the GPU runs where the in-backward recipes hit this"
+            "lean: GradScaler then skips a whole step on one non-finite gradient); docs/training.md "
+            "says where the in-backward recipes stand"
         )
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
