@@ -4,6 +4,7 @@ order, total and gradients, up to float summation order."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -237,3 +238,37 @@ def test_compiled_terms_are_the_eager_ones_for_any_number_of_objects(device: str
             each["indices"] = compiled.matcher(each, targets)
         compiled.compute_loss(_batch_out, targets)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_focal_loss_with_gamma_0_leaves_the_triton_kernel() -> None:
+    """compat's wrapper of sam3's sigmoid_focal_loss: PyTorch's branch off the GPU and for gamma 0
+    (the presence loss's default) on it, where the Triton backward takes 0 ** -1 once a correct
+    prediction saturates (sam3#575); Triton stays for gamma 2 on the GPU."""
+    seen: list[bool] = []
+
+    def focal(
+        inputs: object, targets: object, num_boxes: float, alpha: float = 0.25, gamma: float = 2, **kw: bool
+    ) -> None:
+        seen.append(kw.get("triton", True))
+
+    wrapped = compat._focal_loss_plain_off_gpu(focal)
+    on_gpu, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    wrapped(on_gpu, None, 1, alpha=0.5, gamma=0.0)
+    wrapped(on_gpu, None, 1, 0.5, 0.0)  # positional, as some callers pass them
+    wrapped(on_gpu, None, 1, alpha=0.25, gamma=2)
+    wrapped(on_gpu, None, 1)  # gamma's default: 2
+    wrapped(on_cpu, None, 1, alpha=0.25, gamma=2)
+    assert seen == [False, False, True, True, False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_presence_loss_gradient_stays_finite_when_confident(device: str) -> None:
+    """Confident, correct presence logits (beyond the sigmoid's float32 range) give a zero gradient,
+    not nan, through the loss function every recipe's presence term calls."""
+    from sam3.train.loss import loss_fns
+
+    logits = torch.tensor([[18.0], [-18.0], [40.0], [2.0]], device=device, requires_grad=True)
+    targets = torch.tensor([[1.0], [0.0], [1.0], [1.0]], device=device)
+    loss_fns.sigmoid_focal_loss(logits, targets, num_boxes=4, alpha=0.5, gamma=0.0).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert logits.grad[:3].abs().max() < 1e-7 < logits.grad[3].abs()  # only the unsure one moves

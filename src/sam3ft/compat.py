@@ -6,6 +6,7 @@ Each patch names the sam3 file and line it works around. All are idempotent.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -79,11 +80,17 @@ def _without_pin_memory(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _focal_loss_plain_off_gpu(focal: Callable[..., Any]) -> Callable[..., Any]:
-    """sam3/train/loss/loss_fns.py:126 defaults to a Triton kernel; use the PyTorch branch off-GPU."""
+    """sam3/train/loss/loss_fns.py:126 defaults to a Triton kernel; use the PyTorch branch off-GPU,
+    and with gamma 0 everywhere: the kernel's backward (sam3/train/loss/sigmoid_focal_loss.py:142)
+    takes (1 - p_t) ** (gamma - 1), which is 1/0 once the sigmoid of a correct prediction rounds
+    to 1, so a confident presence logit (`presence_gamma` 0, |logit| > ~17) gets a nan gradient
+    (sam3#575); PyTorch's pow gives exponent 0 a zero derivative."""
+    gamma_default = inspect.signature(focal).parameters["gamma"].default
 
     @functools.wraps(focal)
     def wrapper(inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not inputs.is_cuda:
+        gamma = args[3] if len(args) > 3 else kwargs.get("gamma", gamma_default)
+        if not inputs.is_cuda or gamma == 0:
             kwargs["triton"] = False
         return focal(inputs, *args, **kwargs)
 
