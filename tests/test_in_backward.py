@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import io
+import math
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -40,10 +43,15 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(64, 16, generator=generator), torch.randn(64, 1, generator=generator)
 
 
-def _run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, clip: float | None = None) -> None:
+def _run(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: range,
+    clip: Callable[[int, list[torch.Tensor]], None] | None = None,
+) -> None:
     """Steps as sam3's trainer runs them, with a schedule setting each group's lr every step: before
     the backward (where an in-backward optimizer needs it), which for the ordinary step is the same as
-    upstream's after it. `clip`: each weight tensor's gradient clipped to this norm on its own."""
+    upstream's after it. `clip(step, params)`: how the ordinary step clips the gradients."""
     for step in steps:
         for group, lr in zip(opt.param_groups, LRS[step % len(LRS)], strict=True):
             group["lr"] = lr
@@ -51,8 +59,7 @@ def _run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, clip:
         x, y = _batch(step)
         torch.nn.functional.mse_loss(model(x), y).backward()
         if clip is not None and not isinstance(opt, InBackward):
-            for p in model.parameters():
-                torch.nn.utils.clip_grad_norm_([p], max_norm=clip)
+            clip(step, list(model.parameters()))
         opt.step()
 
 
@@ -99,16 +106,80 @@ def test_gradients_are_freed_in_the_backward() -> None:
     assert all(int(s["step"]) == 1 for s in opt.state.values()) and len(opt.state) == 4
 
 
-def test_clipping_in_backward_is_per_tensor() -> None:
-    """trainer.grad_clip with an in-backward optimizer: each tensor's gradient clipped on its own."""
-    ordinary, in_backward = _model(), _model()
-    _run(ordinary, make_optimizer(_groups(ordinary), "adamw"), range(4), clip=0.05)
-    opt = make_optimizer(_groups(in_backward), "adamw_in_backward")
+MAX_NORM = 0.05  # below these gradients' norms (~1): every mode clips every step
+
+
+def _per_tensor(step: int, params: list[torch.Tensor]) -> None:
+    for p in params:
+        torch.nn.utils.clip_grad_norm_([p], max_norm=MAX_NORM)
+
+
+def _budget(step: int, params: list[torch.Tensor]) -> None:
+    total = sum(p.numel() for p in params)
+    for p in params:
+        torch.nn.utils.clip_grad_norm_([p], max_norm=MAX_NORM * math.sqrt(p.numel() / total))
+
+
+def _lagged() -> Callable[[int, list[torch.Tensor]], None]:
+    """Global clipping by the previous step's global norm; the first step as _budget."""
+    norms: list[torch.Tensor] = []
+
+    def clip(step: int, params: list[torch.Tensor]) -> None:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.square().sum() for p in params]).sum().sqrt())
+        if not norms:
+            _budget(step, params)
+        else:
+            for p in params:
+                p.grad.mul_((MAX_NORM / (norms[-1] + 1e-6)).clamp(max=1.0))
+        norms.append(norm)
+
+    return clip
+
+
+def _in_backward_run(clip: str) -> torch.nn.Module:
+    model = _model()
+    opt = make_optimizer(_groups(model), "adamw_in_backward")
     assert isinstance(opt, InBackward)
-    opt.max_norm = 0.05
-    _run(in_backward, opt, range(4), clip=0.05)
-    for a, b in zip(ordinary.parameters(), in_backward.parameters(), strict=True):
+    opt.max_norm, opt.clip = MAX_NORM, clip
+    _run(model, opt, range(4))
+    return model
+
+
+@pytest.mark.parametrize(("clip", "reference"), [("tensor", _per_tensor), ("budget", _budget)])
+def test_clipping_in_backward_per_tensor_modes(clip: str, reference: Any) -> None:
+    """trainer.grad_clip with an in-backward optimizer, clip "tensor": each gradient to max_norm on
+    its own; "budget": each to max_norm x sqrt(its share of the elements). Bitwise the ordinary step
+    after the same clipping."""
+    ordinary = _model()
+    _run(ordinary, make_optimizer(_groups(ordinary), "adamw"), range(4), clip=reference)
+    for a, b in zip(ordinary.parameters(), _in_backward_run(clip).parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_lagged_clipping_uses_the_previous_backwards_global_norm() -> None:
+    """The default, "lagged": the first step clips as "budget", each later one scales every gradient
+    by min(1, max_norm / the previous step's global norm). Equal to the ordinary step clipped so up
+    to float rounding (the norm sums in the backward's order); and each mode gives other weights."""
+    ordinary = _model()
+    _run(ordinary, make_optimizer(_groups(ordinary), "adamw"), range(4), clip=_lagged())
+    lagged = _in_backward_run("lagged")
+    assert InBackward.clip == "lagged"
+    for a, b in zip(ordinary.parameters(), lagged.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for other in ("budget", "tensor"):
+        pairs = zip(lagged.parameters(), _in_backward_run(other).parameters(), strict=True)
+        assert max((a - b).abs().max() for a, b in pairs) > 1e-4  # beyond the rounding tolerated above
+
+
+def test_lagged_clipping_leaves_a_non_finite_gradient_out_of_the_norm() -> None:
+    model = _model()
+    opt = make_optimizer(_groups(model), "adamw_in_backward")
+    assert isinstance(opt, InBackward)
+    opt.max_norm = MAX_NORM
+    model[2].weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    _run(model, opt, range(2))
+    assert opt._scale is not None and torch.isfinite(opt._scale) and 0 < float(opt._scale) < 1
+    assert torch.isfinite(model[0].weight).all() and float(opt.skipped) == 2.0
 
 
 @pytest.mark.parametrize("kind", ["adamw_in_backward", "adamw_bf16_in_backward"])

@@ -9,8 +9,9 @@
   elsewhere torch ops.
 - adamw_in_backward, adamw_bf16_in_backward: the same math per parameter, stepped inside the
   backward pass as each gradient is produced, which is then freed (`InBackward`): no gradient of
-  the whole model is ever held. Clipping caps each parameter's gradient norm, not the global
-  one; no accumulation or fp16 GradScaler (params.Trainer refuses them).
+  the whole model is ever held. Clipping scales each gradient by the factor the previous
+  backward's global norm gives (`InBackward.clip`); no accumulation or fp16 GradScaler
+  (params.Trainer refuses them).
 """
 
 from __future__ import annotations
@@ -52,12 +53,21 @@ class InBackward(torch.optim.Optimizer):
 
     This object holds sam3's param groups, so its schedulers set lr and weight decay here as
     usual; each hook copies its group's values into the parameter's optimizer before stepping.
-    Schedulers must therefore run before the backward pass (our Trainer does). With `max_norm`
-    (the trainer hands over trainer.grad_clip) each parameter's gradient is clipped to that L2 norm
-    on its own: the global norm over all gradients never exists at once. `step` is a no-op
-    (the weights moved in the backward), so the trainer's scaler.step and step hooks (EMA) run
-    unchanged. The per-parameter states live in this optimizer's `state`, so `state_dict` and
-    `load_state_dict` are torch's, and a checkpoint has the layout of the ordinary optimizer's.
+    Schedulers must therefore run before the backward pass (our Trainer does).
+
+    With `max_norm` (the trainer hands over trainer.grad_clip) the global norm over all gradients
+    never exists while a weight steps, so `clip` picks what stands in for it:
+    - "lagged" (default): every gradient scaled by min(1, max_norm / the previous backward's global
+      norm), summed on the device from each unclipped finite gradient as its hook runs; the first
+      backward (and the first after a resume) clips as "budget".
+    - "budget": each gradient clipped to max_norm x sqrt(its share of the trainable elements),
+      which bounds the global norm by max_norm as global clipping does, each tensor on its own.
+    - "tensor": each gradient clipped to max_norm on its own; the global norm may reach
+      max_norm x sqrt(number of tensors).
+    `step` is a no-op for the weights (they moved in the backward) and closes a "lagged"
+    backward's norm, so the trainer's scaler.step and step hooks (EMA) run unchanged. The
+    per-parameter states live in this optimizer's `state`, so `state_dict` and `load_state_dict`
+    are torch's, and a checkpoint has the layout of the ordinary optimizer's.
     adamw_bf16's rounding noise comes from a seed per parameter here (its position in the groups),
     not per bucket: the same distribution, other draws than the whole-model step. A hook fires once
     per backward call, so every weight's gradient must be complete in one: sam3's activation
@@ -66,6 +76,8 @@ class InBackward(torch.optim.Optimizer):
     """
 
     HYPER = ("lr", "weight_decay")  # what sam3's schedulers set per group and step
+    CLIPS = ("lagged", "budget", "tensor")
+    clip = "lagged"  # see the class docstring
 
     def __init__(self, params: Iterable[Any], kind: str, seed: int = 0) -> None:
         super().__init__(params, {"lr": 1e-3, "weight_decay": 1e-2})  # both set by sam3's schedulers
@@ -76,6 +88,8 @@ class InBackward(torch.optim.Optimizer):
         # each trainable weight's optimizer and the index of its group (load_state_dict replaces
         # the group dicts, so the hooks look them up)
         self._inner: dict[torch.Tensor, tuple[torch.optim.Optimizer, int]] = {}
+        self._sumsq: torch.Tensor | None = None  # "lagged": this backward's squared global norm so far
+        self._scale: torch.Tensor | None = None  # "lagged": the clip factor from the previous backward
         for at, group in enumerate(self.param_groups):
             for param in group["params"]:
                 if not param.requires_grad:
@@ -86,6 +100,8 @@ class InBackward(torch.optim.Optimizer):
                 inner.state = self.state  # one state dict: the per-parameter states are this one's
                 self._inner[param] = (inner, at)
                 param.register_post_accumulate_grad_hook(self._step_param)
+        total = sum(param.numel() for param in self._inner)
+        self._share = {param: math.sqrt(param.numel() / total) for param in self._inner}
 
     @torch.no_grad()
     def _step_param(self, param: torch.Tensor) -> None:
@@ -100,7 +116,7 @@ class InBackward(torch.optim.Optimizer):
         found_inf = (~torch.isfinite(param.grad).all()).float()
         self.skipped = found_inf if self.skipped is None else self.skipped + found_inf
         if self.max_norm is not None:
-            torch.nn.utils.clip_grad_norm_([param], max_norm=self.max_norm)
+            self._clip_grad(param, found_inf)
         if isinstance(inner, AdamWBf16):
             inner.found_inf = found_inf  # type: ignore[attr-defined]
             try:
@@ -110,6 +126,21 @@ class InBackward(torch.optim.Optimizer):
         elif not found_inf.item():  # torch's AdamW reads no found_inf: a host check
             inner.step()
         param.grad = None
+
+    def _clip_grad(self, param: torch.Tensor, found_inf: torch.Tensor) -> None:
+        assert self.max_norm is not None and param.grad is not None and self.clip in self.CLIPS
+        grad = param.grad
+        if self.clip == "tensor":
+            torch.nn.utils.clip_grad_norm_([param], max_norm=self.max_norm)
+            return
+        if self.clip == "lagged":  # this gradient's share of the global norm, left out when not finite
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)  # no float32 copy of the gradient
+            square = (norm * norm).masked_fill(found_inf.bool(), 0.0)
+            self._sumsq = square if self._sumsq is None else self._sumsq + square
+            if self._scale is not None:
+                grad.mul_(self._scale.to(grad.dtype))
+                return
+        torch.nn.utils.clip_grad_norm_([param], max_norm=self.max_norm * self._share[param])
 
     SKIPPED_LIMIT = 0.01  # share of an epoch's weight updates that may be skipped before training stops
 
@@ -135,7 +166,12 @@ class InBackward(torch.optim.Optimizer):
         )
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        """Nothing left to do: every parameter with a gradient stepped in the backward pass."""
+        """Every parameter with a gradient stepped in the backward pass; with "lagged" clipping its
+        global norm gives the next backward's clip factor (on the device, as clip_grad_norm_'s)."""
+        if self._sumsq is not None:
+            assert self.max_norm is not None
+            self._scale = (self.max_norm / (self._sumsq.sqrt() + 1e-6)).clamp(max=1.0)
+            self._sumsq = None
         return closure() if closure is not None else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
