@@ -68,6 +68,9 @@ BENCH_KEYS = (
     "gc_freeze",
     "nan_watch",
     "decoder_ckpt",
+    "in_backward_defer",
+    "in_backward_clip",
+    "grad_watch",
 )
 
 # nan_watch=true: what the watch saw (see watch_nonfinite), added to the run's figures
@@ -83,6 +86,10 @@ def bench_only(overrides: dict[str, str]) -> None:
     compile_loss=false: the batched loss terms eager under compile_model (as before the tenth
     session); nan_watch=true: see watch_nonfinite; decoder_ckpt=false: sam3's decoder without its
     activation checkpointing (its layers and box-bias MLPs keep their activations);
+    in_backward_defer=true: an *_in_backward optimizer's hooks only queue each weight, and its step
+    clips and steps them after the backward (its per-tensor clipping without stepping inside the
+    backward: which of the two leads where lean does not go); in_backward_clip=lagged|budget|tensor:
+    InBackward.clip (train/optim.py); grad_watch=true: see watch_grads;
     gc_freeze=false: no gc.freeze() after the first training step (with compile_model:
     the first compiled one), as before the eleventh session.
     (The whole forward compiled with CUDA graphs, the sixth and seventh sessions'
@@ -121,6 +128,12 @@ def bench_only(overrides: dict[str, str]) -> None:
             return lambda *a, act_ckpt_enable=False, **k: wrapped(*a, act_ckpt_enable=False, **k)
 
         decoder.activation_ckpt_wrapper = no_checkpoint
+    if "in_backward_clip" in overrides:
+        from sam3ft.train.optim import InBackward
+
+        InBackward.clip = overrides["in_backward_clip"]
+    if overrides.get("in_backward_defer") == "true":  # after nan_watch: its watch wraps the real step
+        defer_in_backward()
     if "adamw_seed" in overrides:
         init, seed = AdamWBf16.__init__, int(overrides["adamw_seed"])
         AdamWBf16.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "seed": seed})  # type: ignore[method-assign]
@@ -161,6 +174,61 @@ def watch_nonfinite(keep: int = 30) -> None:
     InBackward._step_param = watched  # type: ignore[method-assign]
     InBackward.step = counted  # type: ignore[method-assign]
     DeviceGradScaler.update = scale_after  # type: ignore[method-assign]
+
+
+def defer_in_backward() -> None:
+    """InBackward's hooks queue their weight; its step then runs the hook's own work (per-tensor
+    clipping, the skip on a non-finite gradient, the weight's optimizer) for each, in the order the
+    backward completed them."""
+    from sam3ft.train.optim import InBackward
+
+    step_param, step = InBackward._step_param, InBackward.step
+
+    def queue(self: Any, param: Any) -> None:
+        self.__dict__.setdefault("_deferred", []).append(param)
+
+    def step_queued(self: Any, closure: Any = None) -> Any:
+        for param in self.__dict__.pop("_deferred", []):
+            step_param(self, param)
+        return step(self, closure)
+
+    InBackward._step_param = queue  # type: ignore[method-assign]
+    InBackward.step = step_queued  # type: ignore[method-assign]
+
+
+def watch_grads(module: Any, keep: int = 40) -> None:
+    """A diagnosis, not a timing (a host wait per module output): every module's tensor outputs get
+    a gradient hook that records, in the order the backward reaches them, the first `keep` outputs
+    whose gradient holds an inf or nan (training step from 0, module name, which, shape). The
+    earliest names the module whose output received the first non-finite gradient: what consumed
+    that output made it."""
+    import torch
+
+    WATCH.update(nonfinite_output_grads=[], forwards=0)  # forwards: of the whole model, so far
+
+    def on_grad(name: str) -> Any:
+        def check(grad: torch.Tensor) -> None:
+            seen = WATCH["nonfinite_output_grads"]
+            if len(seen) < keep and grad.is_floating_point() and not bool(torch.isfinite(grad).all()):
+                kind = "nan" if bool(torch.isnan(grad).any()) else "inf"
+                seen.append((WATCH["forwards"] - 1, name, kind, list(grad.shape)))
+
+        return check
+
+    def after_forward(name: str) -> Any:
+        def hook(mod: Any, inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                output = [output]
+            outs = list(output.values()) if isinstance(output, dict) else output
+            for at, out in enumerate(outs if isinstance(outs, (tuple, list)) else []):
+                if isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
+                    out.register_hook(on_grad(f"{name}[{at}]"))
+
+        return hook
+
+    for name, mod in module.named_modules():
+        mod.register_forward_hook(after_forward(name or "model"))
+    module.register_forward_pre_hook(lambda *_: WATCH.update(forwards=WATCH["forwards"] + 1))
 
 
 def parts_with_cudagraphs() -> None:
@@ -301,6 +369,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
 
     def count_skips(self: Any, steps: int, epoch: int) -> None:
         skips.append(0 if self.skipped is None else int(self.skipped))
+        if WATCH:  # on stdout: the check below may end the run before its RESULT line
+            print("WATCH " + json.dumps({k: v for k, v in WATCH.items() if k != "names"}), flush=True)
         check_skipped(self, steps, epoch)
 
     InBackward.check_skipped = count_skips  # type: ignore[method-assign]
@@ -312,6 +382,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     module = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     if "names" in WATCH:
         WATCH["names"].update({id(q): name for name, q in module.named_parameters()})
+    if overrides.get("grad_watch") == "true":
+        watch_grads(module)
     n_params = sum(q.numel() for q in module.parameters())
     n_train = sum(q.numel() for q in module.parameters() if q.requires_grad)
     dataset = trainer.train_dataset
