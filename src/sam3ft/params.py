@@ -237,9 +237,9 @@ class Trainer:
     optimizer: str = "adamw"
     """adamw (torch, as upstream) | adamw_fused | adamw_bf16 (bf16 moments: half the optimizer memory)
     | adamw_in_backward | adamw_bf16_in_backward (each parameter stepped in the backward pass as its
-    gradient is produced, then the gradient freed: no whole-model gradients; grad_clip then caps
-    each parameter's gradient norm, not the global one; needs grad_accum 1, one process without
-    DDP, and no fp16 autocast)."""
+    gradient is produced, then the gradient freed: no whole-model gradients; grad_clip then scales
+    by the previous backward's global norm; needs grad_accum 1, one process without DDP, and no
+    fp16 autocast)."""
     weight_dtype: str = "float32"
     """float32 | bfloat16: the dtype every weight is held in while training. bfloat16 halves the
     weights' memory (and the gradients'); each optimizer step computes in float32 and rounds the
