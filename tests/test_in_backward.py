@@ -220,12 +220,16 @@ def test_an_epoch_with_many_skipped_updates_stops_training(caplog) -> None:
         opt.check_skipped(steps=4, epoch=2)
 
 
+@pytest.mark.parametrize("clip", [None, MAX_NORM])
 @pytest.mark.parametrize("kind", ["adamw_in_backward", "adamw_bf16_in_backward"])
-def test_state_dict_round_trip_resumes_exactly(kind: str) -> None:
+def test_state_dict_round_trip_resumes_exactly(kind: str, clip: float | None) -> None:
     """Saved after 3 steps (through torch.save, as a checkpoint) and loaded into a fresh model and
-    optimizer, 3 more steps give the unbroken run's weights and states, bit for bit."""
+    optimizer, 3 more steps give the unbroken run's weights and states, bit for bit; with clipping
+    the saved "lagged" factor clips the first resumed step as the unbroken run's."""
     unbroken = _model()
     opt = make_optimizer(_groups(unbroken), kind, seed=3)
+    assert isinstance(opt, InBackward)
+    opt.max_norm = clip
     _run(unbroken, opt, range(3))
     buffer = io.BytesIO()
     torch.save({"model": unbroken.state_dict(), "optimizer": opt.state_dict()}, buffer)
@@ -234,7 +238,10 @@ def test_state_dict_round_trip_resumes_exactly(kind: str) -> None:
     resumed = _model(seed=1)  # other weights until loaded
     resumed.load_state_dict(saved["model"])
     resumed_opt = make_optimizer(_groups(resumed), kind, seed=3)
+    assert isinstance(resumed_opt, InBackward)
+    resumed_opt.max_norm = clip
     resumed_opt.load_state_dict(saved["optimizer"])
+    assert ("clip_scale" in saved["optimizer"]) is (clip is not None)
     assert {s["exp_avg"].dtype for s in resumed_opt.state.values()} == {
         torch.bfloat16 if "bf16" in kind else torch.float32
     }

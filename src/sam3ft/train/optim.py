@@ -59,7 +59,7 @@ class InBackward(torch.optim.Optimizer):
     never exists while a weight steps, so `clip` picks what stands in for it:
     - "lagged" (default): every gradient scaled by min(1, max_norm / the previous backward's global
       norm), summed on the device from each unclipped finite gradient as its hook runs; the first
-      backward (and the first after a resume) clips as "budget".
+      backward of a run clips as "budget" (a checkpoint keeps the factor for a resume).
     - "budget": each gradient clipped to max_norm x sqrt(its share of the trainable elements),
       which bounds the global norm by max_norm as global clipping does, each tensor on its own.
     - "tensor": each gradient clipped to max_norm on its own; the global norm may reach
@@ -174,7 +174,19 @@ class InBackward(torch.optim.Optimizer):
             self._sumsq = None
         return closure() if closure is not None else None
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, plus the "lagged" clip factor the next backward uses, so a resume clips as the
+        unbroken run would."""
+        saved = super().state_dict()
+        if self._scale is not None:
+            saved["clip_scale"] = self._scale
+        return saved
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        scale = state_dict.pop("clip_scale", None)
+        if scale is not None:
+            self._scale = scale.to(next(iter(self._inner)).device)
         super().load_state_dict(state_dict)  # replaces self.state: point the inner ones at it again
         for inner, _ in self._inner.values():
             inner.state = self.state
