@@ -213,3 +213,31 @@ def test_schedule_equals_upstream_and_survives_steps_equal_to_warmup() -> None:
     # warmup ramps step / 4; cooldown (4 - step) / 4; no decay before the warmup ends
     assert lrs == pytest.approx([8e-4 * (s / 4) * ((4 - s) / 4) for s in range(4)], rel=1e-12)
     assert lrs[2] > 0
+
+
+def test_grad_scaler_counts_the_steps_it_skipped(caplog) -> None:
+    """DeviceGradScaler counts the steps torch's update skipped on non-finite gradients (on the
+    device) and says so once per epoch; a clean epoch says nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = optim.DeviceGradScaler("cpu", init_scale=2.0**10)
+    poison = [False, True, False, True, False]  # steps whose gradient holds an inf
+    for bad in poison:
+        opt.zero_grad()
+        handle = model.weight.register_hook(lambda g: torch.full_like(g, float("inf"))) if bad else None
+        scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+        if handle is not None:
+            handle.remove()
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**8  # halved at each skipped step, as torch's
+    with caplog.at_level("WARNING"):
+        scaler.check_skipped(steps=len(poison), epoch=3)
+        scaler.check_skipped(steps=len(poison), epoch=4)  # counted from zero again: nothing
+    warned = [r.getMessage() for r in caplog.records if "skipped on non-finite" in r.getMessage()]
+    assert warned == [
+        "epoch 3: 2 optimizer steps (of 5 batches) skipped on non-finite gradients (GradScaler's scale "
+        "now 256); a run skipping most steps learns nothing"
+    ]
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -239,7 +239,34 @@ class DeviceGradScaler(torch.amp.GradScaler):
     """torch's GradScaler, whose unscale_ leaves the division by the scale and the inf check to an
     optimizer that does both inside its update (`unscale_on_device`: adamw_bf16 on its kernel), instead
     of a pass over every gradient with per-tensor host work. Its found_inf is written by that step,
-    before `update` reads it; other optimizers are unscaled as torch does."""
+    before `update` reads it; other optimizers are unscaled as torch does. `update` also counts the
+    steps it skipped on non-finite gradients, on the device (`check_skipped` reads them per epoch)."""
+
+    skipped: torch.Tensor | None = None  # steps skipped since the last check_skipped; None: none ran
+
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        if self._enabled and new_scale is None:
+            states = self._per_optimizer_states.values()
+            found = [f for state in states for f in state["found_inf_per_device"].values()]
+            if found:  # torch's update raises on none; the same found_inf values it reads
+                assert self._scale is not None  # set by the scale() this step began with
+                hit = torch.stack([f.to(self._scale.device) for f in found]).sum().gt(0).float()
+                self.skipped = hit if self.skipped is None else self.skipped + hit
+        super().update(new_scale)
+
+    def check_skipped(self, steps: int, epoch: int) -> None:
+        """After an epoch of `steps` training steps: a warning naming how many steps GradScaler
+        skipped on non-finite gradients (one host read), so a run that stopped learning says so."""
+        skipped, self.skipped = (0 if self.skipped is None else int(self.skipped)), None
+        if skipped:
+            logging.warning(
+                "epoch %d: %d optimizer steps (of %d batches) skipped on non-finite gradients "
+                "(GradScaler's scale now %g); a run skipping most steps learns nothing",
+                epoch,
+                skipped,
+                steps,
+                float(self.get_scale()),
+            )
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         handover = getattr(optimizer, "unscale_on_device", None)

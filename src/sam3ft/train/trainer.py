@@ -364,6 +364,8 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
             self._steps_left = self._epoch_steps = 0
         if isinstance(self.optim.optimizer, InBackward):  # no GradScaler skipped its non-finite steps
             self.optim.optimizer.check_skipped(len(train_loader), self.epoch)
+        elif isinstance(self.scaler, DeviceGradScaler):
+            self.scaler.check_skipped(len(train_loader), self.epoch)
         return out
 
     def _setup_ddp_distributed_training(self, distributed_conf: Any, accelerator: str) -> None:
