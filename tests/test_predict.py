@@ -568,6 +568,12 @@ def test_compiled_model_matches_eager(sample_image):
         tiny_model().eval(), 224, device, dtype, compile_mode="reduce-overhead", compile_scope="all"
     )
     assert compiled._detect is not None and compiled._forward_image == compiled.model.backbone.forward_image
+    # what compiling at start cost (the CLI prints it): every graph compiled or loaded from the cache
+    assert eager.compile_cost is None and compiled.compile_cost is not None
+    assert (
+        compiled.compile_cost.seconds > 0
+        and compiled.compile_cost.cached + compiled.compile_cost.compiled > 0
+    )
     boxes, scores = eager.raw_outputs(sample_image, "fuse neutrals")
     c_boxes, c_scores = compiled.raw_outputs(sample_image, "fuse neutrals")
     # a second call: equal values in its own memory (with CUDA graphs, not the graph's output buffer)

@@ -72,9 +72,12 @@ def _load_predictor(args: argparse.Namespace, model_dir: Path) -> Any:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, spec, _ = load_export(model_dir, args.base, dtype=dtype)
-    return Predictor(
+    predictor = Predictor(
         model, spec.image_size, device, dtype, args.compile, args.compile_scope, masks=not args.boxes_only
     )
+    if predictor.compile_cost is not None:
+        print(f"compiling took {predictor.compile_cost}", file=sys.stderr)
+    return predictor
 
 
 def _run_predict(

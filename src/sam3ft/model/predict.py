@@ -22,6 +22,7 @@ from sam3.model import box_ops
 from sam3.model.data_misc import FindStage
 from torchvision.transforms import v2
 
+from sam3ft.compile_cache import CompileCost, CompileLog, use_persistent_cache
 from sam3ft.errors import Sam3ftError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -148,6 +149,7 @@ class Predictor:
         self._detect: Any = None  # compile scope `all`: backbone + grounding head, one compiled call
         self._graphs = False  # CUDA graphs replay into the same output buffers on every call
         self.batch_sizes: tuple[int, ...] = ()  # compiled image batch sizes; () eager: any size as is
+        self.compile_cost: CompileCost | None = None  # what compiling at start cost (None: nothing)
         if compile_mode is not None:
             if not compile_batches or min(compile_batches) < 1:
                 raise Sam3ftError(f"compile batch sizes {compile_batches}", fix="give sizes of at least 1")
@@ -162,6 +164,8 @@ class Predictor:
         if scope not in COMPILE_SCOPES:
             raise Sam3ftError(f"unknown compile scope {scope!r}", fix=f"use one of {list(COMPILE_SCOPES)}")
         torch_mode = None if mode == "default" else mode
+        use_persistent_cache()
+        compiling = CompileLog()
         blank = Image.new("RGB", (self.resolution, self.resolution))
         # one eager pass first: sam3 fills caches on its first forward (the decoder's coordinates,
         # sam3/model/decoder.py:336); made inside a CUDA graph they would live in its output buffers,
@@ -189,6 +193,7 @@ class Predictor:
                 f"{type(exc).__name__}: {exc}",
                 fix="run without --compile",
             ) from exc
+        self.compile_cost = compiling.since_last()
 
     def _queries(self, prompts: int, images: int = 1) -> tuple[FindStage, Any]:
         """`images` images (ids 0..images-1), each queried with `prompts` texts (ids 0..prompts-1):

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig
 
 from sam3ft import params as params_module
+from sam3ft.compile_cache import use_persistent_cache
 from sam3ft.console import stdout_to
 from sam3ft.data.coco import check_objects_per_image
 from sam3ft.errors import ConfigError, DatasetError
@@ -256,6 +257,10 @@ def run(p: params_module.Params) -> None:
     }
     if prepare_scratch(scratch, fingerprint):
         log.info("resuming from %s (same params, data and code)", scratch / "checkpoints")
+    if trainer.compile_model or trainer.compile_trunk or trainer.compile_layers:
+        log.info(
+            "torch.compile's cache (a second run loads its graphs from there): %s", use_persistent_cache()
+        )
     with stdout_to(scratch / "logs" / "stdout.txt"):  # sam3's prints; its log lines are in log.txt
         launch(cfg, trainer, p.launcher, scratch)
     logs = scratch / "logs"

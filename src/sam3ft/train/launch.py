@@ -7,6 +7,7 @@ trainer then writes checkpoints and logs on rank 0 only.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ def _config(text: str) -> DictConfig:
 
 
 def _local_worker(local_rank: int, cfg_yaml: str, port: int, world_size: int) -> None:
+    # a spawned process starts without the stage's log handlers: our loggers' lines, rank-tagged
+    logging.basicConfig(level=logging.INFO, format=f"[train rank {local_rank}] %(levelname)s %(message)s")
     run_trainer(_config(cfg_yaml), local_rank, local_rank, world_size, ("127.0.0.1", port))
 
 

@@ -24,6 +24,7 @@ from sam3.train.trainer import unwrap_ddp_if_wrapped
 from sam3.train.utils.train_utils import AverageMeter, get_amp_type
 from torch.utils.data import Sampler
 
+from sam3ft.compile_cache import CompileLog
 from sam3ft.errors import Sam3ftError
 from sam3ft.preflight import GB
 from sam3ft.train.ema import EMA_KEY, WeightEma
@@ -31,6 +32,8 @@ from sam3ft.train.optim import DeviceGradScaler, GradientClipper, InBackward
 from sam3ft.train.run import STATS_FILES, read_stats
 from sam3ft.train.select import BEST_CHECKPOINT, metric_curve, select_epoch
 from sam3ft.train.transfer import unpack
+
+log = logging.getLogger(__name__)
 
 
 class HostFloats:
@@ -168,6 +171,8 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
       unscale or overflow check (params.Trainer refuses fp16 with it).
     - Python's cyclic garbage collector leaves the objects alive after the first training step
       alone (`_freeze_gc`).
+    - each epoch and validation that compiled anything (compile_model, compile_trunk,
+      compile_layers) logs what compiling took and how many graphs came from inductor's cache.
     - `select` (a validation metric, or `last`): after each validation, the best epoch's
       checkpoint is kept as best.pt beside checkpoint.pt, and `patience` validated epochs without
       improvement stop training (`_select_after_val`).
@@ -212,6 +217,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
         self._gc_frozen = False  # see _freeze_gc
         self._queued: list[_Queued] = []  # the previous step's values (sync_once)
         self._steps_left = 0  # in this epoch; 0: read each step's values at its end
+        self._compile_log = CompileLog()
         super().__init__(**kwargs)
 
     def _setup_dataloaders(self) -> None:
@@ -316,6 +322,7 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
             with self.ema.swapped_in(unwrap_ddp_if_wrapped(self.model)):
                 super().run_val()
         self._validated_epoch = self.epoch
+        self._log_compiling(f"epoch {self.epoch}'s validation")
         if self.select != "last":
             self._select_after_val()
 
@@ -366,7 +373,15 @@ class Trainer(Sam3Trainer):  # type: ignore[misc]  # sam3 ships no type informat
             self.optim.optimizer.check_skipped(len(train_loader), self.epoch)
         elif isinstance(self.scaler, DeviceGradScaler):
             self.scaler.check_skipped(len(train_loader), self.epoch)
+        self._log_compiling(f"epoch {self.epoch}'s training")
         return out
+
+    def _log_compiling(self, what: str) -> None:
+        """On the terminal: our logger goes to the stage's handlers (sam3's root logger, which
+        `logging.info` reaches, shows warnings only there)."""
+        spent = self._compile_log.since_last()
+        if spent is not None:
+            log.info("%s: compiling took %s", what, spent)
 
     def _setup_ddp_distributed_training(self, distributed_conf: Any, accelerator: str) -> None:
         if self.ddp_one_process or dist.get_world_size() > 1:
