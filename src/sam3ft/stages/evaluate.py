@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,12 @@ def evaluate_splits(
     predicted = []
     for split in splits:
         coco = json.loads((prepared / split / ANNOTATIONS_FILE).read_text())
+        start = time.perf_counter()
         predicted.append((split, coco, predict_split(predictor, prepared / split, coco, max_dets)))
+        seconds, images = time.perf_counter() - start, len(coco["images"])
+        log.info(
+            "%s: %d images predicted in %.1f s (%.2f images/s)", split, images, seconds, images / seconds
+        )
     operating = resolve_threshold(threshold, predicted)
     for split, coco, results in predicted:
         metrics, plots = split_report(prepared / split / ANNOTATIONS_FILE, coco, results, operating)
@@ -241,8 +247,10 @@ def run(p: params_module.Params) -> None:
     prepared = Path(paths.prepared)
     splits = eval_splits(prepared, evaluate.splits)
     base = read_base_metrics(Path(paths.baseline), splits)
+    start = time.perf_counter()
     model, spec = load_trained(Path(paths.base), Path(paths.train) / CHECKPOINT)
     predictor = Predictor(model, spec.image_size, device_for(p.trainer.accelerator))
+    log.info("trained model loaded onto %s in %.1f s", predictor.device, time.perf_counter() - start)
     metrics: dict[str, Any] = {}
     with atomic_dir(Path(paths.eval)) as out:
         (out / "predictions").mkdir()
