@@ -91,6 +91,19 @@ def test_shipped_params_all_ok_except_placeholder_remote(repo, capsys):
     assert "-> fix: dvc remote modify storage url" in out
 
 
+def test_runs_from_a_subfolder_as_from_the_checkout_root(repo, capsys, monkeypatch):
+    """As dvc does: the default params.yaml and every path in it are the root's; `--params` stays
+    relative to where the command runs."""
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")  # with params.yaml: what marks a checkout's root
+    code, at_root = run_cli(capsys)
+    monkeypatch.chdir(repo / "data" / SAMPLE.name)
+    assert run_cli(capsys) == (code, at_root) and code == 0
+    assert Path.cwd() == repo
+    monkeypatch.chdir(repo / "data")
+    code, out = run_cli(capsys, "--params", "params.yaml")
+    assert code == 1 and "params.yaml not found" in out and Path.cwd() == repo / "data"
+
+
 def test_cuda_without_cuda_fails_with_fix(repo, shipped_params, capsys):
     shipped_params["trainer"]["num_gpus"] = 1
     write_params(repo / "params.yaml", shipped_params)

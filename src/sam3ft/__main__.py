@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from sam3ft.errors import Sam3ftError
-from sam3ft.layout import ANNOTATIONS_FILE, MODEL_DIR, MODEL_JSON, REPO_ROOT, checkout_root, is_checkout
+from sam3ft.layout import (
+    ANNOTATIONS_FILE,
+    DEFAULT_PARAMS,
+    MODEL_DIR,
+    MODEL_JSON,
+    REPO_ROOT,
+    checkout_root,
+    is_checkout,
+)
 
 STAGES = ("check", "fetch", "prepare", "baseline", "train", "evaluate", "export")
 SERVE_GPU_BATCH = 8  # `serve --max-batch-size` on a GPU when not given
@@ -240,9 +248,21 @@ def default_batch_size(device: str) -> int:
     return SERVE_GPU_BATCH if device.startswith("cuda") else 1
 
 
+def _from_checkout_root(args: argparse.Namespace) -> None:
+    """Without --params, run as from the root of the checkout holding the current folder (as dvc
+    does from a subfolder), on its params.yaml: the paths in it are relative to that root."""
+    if args.params is None:
+        root = checkout_root(Path.cwd())
+        if root is not None:
+            os.chdir(root)
+        args.params = DEFAULT_PARAMS
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from sam3ft.data.doctor import dataset_checks
     from sam3ft.doctor import run_checks
+
+    _from_checkout_root(args)
 
     checks = run_checks(args.params, Path.cwd()) + dataset_checks(args.params, Path.cwd())
     for c in checks:
@@ -370,12 +390,15 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _params_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument(
+        "--params", type=Path, help=f"default: {DEFAULT_PARAMS} of the checkout holding the current folder"
+    )
 
 
 def _summary(args: argparse.Namespace) -> int:
     from sam3ft.metrics.summary import print_summary
 
+    _from_checkout_root(args)
     return print_summary(args.params)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout this package runs from (src/sam3ft/)
 CONFIGS_DIR = REPO_ROOT / "configs"  # model/ presets, recipes/, train/ (the trainer's hydra configs)
 
+DEFAULT_PARAMS = Path("params.yaml")  # relative: a checkout's root is where commands run
 MANIFEST = "manifest.json"  # fetch: what the base model is
 SPEC_FILE = "model_spec.yaml"  # fetch: the resolved ModelSpec
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"  # fetch/export: text tokenizer vocabulary

@@ -16,10 +16,9 @@ from typing import Any, TypeVar
 import yaml
 
 from sam3ft.errors import ConfigError, Sam3ftError
-from sam3ft.layout import CONFIGS_DIR
+from sam3ft.layout import CONFIGS_DIR, DEFAULT_PARAMS
 from sam3ft.model.spec import PATCH_SIZE, load_preset, preset_train_defaults
 
-DEFAULT_PARAMS = Path("params.yaml")
 IN_BACKWARD = "_in_backward"  # suffix of the optimizers that step each parameter inside the backward pass
 # built by sam3ft.train.optim.make_optimizer
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_bf16", "adamw" + IN_BACKWARD, "adamw_bf16" + IN_BACKWARD)
