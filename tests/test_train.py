@@ -283,6 +283,29 @@ def test_segmentation_trains_the_mask_head_evaluates_and_exports_masks(tmp_path,
     assert f"| valid (masks) | {metrics['segm']['AP']} | {metrics['segm']['AP50']} |" in card
 
 
+def test_in_backward_recipe_trains_masks_without_a_skipped_update(tmp_path, shipped_params):
+    """lean-in-backward with trainer.segmentation: true (the full fine-tune with masks on 12 GB cards):
+    every mask loss finite, the mask head's weights move as with the stock optimizer, and no weight
+    update skipped on a non-finite gradient (the trainer would warn on stderr, or stop)."""
+    base = base_weights_with_mask_head(tmp_path / "base.pt")
+    shipped_params["fetch"]["weights"] = str(tmp_path / "base.pt")
+    path = workspace(tmp_path, shipped_params, max_epochs=1, segmentation=True, recipe="lean-in-backward")
+    proc = train(path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    assert "skipped" not in err
+    assert "optimizer: adamw_bf16_in_backward" in (tmp_path / "train/run/trainer_config.yaml").read_text()
+    steps = tmp_path / "train/dvclive-steps/plots/metrics/step"
+    for name in ("loss_mask", "loss_dice"):
+        values = [float(r.split("\t")[-1]) for r in (steps / f"{name}.tsv").read_text().splitlines()[1:]]
+        assert len(values) == 12 and all(math.isfinite(v) for v in values) and max(values) > 0, name
+    trained = torch.load(tmp_path / "train/checkpoint.pt", weights_only=True)["model"]
+    masks = [k for k in trained if k.startswith("segmentation_head.") and trained[k].is_floating_point()]
+    unused = ("segmentation_head.pixel_decoder.conv_layers.2.", "segmentation_head.pixel_decoder.norms.2.")
+    changed = [k for k in masks if not torch.equal(trained[k], base[k])]
+    assert masks and changed == [k for k in masks if not k.startswith(unused)]
+
+
 def test_segmentation_refuses_annotations_without_masks(tmp_path, shipped_params):
     """Before any compute: the file, the field and the ids are named."""
     import shutil
