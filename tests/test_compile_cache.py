@@ -72,15 +72,25 @@ def test_a_second_process_loads_the_compiled_graphs_from_the_cache(tmp_path):
 
 
 def test_training_logs_what_compiling_took_once(caplog):
-    trainer = object.__new__(Trainer)
-    trainer._compile_log = CompileLog()
-    with caplog.at_level(logging.INFO):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    # a handler on the trainer's own logger: a test that ran sam3's setup_logging in this process
+    # replaced logging.root, where caplog's handler would listen
+    caplog.set_level(logging.INFO, logger="sam3ft.train.trainer")
+    logger = logging.getLogger("sam3ft.train.trainer")
+    logger.addHandler(handler)
+    try:
+        trainer = object.__new__(Trainer)
+        trainer._compile_log = CompileLog()
         trainer._log_compiling("epoch 0's training")
-        assert not caplog.records  # nothing compiled yet
+        assert not records  # nothing compiled yet
         square = torch.compile(lambda x: x * x + 1, backend="eager")  # dynamo's tracing, no inductor
         square(torch.ones(3))
         trainer._log_compiling("epoch 0's training")
         trainer._log_compiling("epoch 0's validation")  # nothing compiled since
-    (record,) = caplog.records
+    finally:
+        logger.removeHandler(handler)
+    (record,) = records
     assert record.getMessage().startswith("epoch 0's training: compiling took ")
     assert "0 graphs from the cache, 0 compiled" in record.getMessage()
