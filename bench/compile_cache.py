@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import yaml
 
+from sam3ft.compile_cache import CACHE_ENV
 from sam3ft.layout import MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,9 +62,15 @@ def params_with(overrides: list[str]) -> dict[str, Any]:
     return data
 
 
-def run_train(work: Path, cache_home: Path, train_dir: str) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+def cache_env(cache_home: Path) -> dict[str, str]:
+    """This environment with inductor's cache under `cache_home` (compile_cache's XDG rule)."""
+    env = {k: v for k, v in os.environ.items() if k != CACHE_ENV}
     env["XDG_CACHE_HOME"] = str(cache_home)
+    return env
+
+
+def run_train(work: Path, cache_home: Path, train_dir: str) -> dict[str, Any]:
+    env = cache_env(cache_home)
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "sam3ft.stages.train"], cwd=work, env=env, capture_output=True, text=True
@@ -81,8 +88,7 @@ def run_train(work: Path, cache_home: Path, train_dir: str) -> dict[str, Any]:
 
 
 def run_predict(export: Path, image: Path, cache_home: Path, out: Path) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-    env["XDG_CACHE_HOME"] = str(cache_home)
+    env = cache_env(cache_home)
     command = [sys.executable, "-m", "sam3ft", "predict", str(image), "--model", str(export)]
     start = time.perf_counter()
     done = subprocess.run(

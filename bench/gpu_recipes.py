@@ -139,6 +139,11 @@ def bench_only(overrides: dict[str, str]) -> None:
         AdamWBf16.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "seed": seed})  # type: ignore[method-assign]
 
 
+def watched_figures() -> dict[str, Any]:
+    """What the watches saw, without their parameter-name table."""
+    return {k: v for k, v in WATCH.items() if k != "names"}
+
+
 def watch_nonfinite(keep: int = 30) -> None:
     """A diagnosis, not a timing (a host wait per weight): with an optimizer stepping in the
     backward, each gradient and then its weight checked for inf/nan as the hook steps it (the first
@@ -160,7 +165,7 @@ def watch_nonfinite(keep: int = 30) -> None:
         if len(WATCH["nonfinite_weights"]) < keep and not bool(torch.isfinite(param).all()):
             WATCH["nonfinite_weights"].append(where)
             # on stdout as it happens: the run may crash on these weights before its RESULT line
-            print("WATCH " + json.dumps({k: v for k, v in WATCH.items() if k != "names"}), flush=True)
+            print("WATCH " + json.dumps(watched_figures()), flush=True)
 
     def counted(self: Any, closure: Any = None) -> Any:
         WATCH["watched_steps"] += 1
@@ -370,7 +375,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     def count_skips(self: Any, steps: int, epoch: int) -> None:
         skips.append(0 if self.skipped is None else int(self.skipped))
         if WATCH:  # on stdout: the check below may end the run before its RESULT line
-            print("WATCH " + json.dumps({k: v for k, v in WATCH.items() if k != "names"}), flush=True)
+            print("WATCH " + json.dumps(watched_figures()), flush=True)
         check_skipped(self, steps, epoch)
 
     InBackward.check_skipped = count_skips  # type: ignore[method-assign]
@@ -406,7 +411,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     _, gc_full_ms = pauses[2][-1]
     for each in pauses.values():
         each.clear()
-    figures: dict[str, Any] = {k: v for k, v in WATCH.items() if k != "names"}
+    figures: dict[str, Any] = watched_figures()
     if skips:  # InBackward: weight updates a non-finite gradient skipped, per bench epoch
         figures["in_backward_skips"] = skips
 
