@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 
 from conftest import SAMPLE
 from sam3ft.__main__ import main as cli
-from sam3ft.errors import Sam3ftError
+from sam3ft.errors import ConfigError, Sam3ftError
 from sam3ft.inference import collect_images, predict_images
 from sam3ft.io import write_json
 from sam3ft.metrics.image_level import confusion, confusion_rows, threshold_sweep
@@ -497,6 +497,45 @@ def test_a_batch_of_images_gives_each_images_own_detections(sample_image):
                 if a.mask is not None:  # a logit within rounding of 0 may flip a pixel
                     assert (decode(a.mask) == decode(b.mask)).float().mean() > 0.999
         assert batched[0] != batched[1] and 0 < len(batched[2]) < len(batched[0])
+
+
+def test_a_split_predicted_in_batches_gives_the_records_of_one_by_one(tmp_path, sample_image):
+    """evaluate.batch_size: predict_split in batches of 2 over 3 images (the last batch short) gives
+    each image's own records, as one image at a time does, up to float rounding; and null resolves to
+    8 on a GPU, 1 on the CPU."""
+    from sam3ft.params import GPU_EVAL_BATCH, Evaluate
+    from sam3ft.stages.evaluate import predict_split
+
+    flipped = sample_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 200))
+    images = [("a.jpg", sample_image), ("b.jpg", flipped), ("c.jpg", sample_image.resize((160, 120)))]
+    for name, image in images:
+        image.save(tmp_path / name)
+    coco = {
+        "images": [
+            {"id": i, "file_name": name, "width": image.width, "height": image.height}
+            for i, (name, image) in enumerate(images, 1)
+        ],
+        "annotations": [],
+        "categories": [{"id": k, "name": v} for k, v in PROMPTS.items()],
+    }
+    predictor = Predictor(tiny_model().eval(), 224)
+    alone = predict_split(predictor, tmp_path, coco, max_dets=4, batch_size=1)
+    batched = predict_split(predictor, tmp_path, coco, max_dets=4, batch_size=2)
+    assert [r["image_id"] for r in alone] == [1] * 12 + [2] * 12 + [3] * 12
+    assert [(r["image_id"], r["category_id"]) for r in batched] == [
+        (r["image_id"], r["category_id"]) for r in alone
+    ]
+    for got, want in zip(batched, alone, strict=True):
+        assert got["bbox"] == pytest.approx(want["bbox"], abs=1e-2)  # pixels
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    by_image = {i: [r["bbox"] for r in alone if r["image_id"] == i] for i in (1, 2, 3)}
+    assert by_image[1] != by_image[2] and by_image[1] != by_image[3]  # each image its own boxes
+
+    evaluate = Evaluate(splits=None, max_dets=100, threshold="auto", overlays=0, batch_size=None)
+    assert (evaluate.images_per_batch("cuda"), evaluate.images_per_batch("cpu")) == (GPU_EVAL_BATCH, 1)
+    assert dataclasses.replace(evaluate, batch_size=3).images_per_batch("cpu") == 3
+    with pytest.raises(ConfigError, match=r"evaluate\.batch_size"):
+        dataclasses.replace(evaluate, batch_size=0)
 
 
 def test_bfloat16_backbone_runs_on_cpu_close_to_float32(sample_image):

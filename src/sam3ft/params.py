@@ -59,6 +59,7 @@ AUTO = "auto"  # trainer.num_gpus: the CUDA devices visible here
 GROUPS = ("trunk", "neck", "text", "encoder", "decoder", "geometry", "heads")  # trainer.trainable
 T = TypeVar("T")
 CARVED_SPLITS = {"valid": 0.2, "test": 0.1}  # prepare.split default: what prepare carves from train
+GPU_EVAL_BATCH = 8  # evaluate.batch_size null on a GPU: images per predict batch
 
 
 @dataclass(frozen=True)
@@ -554,6 +555,9 @@ class Evaluate:
     through the export), or `auto`: the score with the best detection F1 on valid."""
     overlays: int
     """Images per split drawn with ground truth and predictions (dvclive images)."""
+    batch_size: int | None = None
+    """Images per model batch when predicting a split; null: 8 on a GPU, 1 on the CPU (where a
+    batch is no faster). Detections agree across batch sizes up to float rounding."""
 
     def __post_init__(self) -> None:
         if self.splits is not None:
@@ -567,6 +571,14 @@ class Evaluate:
             "a score in [0, 1] or auto",
         )
         _check(self.overlays >= 0, "evaluate.overlays", self.overlays, ">= 0")
+        if self.batch_size is not None:
+            _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "null or >= 1")
+
+    def images_per_batch(self, device: str) -> int:
+        """`batch_size` resolved for the device the model runs on."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return GPU_EVAL_BATCH if device.startswith("cuda") else 1
 
 
 @dataclass(frozen=True)

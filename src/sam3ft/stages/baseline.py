@@ -33,10 +33,7 @@ def run(p: params_module.Params) -> None:
     model, spec = load_base(Path(paths.base), p.base.seed)
     # no trainer params here (trainer.num_gpus picks evaluate's device): the GPU when there is one
     predictor = Predictor(model, spec.image_size, device_for("cuda"))
-    metrics = {
-        ev.split: ev.metrics
-        for ev in evaluate_splits(predictor, prepared, splits, evaluate.max_dets, evaluate.threshold)
-    }
+    metrics = {ev.split: ev.metrics for ev in evaluate_splits(predictor, prepared, splits, evaluate)}
     with atomic_dir(Path(paths.baseline)) as out:
         write_json(out / METRICS_FILE, metrics)
     log.info("base model's metrics -> %s", Path(paths.baseline) / METRICS_FILE)
