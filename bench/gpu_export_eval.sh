@@ -8,6 +8,8 @@
 #
 # On the GPU machine, repository root, .whl/ carried (bench/gpu_sam3_train.md):
 #   OLD_SRC=.gpu/old/src bash bench/gpu_export_eval.sh
+# OLD_STAGES (default "evaluate export") names the stages run with the old code too, NEW_STAGES
+# (default "export") the new code's after evaluate; PROFILE="evaluate ..." runs those under cProfile.
 set -euo pipefail
 OLD_SRC=${OLD_SRC:?a src/ folder with the code before}
 RUN=${RUN:-/tmp/sam3-run}
@@ -24,13 +26,17 @@ if preset == "sam3":  # PRESET=tiny: the shipped CPU settings, a dry run of this
     p["trainer"].update(num_gpus=1, resolution=1008, resize_min=480, max_epochs=1, batch_size=1, amp=True, num_workers=2)
 for code in ("new", "old"):
     p["paths"].update(eval=f"{run}/eval-{code}", export=f"{run}/export-{code}")
+    if code == "old":  # keys newer than the code before, which its strict params would refuse
+        p["evaluate"].pop("batch_size", None)
     yaml.safe_dump(p, open(f"{run}/params-{code}.yaml", "w"), sort_keys=False)
 PY
 stage() {  # stage CODE NAME: run one stage with that code, its wall time to $OUT/times.txt
   local src=$PWD/src
   [ "$1" = old ] && src=$OLD_SRC
   local start=$(date +%s.%N)
-  PYTHONPATH="$src:$SITE" timeout "${LIMIT:-0}" python3 -m "sam3ft.stages.$2" --params "$RUN/params-$1.yaml" \
+  local profile=()  # PROFILE=evaluate: that stage under cProfile, the stats to $OUT/<stage>-<code>.prof
+  [[ " ${PROFILE:-} " == *" $2 "* ]] && profile=(-m cProfile -o "$OUT/$2-$1.prof")
+  PYTHONPATH="$src:$SITE" timeout "${LIMIT:-0}" python3 "${profile[@]}" -m "sam3ft.stages.$2" --params "$RUN/params-$1.yaml" \
     >"$OUT/$2-$1.log" 2>&1 \
     || { tail -30 "$OUT/$2-$1.log"; echo "$2-$1 failed" | tee -a "$OUT/times.txt"; return 0; }
   echo "$2-$1 $(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee -a "$OUT/times.txt"
@@ -40,9 +46,16 @@ stage new prepare
 stage new train
 ls -la "$RUN/train" | tee -a "$OUT/device.txt" || true
 stage new evaluate
-stage new export
-stage old evaluate
-LIMIT=${OLD_EXPORT_LIMIT:-400} stage old export  # the CPU parity check: minutes
+for name in ${NEW_STAGES-export}; do stage new "$name"; done  # NEW_STAGES="": evaluate alone
+for name in ${OLD_STAGES-evaluate export}; do  # OLD_STAGES=evaluate: the export code did not change
+  LIMIT=${OLD_EXPORT_LIMIT:-400} stage old "$name"  # the old export's CPU parity check: minutes
+done
+# what every stage pays before its own work: Python with torch and sam3 imported, then CUDA started
+start=$(date +%s.%N)
+python3 -c "import sam3ft.stages.evaluate" && echo "imports $(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee -a "$OUT/times.txt"
+start=$(date +%s.%N)
+python3 -c "import sam3ft.stages.evaluate, torch; torch.zeros(1, device='cuda')" \
+  && echo "imports+cuda $(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee -a "$OUT/times.txt"
 python3 - "$RUN" "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
