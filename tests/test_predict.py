@@ -355,6 +355,28 @@ def test_predict_images_writes_masks_and_tints_them(tmp_path):
     assert inside[0] > 100 and outside[0] < 30  # red tint at 40% over (10, 20, 30) inside the mask only
 
 
+def test_masks_tinted_in_one_pass_match_tinting_them_one_by_one():
+    """draw_masks' closed form (a pixel under k masks keeps (1 - alpha)^k of itself) against the
+    mask-by-mask blend it replaced: within one level of 255 everywhere (float32 rounding), the
+    untouched pixels exact, and no mask the image as it was."""
+    from sam3ft.viz import PREDICTION, draw_masks
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    masks = [rng.random((60, 80)) < share for share in (0.5, 0.3, 0.7, 0.5, 0.1)]
+    masks[0][:5] = False  # rows under no mask
+    for mask in masks[1:]:
+        mask[:5] = False
+    reference = pixels.astype(np.float32)
+    for mask in masks:
+        reference[mask] = 0.6 * reference[mask] + 0.4 * np.asarray(PREDICTION, dtype=np.float32)
+    got = np.asarray(draw_masks(Image.fromarray(pixels), masks, PREDICTION))
+    assert np.abs(got.astype(int) - reference.round().astype(int)).max() <= 1
+    assert np.array_equal(got[:5], pixels[:5])
+    assert (np.sum(masks, axis=0) >= 4).any()  # deep overlaps were drawn
+    assert np.array_equal(np.asarray(draw_masks(Image.fromarray(pixels), [], PREDICTION)), pixels)
+
+
 def test_evaluation_of_perfect_masks_scores_one(tmp_path):
     """predict_split + split_report on a fixed-output model: its mask is the ground truth's, so segm
     AP is 1.0 (pycocotools); the weak second detection is a false positive ranked last."""

@@ -60,8 +60,16 @@ def segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
 def draw_masks(
     image: Image.Image, masks: Sequence[np.ndarray], color: tuple[int, int, int], alpha: float = 0.4
 ) -> Image.Image:
-    """A copy of `image` (RGB) with each (H, W) bool mask tinted in `color` at opacity `alpha`."""
+    """A copy of `image` (RGB) with each (H, W) bool mask tinted in `color` at opacity `alpha`, one
+    over the other: a pixel under k masks is (1 - alpha)^k * itself + (1 - (1 - alpha)^k) * color,
+    what tinting them one at a time gives, in one pass over the image however many masks there are."""
     out = np.asarray(image.convert("RGB")).astype(np.float32)
+    if not masks:
+        return Image.fromarray(out.astype(np.uint8))
+    layers = np.zeros(out.shape[:2], dtype=np.uint16)
     for mask in masks:
-        out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, dtype=np.float32)
+        layers += mask
+    keep = np.float32(1 - alpha) ** layers.astype(np.float32)  # (H, W): the image's share
+    keep = keep[..., None]
+    out = keep * out + (1 - keep) * np.asarray(color, dtype=np.float32)
     return Image.fromarray(out.round().astype(np.uint8))
