@@ -160,21 +160,23 @@ def test_no_benchmark_bookkeeping_outside_bench():
             assert not SESSION.search(line), f"{where}: cites a work session; say it in bench/LOG.md instead"
 
 
-def test_the_recipe_tables_batches_are_the_memory_estimates():
-    """docs/training.md's "largest batch by the estimate" columns: for each recipe and card, the
-    largest batch whose estimated peak (train/memory.py, the sam3 preset on one GPU) stays within
-    93% of the card ("—": not even batch 1)."""
+@pytest.mark.parametrize("doc", ["README.md", "docs/training.md"])
+def test_the_recipe_tables_batches_are_the_memory_estimates(doc):
+    """The recipe tables' "largest batch by the estimate" columns (README: 12/16/24 GB, docs: more
+    cards): for each recipe and card, the largest batch whose estimated peak (train/memory.py, the
+    sam3 preset on one GPU) stays within 93% of the card ("—": not even batch 1)."""
     from sam3ft import params
     from sam3ft.model.spec import load_preset
     from sam3ft.stages.fetch import bundled_vocab
     from sam3ft.train.memory import param_sizes, training_peak_gb
 
-    body = text(REPO / "docs" / "training.md")
+    body = text(REPO / doc)
     header = re.search(r"^\| recipe \|.*largest batch by the estimate: ([\d /]+) GB card \|$", body, re.M)
-    assert header, "docs/training.md: the recipe table's header moved"
+    assert header, f"{doc}: the recipe table's header moved"
     cards = [int(c) for c in header.group(1).split("/")]
-    rows = dict(re.findall(r"^\| `([\w-]+)`[^|]*\|.*\| ([—\d /]+) \|$", body, re.M))
-    assert set(rows) == set(params.recipes()), "every recipe has a row, and only recipes do"
+    table = body[header.end() :].split("\n\n", 1)[0]  # the table ends at the first blank line
+    rows = dict(re.findall(r"^\| `([\w-]+)`[^|]*\|.*\| ([—\d /]+) \|$", table, re.M))
+    assert set(rows) == set(params.recipes()), f"{doc}: every recipe has a row, and only recipes do"
     spec = load_preset("sam3")
     for recipe, cells in rows.items():
         trainer = recipe_trainer(recipe, "sam3")
@@ -185,4 +187,4 @@ def test_the_recipe_tables_batches_are_the_memory_estimates():
         ]
         expected = [sum(peak <= 0.93 * card for peak in peaks) for card in cards]  # peaks grow with batch
         shown = [0 if c.strip() == "—" else int(c) for c in cells.split("/")]
-        assert shown == expected, f"docs/training.md, `{recipe}`: {shown} but the estimate gives {expected}"
+        assert shown == expected, f"{doc}, `{recipe}`: {shown} but the estimate gives {expected}"
