@@ -525,7 +525,7 @@ def test_a_split_predicted_in_batches_gives_the_records_of_one_by_one(tmp_path, 
     """evaluate.batch_size: predict_split in batches of 2 over 3 images (the last batch short) gives
     each image's own records, as one image at a time does, up to float rounding; and null resolves to
     8 on a GPU, 1 on the CPU."""
-    from sam3ft.params import GPU_EVAL_BATCH, Evaluate
+    from sam3ft.params import GPU_PREDICT_BATCH, Evaluate
     from sam3ft.stages.evaluate import predict_split
 
     flipped = sample_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 200))
@@ -554,7 +554,7 @@ def test_a_split_predicted_in_batches_gives_the_records_of_one_by_one(tmp_path, 
     assert by_image[1] != by_image[2] and by_image[1] != by_image[3]  # each image its own boxes
 
     evaluate = Evaluate(splits=None, max_dets=100, threshold="auto", overlays=0, batch_size=None)
-    assert (evaluate.images_per_batch("cuda"), evaluate.images_per_batch("cpu")) == (GPU_EVAL_BATCH, 1)
+    assert (evaluate.images_per_batch("cuda"), evaluate.images_per_batch("cpu")) == (GPU_PREDICT_BATCH, 1)
     assert dataclasses.replace(evaluate, batch_size=3).images_per_batch("cpu") == 3
     with pytest.raises(ConfigError, match=r"evaluate\.batch_size"):
         dataclasses.replace(evaluate, batch_size=0)

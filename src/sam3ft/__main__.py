@@ -31,9 +31,9 @@ from sam3ft.layout import (
     checkout_root,
     is_checkout,
 )
+from sam3ft.params import GPU_PREDICT_BATCH, predict_batch_size
 
 STAGES = ("check", "fetch", "prepare", "baseline", "train", "evaluate", "export")
-SERVE_GPU_BATCH = 8  # `serve --max-batch-size` on a GPU when not given
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -244,8 +244,8 @@ def default_batch_size(device: str) -> int:
     if device == "auto":
         from litserve.connector import check_cuda_with_nvidia_smi  # no torch import in the server
 
-        return SERVE_GPU_BATCH if check_cuda_with_nvidia_smi() > 0 else 1
-    return SERVE_GPU_BATCH if device.startswith("cuda") else 1
+        return predict_batch_size("cuda" if check_cuda_with_nvidia_smi() > 0 else "cpu")
+    return predict_batch_size(device)
 
 
 def _from_checkout_root(args: argparse.Namespace) -> None:
@@ -376,7 +376,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batch-size",
         type=positive_int,
         help=f"requests that wait together go through the model as one batch of at most this many "
-        f"images (default: {SERVE_GPU_BATCH} on a GPU, 1 on the CPU)",
+        f"images (default: {GPU_PREDICT_BATCH} on a GPU, 1 on the CPU)",
     )
     parser.add_argument(
         "--batch-timeout",

@@ -59,7 +59,7 @@ AUTO = "auto"  # trainer.num_gpus: the CUDA devices visible here
 GROUPS = ("trunk", "neck", "text", "encoder", "decoder", "geometry", "heads")  # trainer.trainable
 T = TypeVar("T")
 CARVED_SPLITS = {"valid": 0.2, "test": 0.1}  # prepare.split default: what prepare carves from train
-GPU_EVAL_BATCH = 8  # evaluate.batch_size null on a GPU: images per predict batch
+GPU_PREDICT_BATCH = 8  # images per predict batch on a GPU where none is given (evaluate, serve)
 
 
 @dataclass(frozen=True)
@@ -576,9 +576,13 @@ class Evaluate:
 
     def images_per_batch(self, device: str) -> int:
         """`batch_size` resolved for the device the model runs on."""
-        if self.batch_size is not None:
-            return self.batch_size
-        return GPU_EVAL_BATCH if device.startswith("cuda") else 1
+        return self.batch_size if self.batch_size is not None else predict_batch_size(device)
+
+
+def predict_batch_size(device: str) -> int:
+    """Images per predict batch where none is given: GPU_PREDICT_BATCH on a GPU, 1 on the CPU
+    (where a batch is no faster)."""
+    return GPU_PREDICT_BATCH if device.startswith("cuda") else 1
 
 
 @dataclass(frozen=True)

@@ -63,13 +63,12 @@ def draw_masks(
     """A copy of `image` (RGB) with each (H, W) bool mask tinted in `color` at opacity `alpha`, one
     over the other: a pixel under k masks is (1 - alpha)^k * itself + (1 - (1 - alpha)^k) * color,
     what tinting them one at a time gives, in one pass over the image however many masks there are."""
-    out = np.asarray(image.convert("RGB")).astype(np.float32)
     if not masks:
-        return Image.fromarray(out.astype(np.uint8))
+        return image.convert("RGB")
+    out = np.asarray(image.convert("RGB")).astype(np.float32)
     layers = np.zeros(out.shape[:2], dtype=np.uint16)
     for mask in masks:
         layers += mask
-    keep = np.float32(1 - alpha) ** layers.astype(np.float32)  # (H, W): the image's share
-    keep = keep[..., None]
+    keep = (np.float32(1 - alpha) ** layers.astype(np.float32))[..., None]  # (H, W, 1): the image's share
     out = keep * out + (1 - keep) * np.asarray(color, dtype=np.float32)
     return Image.fromarray(out.round().astype(np.uint8))
