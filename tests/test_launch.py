@@ -4,6 +4,7 @@ fields, and the submitit path really trains (submitit's local executor stands in
 from __future__ import annotations
 
 import json
+import socket
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import REPO, write_params
 from sam3ft import params, preflight
 from sam3ft.errors import ConfigError
 from sam3ft.stages import fetch, prepare, train
+from sam3ft.train import run
 from sam3ft.train.launch import slurm_parameters
 
 
@@ -61,6 +63,29 @@ def test_effective_batch_is_recorded():
     record = train.launch_record(trainer, SimpleNamespace(kind="slurm"))
     assert record["effective_batch"] == 48 and record["world_size"] == 8
     assert record["lr_scaling"].startswith("none")
+
+
+def test_rendezvous_port_skips_a_bound_port_and_avoids_the_ephemeral_range(monkeypatch):
+    """CI once failed with EADDRINUSE: the job's port was in use by another process."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        # a port the kernel hands out for bind(0) is never chosen
+        assert busy not in run.RENDEZVOUS_PORTS
+        assert all(run.free_port() in run.RENDEZVOUS_PORTS for _ in range(20))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        for offset in range(100, 200):  # a port of the range nobody holds, to hold it
+            try:
+                taken.bind(("", run.RENDEZVOUS_PORTS[offset]))
+                break
+            except OSError:
+                continue
+        else:
+            pytest.fail("100 ports of the range are all bound")
+        taken.listen()
+        monkeypatch.setattr(run.random, "SystemRandom", lambda: SimpleNamespace(randrange=lambda n: offset))
+        assert run.free_port() > run.RENDEZVOUS_PORTS[offset]
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ trainer then writes checkpoints and logs on rank 0 only.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -88,5 +87,7 @@ def launch_slurm(
 
     executor = executor or submitit.AutoExecutor(folder=str(folder))
     executor.update_parameters(**slurm_parameters(launcher, num_gpus, num_nodes, "sam3ft-train"))
-    job = executor.submit(SlurmJob(OmegaConf.to_yaml(cfg), 20_000 + os.getpid() % 20_000))
+    # every task must know rank 0's port without talking to the others: it is chosen here, free on
+    # the submitting host (the first node for the local executor and single-node interactive jobs)
+    job = executor.submit(SlurmJob(OmegaConf.to_yaml(cfg), free_port()))
     return job.result()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 from pathlib import Path
@@ -21,11 +22,26 @@ from sam3ft.train.ema import EMA_KEY
 STATS_FILES = ("train_stats.json", "val_stats.json")
 
 
+# Below Linux's default ephemeral range (32768-60999), from which the kernel hands out ports for
+# outgoing connections and bind(port 0): a port taken from there can go to another process between
+# the choice and the rendezvous (CI saw EADDRINUSE so, with other tests' servers running).
+RENDEZVOUS_PORTS = range(20_000, 32_768)
+
+
 def free_port() -> int:
-    """A TCP port free on loopback now, for a process group's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port for a process group's rendezvous: not bound on this machine now, searched from a
+    random start in RENDEZVOUS_PORTS so that concurrent runs rarely try the same one."""
+    span = len(RENDEZVOUS_PORTS)
+    start = random.SystemRandom().randrange(span)  # leaves the seeded generators alone
+    for step in range(span):
+        port = RENDEZVOUS_PORTS[(start + step) % span]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port in {RENDEZVOUS_PORTS.start}-{RENDEZVOUS_PORTS.stop - 1}")
 
 
 def setup_process(
