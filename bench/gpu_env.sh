@@ -7,8 +7,13 @@ SITE=/tmp/site
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WHL:-.whl}"/*.whl
 export OUT SITE PYTHONPATH="$PWD/src:$SITE" PYTHONUNBUFFERED=1
+# Python's bytecode cache goes to a writable folder: the lent image kept no .pyc for its torch or
+# the wheels installed above, so every process compiled ~1900 source files again (6 s of each
+# stage's start-up, bench/LOG.md call 74); now a call's first process pays that, later ones read it.
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 {
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
-    python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
+    python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0], 'pycache', sys.pycache_prefix)"
     date -u +%FT%TZ
 } | tee -a "$OUT/device.txt"

@@ -71,6 +71,7 @@ BENCH_KEYS = (
     "in_backward_defer",
     "in_backward_clip",
     "grad_watch",
+    "float8",
 )
 
 # nan_watch=true: what the watch saw (see watch_nonfinite), added to the run's figures
@@ -91,7 +92,8 @@ def bench_only(overrides: dict[str, str]) -> None:
     backward: which of the two leads where lean does not go); in_backward_clip=lagged|budget|tensor:
     InBackward.clip (train/optim.py); grad_watch=true: see watch_grads;
     gc_freeze=false: no gc.freeze() after the first training step (with compile_model:
-    the first compiled one), as before the eleventh session.
+    the first compiled one), as before the eleventh session;
+    float8=tensorwise|rowwise|rowwise_with_gw_hp: see float8_trunk.
     (The whole forward compiled with CUDA graphs, the sixth and seventh sessions'
     `compile=model:cudagraphs=true:eager=geometry_encoder`, is the trainer param
     `compile_model=true` now.)"""
@@ -134,6 +136,8 @@ def bench_only(overrides: dict[str, str]) -> None:
         InBackward.clip = overrides["in_backward_clip"]
     if overrides.get("in_backward_defer") == "true":  # after nan_watch: its watch wraps the real step
         defer_in_backward()
+    if "float8" in overrides:
+        float8_trunk(overrides["float8"])
     if "adamw_seed" in overrides:
         init, seed = AdamWBf16.__init__, int(overrides["adamw_seed"])
         AdamWBf16.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "seed": seed})  # type: ignore[method-assign]
@@ -234,6 +238,42 @@ def watch_grads(module: Any, keep: int = 40) -> None:
     for name, mod in module.named_modules():
         mod.register_forward_hook(after_forward(name or "model"))
     module.register_forward_pre_hook(lambda *_: WATCH.update(forwards=WATCH["forwards"] + 1))
+
+
+def float8_trunk(recipe: str) -> None:
+    """torchao's float8 training for the ViT trunk's linear layers (qkv, proj, the MLPs: most of
+    the step's matmul work): each such nn.Linear becomes a torchao Float8Linear, whose forward and
+    backward matmuls take float8 operands scaled per `recipe` (torchao.float8's recipe names) and
+    accumulate in high precision; the weights, their dtype and the optimizer stay as they were.
+    Done after the model is built and cast (weight_dtype), before compile_model/compile_parts
+    compile it, so the casts fuse into the compiled graphs. Layers with a side not a multiple of
+    16 (float8 matmul's alignment) and LoRA adapters stay as they are. Hopper or Ada GPUs run the
+    float8 matmuls natively; torch emulates them on the CPU (the dry run)."""
+    import torch
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    from sam3ft.train import model as train_model
+
+    parts = train_model.compile_parts
+    config = Float8LinearConfig.from_recipe_name(recipe)
+
+    def eligible(module: torch.nn.Module, fqn: str) -> bool:
+        return (
+            type(module) is torch.nn.Linear
+            and "lora" not in fqn
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
+
+    def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
+        vit = model.get_submodule("backbone.vision_backbone.trunk")
+        linears = [m for n, m in vit.named_modules() if isinstance(m, torch.nn.Linear)]
+        convert_to_float8_training(vit, config=config, module_filter_fn=eligible)
+        WATCH["float8_linears"] = sum(type(m).__name__ == "Float8Linear" for m in vit.modules())
+        WATCH["trunk_linears"] = len(linears)
+        parts(model, trunk, layers)
+
+    train_model.compile_parts = compile_parts  # type: ignore[assignment]
 
 
 def parts_with_cudagraphs() -> None:
