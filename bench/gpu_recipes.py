@@ -72,6 +72,7 @@ BENCH_KEYS = (
     "in_backward_clip",
     "grad_watch",
     "float8",
+    "trunk_ckpt",
 )
 
 # nan_watch=true: what the watch saw (see watch_nonfinite), added to the run's figures
@@ -93,7 +94,9 @@ def bench_only(overrides: dict[str, str]) -> None:
     InBackward.clip (train/optim.py); grad_watch=true: see watch_grads;
     gc_freeze=false: no gc.freeze() after the first training step (with compile_model:
     the first compiled one), as before the eleventh session;
-    float8=tensorwise|rowwise|rowwise_with_gw_hp: see float8_trunk.
+    float8=tensorwise|rowwise|rowwise_with_gw_hp: see float8_trunk; trunk_ckpt=false: the ViT
+    trunk without its activation checkpointing (sam3's `use_act_checkpoint`): its blocks keep their
+    activations, and the backward pass does not run each block's forward again.
     (The whole forward compiled with CUDA graphs, the sixth and seventh sessions'
     `compile=model:cudagraphs=true:eager=geometry_encoder`, is the trainer param
     `compile_model=true` now.)"""
@@ -136,6 +139,8 @@ def bench_only(overrides: dict[str, str]) -> None:
         InBackward.clip = overrides["in_backward_clip"]
     if overrides.get("in_backward_defer") == "true":  # after nan_watch: its watch wraps the real step
         defer_in_backward()
+    if overrides.get("trunk_ckpt") == "false":
+        after_build(trunk_unchecked)
     if "float8" in overrides:
         float8_trunk(overrides["float8"])
     if "adamw_seed" in overrides:
@@ -240,6 +245,27 @@ def watch_grads(module: Any, keep: int = 40) -> None:
     module.register_forward_pre_hook(lambda *_: WATCH.update(forwards=WATCH["forwards"] + 1))
 
 
+def after_build(change: Any) -> None:
+    """Call `change(model)` on the training model once it is built and cast (weight_dtype), before
+    compile_model or compile_parts compile it: through train/model.compile_parts, which
+    build_trainable_model calls at that point."""
+    from sam3ft.train import model as train_model
+
+    parts = train_model.compile_parts
+
+    def compile_parts(model: Any, trunk: bool, layers: bool) -> None:
+        change(model)
+        parts(model, trunk, layers)
+
+    train_model.compile_parts = compile_parts  # type: ignore[assignment]
+
+
+def trunk_unchecked(model: Any) -> None:
+    """sam3's ViT checkpoints each block while training when `use_act_checkpoint` is set
+    (sam3/model/vitdet.py); cleared, its blocks run plainly and keep their activations."""
+    model.get_submodule("backbone.vision_backbone.trunk").use_act_checkpoint = False
+
+
 def float8_trunk(recipe: str) -> None:
     """torchao's float8 training for the ViT trunk's linear layers (qkv, proj, the MLPs: most of
     the step's matmul work): each such nn.Linear becomes a torchao Float8Linear, whose forward and
@@ -252,9 +278,6 @@ def float8_trunk(recipe: str) -> None:
     import torch
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    from sam3ft.train import model as train_model
-
-    parts = train_model.compile_parts
     config = Float8LinearConfig.from_recipe_name(recipe)
 
     def eligible(module: torch.nn.Module, fqn: str) -> bool:
@@ -265,15 +288,13 @@ def float8_trunk(recipe: str) -> None:
             and module.out_features % 16 == 0
         )
 
-    def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
+    def convert(model: torch.nn.Module) -> None:
         vit = model.get_submodule("backbone.vision_backbone.trunk")
-        linears = [m for n, m in vit.named_modules() if isinstance(m, torch.nn.Linear)]
+        WATCH["trunk_linears"] = sum(isinstance(m, torch.nn.Linear) for m in vit.modules())
         convert_to_float8_training(vit, config=config, module_filter_fn=eligible)
         WATCH["float8_linears"] = sum(type(m).__name__ == "Float8Linear" for m in vit.modules())
-        WATCH["trunk_linears"] = len(linears)
-        parts(model, trunk, layers)
 
-    train_model.compile_parts = compile_parts  # type: ignore[assignment]
+    after_build(convert)
 
 
 def parts_with_cudagraphs() -> None:
