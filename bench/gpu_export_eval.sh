@@ -51,11 +51,14 @@ for name in ${OLD_STAGES-evaluate export}; do  # OLD_STAGES=evaluate: the export
   LIMIT=${OLD_EXPORT_LIMIT:-400} stage old "$name"  # the old export's CPU parity check: minutes
 done
 # what every stage pays before its own work: Python with torch and sam3 imported, then CUDA started
-start=$(date +%s.%N)
-python3 -c "import sam3ft.stages.evaluate" && echo "imports $(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee -a "$OUT/times.txt"
-start=$(date +%s.%N)
-python3 -c "import sam3ft.stages.evaluate, torch; torch.zeros(1, device='cuda')" \
-  && echo "imports+cuda $(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee -a "$OUT/times.txt"
+# (bytecode cached by then: gpu_env.sh keeps it in /tmp/pycache)
+probe() {  # probe NAME CODE: a fresh python3 running CODE, its wall time to $OUT/times.txt
+  local start=$(date +%s.%N)
+  python3 -c "$2" || { echo "$1 failed" | tee -a "$OUT/times.txt"; return 0; }
+  echo "$1 $(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee -a "$OUT/times.txt"
+}
+probe imports "import sam3ft.stages.evaluate"
+probe imports+cuda "import sam3ft.stages.evaluate, torch; torch.zeros(1, device='cuda')"
 python3 - "$RUN" "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
