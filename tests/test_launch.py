@@ -105,6 +105,9 @@ def test_submitit_job_trains(shipped_params, tmp_path):
     assert [s["Trainer/epoch"] for s in stats] == [0]
     assert json.loads((tmp_path / "train/run/launch.json").read_text())["launcher"] == "slurm"
     assert list((tmp_path / "scratch/train/submitit").glob("*_result.pkl"))  # submitit ran the job
+    # the task's INFO lines (sam3's and ours) reach its log, tagged with the rank
+    (task_log,) = (tmp_path / "scratch/train/submitit").glob("*_0_log.err")
+    assert "[train rank 0] INFO Setting up torch.distributed" in task_log.read_text()
 
 
 @pytest.mark.parametrize(

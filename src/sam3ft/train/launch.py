@@ -70,6 +70,10 @@ class SlurmJob:
         import submitit
 
         env = submitit.JobEnvironment()
+        # the task starts without the stage's log handlers, as a spawned local worker does
+        logging.basicConfig(
+            level=logging.INFO, format=f"[train rank {env.global_rank}] %(levelname)s %(message)s"
+        )
         run_trainer(
             _config(self.cfg_yaml),
             env.global_rank,
