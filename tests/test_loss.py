@@ -251,7 +251,7 @@ def test_focal_loss_with_gamma_0_leaves_the_triton_kernel() -> None:
     ) -> None:
         seen.append(kw.get("triton", True))
 
-    wrapped = compat._focal_loss_plain_off_gpu(focal)
+    wrapped = compat._focal_loss_plain_where_kernel_fails(focal)
     on_gpu, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
     wrapped(on_gpu, None, 1, alpha=0.5, gamma=0.0)
     wrapped(on_gpu, None, 1, 0.5, 0.0)  # positional, as some callers pass them

@@ -79,7 +79,7 @@ def _without_pin_memory(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _focal_loss_plain_off_gpu(focal: Callable[..., Any]) -> Callable[..., Any]:
+def _focal_loss_plain_where_kernel_fails(focal: Callable[..., Any]) -> Callable[..., Any]:
     """sam3/train/loss/loss_fns.py:126 defaults to a Triton kernel; use the PyTorch branch off-GPU,
     and with gamma 0 everywhere: the kernel's backward (sam3/train/loss/sigmoid_focal_loss.py:142)
     takes (1 - p_t) ** (gamma - 1), which is 1/0 once the sigmoid of a correct prediction rounds
@@ -122,7 +122,7 @@ def apply(training: bool = True) -> None:
         trainer_module.setup_logging = _console_warnings_only(trainer_module.setup_logging)  # type: ignore[attr-defined]
         train_utils.MemMeter.update = _mem_meter_update  # type: ignore[method-assign]
         # per call: CPU tensors take the PyTorch branch, also on a machine with a GPU
-        loss_fns.sigmoid_focal_loss = _focal_loss_plain_off_gpu(loss_fns.sigmoid_focal_loss)
+        loss_fns.sigmoid_focal_loss = _focal_loss_plain_where_kernel_fails(loss_fns.sigmoid_focal_loss)
         _APPLIED.add("env")
     if torch.cuda.is_available():
         # sam3#530: the text encoder's forward runs under sdpa_kernel([MATH, EFFICIENT, FLASH]) but its
