@@ -24,9 +24,14 @@ def _config(text: str) -> DictConfig:
     return cfg
 
 
+def _log_as_rank(rank: int) -> None:
+    """INFO lines of this process (sam3's and ours) to stderr, tagged with its rank: a spawned worker
+    or a SLURM task starts without the stage's log handlers."""
+    logging.basicConfig(level=logging.INFO, format=f"[train rank {rank}] %(levelname)s %(message)s")
+
+
 def _local_worker(local_rank: int, cfg_yaml: str, port: int, world_size: int) -> None:
-    # a spawned process starts without the stage's log handlers: our loggers' lines, rank-tagged
-    logging.basicConfig(level=logging.INFO, format=f"[train rank {local_rank}] %(levelname)s %(message)s")
+    _log_as_rank(local_rank)
     run_trainer(_config(cfg_yaml), local_rank, local_rank, world_size, ("127.0.0.1", port))
 
 
@@ -70,10 +75,7 @@ class SlurmJob:
         import submitit
 
         env = submitit.JobEnvironment()
-        # the task starts without the stage's log handlers, as a spawned local worker does
-        logging.basicConfig(
-            level=logging.INFO, format=f"[train rank {env.global_rank}] %(levelname)s %(message)s"
-        )
+        _log_as_rank(env.global_rank)
         run_trainer(
             _config(self.cfg_yaml),
             env.global_rank,

@@ -24,7 +24,7 @@ STATS_FILES = ("train_stats.json", "val_stats.json")
 
 # Below Linux's default ephemeral range (32768-60999), from which the kernel hands out ports for
 # outgoing connections and bind(port 0): a port taken from there can go to another process between
-# the choice and the rendezvous (CI saw EADDRINUSE so, with other tests' servers running).
+# the choice and the moment the listener binds it.
 RENDEZVOUS_PORTS = range(20_000, 32_768)
 
 
