@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,12 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import SAMPLE, write_tiny_export  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from sam3ft.train.run import free_port  # noqa: E402
 
 
 def wait_healthy(url: str, process: subprocess.Popen, limit_s: float) -> float:

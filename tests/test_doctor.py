@@ -20,6 +20,7 @@ from sam3ft.model.spec import load_preset
 from sam3ft.preflight import Check
 from sam3ft.train import memory
 from sam3ft.train.model import trained_groups
+from sam3ft.train.run import free_port
 
 FAKE_SECRETS = {  # planted values that must never reach doctor's output
     "AWS_ACCESS_KEY_ID": "AKIAFAKEENVKEYID0001",
@@ -49,10 +50,8 @@ def repo(tmp_path, monkeypatch) -> Path:
 
 
 def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on (free_port: bound by nobody now)."""
+    return free_port()
 
 
 def s3_remote(repo: Path, endpoint: str, local_extra: str = "") -> None:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from moto.server import ThreadedMotoServer
 
 from conftest import copy_worktree, run_ok
 from sam3ft.io import sha256_file
+from sam3ft.train.run import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +58,8 @@ def moto_api(endpoint: str, action: str, body: bytes) -> None:
 
 
 def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on (free_port: bound by nobody now)."""
+    return free_port()
 
 
 def dvc(repo: Path, env: dict[str, str], *args: str) -> str:

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +23,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from conftest import REPO, SAMPLE, write_tiny_export
+from sam3ft.train.run import free_port
 from test_predict_inputs import RED, close, exif_jpeg, png_header
 
 KEY = "test-key-0123456789abcdef"  # SAM3FT_API_KEY of the server under test
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

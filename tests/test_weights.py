@@ -4,7 +4,6 @@ weights which would leave the model at random init (upstream's loader loads noth
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from sam3ft.model.weights import (
 )
 from sam3ft.remote.weights import parse_source
 from sam3ft.stages import fetch
+from sam3ft.train.run import free_port
 
 VOCAB = str(fetch.bundled_vocab())
 TRACKER_KEYS = {
@@ -166,12 +166,6 @@ def test_fetch_from_the_hub_cache_offline(tmp_path, shipped_params, tiny_sam3_pt
     assert manifest["weights"]["verification"]["loaded_fraction"] == 1.0
     with pytest.raises(Sam3ftError, match="not in the local cache"):
         run_fetch(tmp_path, shipped_params, "hf://facebook/sam3/other.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_fetch_from_s3(tmp_path, shipped_params, tiny_sam3_pt, monkeypatch):
