@@ -30,6 +30,9 @@ for code in ("new", "old"):
         p["evaluate"].pop("batch_size", None)
     yaml.safe_dump(p, open(f"{run}/params-{code}.yaml", "w"), sort_keys=False)
 PY
+since() {  # since START: seconds from START (date +%s.%N) to now, one decimal
+  python3 -c "print(round($(date +%s.%N) - $1, 1))"
+}
 stage() {  # stage CODE NAME: run one stage with that code, its wall time to $OUT/times.txt
   local src=$PWD/src
   [ "$1" = old ] && src=$OLD_SRC
@@ -39,7 +42,7 @@ stage() {  # stage CODE NAME: run one stage with that code, its wall time to $OU
   PYTHONPATH="$src:$SITE" timeout "${LIMIT:-0}" python3 "${profile[@]}" -m "sam3ft.stages.$2" --params "$RUN/params-$1.yaml" \
     >"$OUT/$2-$1.log" 2>&1 \
     || { tail -30 "$OUT/$2-$1.log"; echo "$2-$1 failed" | tee -a "$OUT/times.txt"; return 0; }
-  echo "$2-$1 $(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee -a "$OUT/times.txt"
+  echo "$2-$1 $(since "$start")" | tee -a "$OUT/times.txt"
 }
 stage new fetch
 stage new prepare
@@ -55,7 +58,7 @@ done
 probe() {  # probe NAME CODE: a fresh python3 running CODE, its wall time to $OUT/times.txt
   local start=$(date +%s.%N)
   python3 -c "$2" || { echo "$1 failed" | tee -a "$OUT/times.txt"; return 0; }
-  echo "$1 $(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee -a "$OUT/times.txt"
+  echo "$1 $(since "$start")" | tee -a "$OUT/times.txt"
 }
 probe imports "import sam3ft.stages.evaluate"
 probe imports+cuda "import sam3ft.stages.evaluate, torch; torch.zeros(1, device='cuda')"
