@@ -273,7 +273,7 @@ def float8_trunk(recipe: str) -> None:
     accumulate in high precision; the weights, their dtype and the optimizer stay as they were.
     Done after the model is built and cast (weight_dtype), before compile_model/compile_parts
     compile it, so the casts fuse into the compiled graphs. Layers with a side not a multiple of
-    16 (float8 matmul's alignment) and LoRA adapters stay as they are. Hopper or Ada GPUs run the
+    16 (float8 matmul's alignment) and LoRA layers stay as they are. Hopper or Ada GPUs run the
     float8 matmuls natively; torch emulates them on the CPU (the dry run)."""
     import torch
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -281,11 +281,9 @@ def float8_trunk(recipe: str) -> None:
     config = Float8LinearConfig.from_recipe_name(recipe)
 
     def eligible(module: torch.nn.Module, fqn: str) -> bool:
+        # `type is`: LoRA's layers (model/lora.LoRALinear, an nn.Linear subclass) stay as they are
         return (
-            type(module) is torch.nn.Linear
-            and "lora" not in fqn
-            and module.in_features % 16 == 0
-            and module.out_features % 16 == 0
+            type(module) is torch.nn.Linear and module.in_features % 16 == 0 and module.out_features % 16 == 0
         )
 
     def convert(model: torch.nn.Module) -> None:
