@@ -72,7 +72,6 @@ BENCH_KEYS = (
     "in_backward_clip",
     "grad_watch",
     "float8",
-    "trunk_ckpt",
 )
 
 # nan_watch=true: what the watch saw (see watch_nonfinite), added to the run's figures
@@ -94,9 +93,7 @@ def bench_only(overrides: dict[str, str]) -> None:
     InBackward.clip (train/optim.py); grad_watch=true: see watch_grads;
     gc_freeze=false: no gc.freeze() after the first training step (with compile_model:
     the first compiled one), as before the eleventh session;
-    float8=tensorwise|rowwise|rowwise_with_gw_hp: see float8_trunk; trunk_ckpt=false: the ViT
-    trunk without its activation checkpointing (sam3's `use_act_checkpoint`): its blocks keep their
-    activations, and the backward pass does not run each block's forward again.
+    float8=tensorwise|rowwise|rowwise_with_gw_hp: see float8_trunk.
     (The whole forward compiled with CUDA graphs, the sixth and seventh sessions'
     `compile=model:cudagraphs=true:eager=geometry_encoder`, is the trainer param
     `compile_model=true` now.)"""
@@ -139,8 +136,6 @@ def bench_only(overrides: dict[str, str]) -> None:
         InBackward.clip = overrides["in_backward_clip"]
     if overrides.get("in_backward_defer") == "true":  # after nan_watch: its watch wraps the real step
         defer_in_backward()
-    if overrides.get("trunk_ckpt") == "false":
-        after_build(trunk_unchecked)
     if "float8" in overrides:
         float8_trunk(overrides["float8"])
     if "adamw_seed" in overrides:
@@ -258,12 +253,6 @@ def after_build(change: Any) -> None:
         parts(model, trunk, layers)
 
     train_model.compile_parts = compile_parts  # type: ignore[assignment]
-
-
-def trunk_unchecked(model: Any) -> None:
-    """sam3's ViT checkpoints each block while training when `use_act_checkpoint` is set
-    (sam3/model/vitdet.py); cleared, its blocks run plainly and keep their activations."""
-    model.get_submodule("backbone.vision_backbone.trunk").use_act_checkpoint = False
 
 
 def float8_trunk(recipe: str) -> None:
@@ -525,6 +514,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "sync_once": p.trainer.sync_once,
         "compile_trunk": p.trainer.compile_trunk,
         "compile_layers": p.trainer.compile_layers,
+        "act_ckpt_trunk": p.trainer.act_ckpt_trunk,
         "act_ckpt_text": p.trainer.act_ckpt_text,
         "act_ckpt_geometry": p.trainer.act_ckpt_geometry,
         "batched_loss": p.trainer.batched_loss,

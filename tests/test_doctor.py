@@ -299,6 +299,7 @@ def test_vram_estimate_within_15_percent_of_every_measured_peak():
         trainer.autocast_cache, trainer.batch_size = row["autocast_cache"], row["batch"]
         trainer.num_gpus, trainer.num_nodes, trainer.ddp_one_process = 1, 1, row["ddp"]  # one process
         # rows before each switch: upstream's checkpointing
+        trainer.act_ckpt_trunk = row.get("act_ckpt_trunk", True)
         trainer.act_ckpt_text = row.get("act_ckpt_text", True)
         trainer.act_ckpt_geometry = row.get("act_ckpt_geometry", True)
         largest = None  # only an in-backward optimizer's estimate reads it (a model build on meta)
@@ -342,6 +343,22 @@ def test_unchecked_geometry_encoder_costs_memory_only_when_the_backward_runs_thr
     trainer.act_ckpt_geometry = False
     unchecked, _ = memory.training_peak_gb(sam3, 10**9, 10**8, trainer)
     assert unchecked - checked == pytest.approx(8 * 0.027 if kept else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("trainable", "lora_rank", "kept"), [(["heads"], 0, False), (["trunk"], 0, True), (["heads"], 16, True)]
+)
+def test_unchecked_trunk_costs_memory_only_when_the_backward_runs_through_it(trainable, lora_rank, kept):
+    """`act_ckpt_trunk: false` keeps the ViT blocks' activations for the backward: per image, when
+    the trunk trains or carries LoRA; a frozen trunk keeps none either way."""
+    trainer = SimpleNamespace(amp=True, autocast_cache=False, optimizer="adamw_bf16", trainable=trainable)
+    trainer.lora_rank, trainer.batch_size, trainer.ddp_one_process = lora_rank, 4, True
+    trainer.num_gpus = trainer.num_nodes = 1
+    sam3 = load_preset("sam3")
+    checked, _ = memory.training_peak_gb(sam3, 10**9, 10**8, trainer)
+    trainer.act_ckpt_trunk = False
+    unchecked, _ = memory.training_peak_gb(sam3, 10**9, 10**8, trainer)
+    assert unchecked - checked == pytest.approx(4 * 6.83 if kept else 0.0)
 
 
 def test_train_preflight_refuses_with_the_recipe_estimate(tmp_path, monkeypatch):

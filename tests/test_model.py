@@ -209,3 +209,49 @@ def test_act_ckpt_switches_reach_the_modules_sam3_reads_them_from(keep):
     text = model.get_submodule("backbone.language_backbone.encoder.transformer")
     assert text.grad_checkpointing is keep
     assert model.get_submodule("geometry_encoder").use_act_ckpt is keep
+
+
+def test_unchecked_trunk_skips_the_recompute_and_keeps_the_gradients(monkeypatch):
+    """`act_ckpt_trunk: false`: sam3's ViT runs its blocks without torch.utils.checkpoint while
+    training (no block's forward re-runs in the backward), and the trunk's output and gradients are
+    those of the checkpointed trunk, bit for bit (checkpoint replays the same operations and restores
+    the RNG for drop-path)."""
+    from sam3.model import vitdet
+
+    from sam3ft.model.spec import presets_dir
+    from sam3ft.train.model import build_trainable_model
+
+    checkpoint_calls = []
+    real = vitdet.checkpoint.checkpoint
+
+    def counted(*args, **kwargs):
+        checkpoint_calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vitdet.checkpoint, "checkpoint", counted)
+    image = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for keep in (True, False):
+        model = build_trainable_model(
+            str(presets_dir() / "tiny.yaml"),
+            str(bundled_vocab()),
+            trainable=["trunk", "heads"],
+            act_ckpt_trunk=keep,
+            init_seed=0,
+        )
+        vit = model.get_submodule("backbone.vision_backbone.trunk")
+        assert vit.use_act_checkpoint is keep
+        vit.train()
+        checkpoint_calls.clear()
+        torch.manual_seed(2)
+        features = vit(image)
+        sum(f.float().square().mean() for f in features).backward()
+        grads = {name: p.grad.clone() for name, p in vit.named_parameters() if p.grad is not None}
+        results[keep] = (len(checkpoint_calls), [f.detach() for f in features], grads)
+    blocks = len(vit.blocks)
+    assert (results[True][0], results[False][0]) == (blocks, 0)
+    for checked, unchecked in zip(results[True][1], results[False][1], strict=True):
+        assert torch.equal(checked, unchecked)
+    assert results[True][2].keys() == results[False][2].keys() and results[True][2]
+    for name, grad in results[True][2].items():
+        assert torch.equal(grad, results[False][2][name]), name

@@ -40,6 +40,7 @@ CHOSEN_RECIPE_KEYS = (
     "compile_layers",
     "compile_model",
     "weight_dtype",
+    "act_ckpt_trunk",
 )
 # Recipe-only: switches that keep the numbers (memory, host waits; docs/training.md), set by the
 # recipes, absent from params.yaml; a params file may still set one for an A/B run (tests, bench/).
@@ -276,6 +277,12 @@ class Trainer:
     the objects in a batch). Under DDP (several training processes) each process compiles its own
     copy, DDP's all-reduce stays outside the graphs. Instead of compile_trunk and compile_layers,
     not with them."""
+    act_ckpt_trunk: bool = True
+    """Activation checkpointing in the ViT trunk (as upstream); false: each of its blocks keeps its
+    activations and the backward pass stops re-running the blocks' forwards, the largest share of a
+    step's compute that checkpointing repeats. Same numbers; several GB more per image at the sam3
+    preset's 1008 px (train/memory.py models it), so for cards with room to spare. Changes nothing
+    when no gradient flows through the trunk (frozen, no LoRA)."""
     act_ckpt_text: bool = True
     """Activation checkpointing in the text encoder (as upstream); false: its activations are kept
     and the backward pass skips re-running its blocks. Same numbers; less step time for a little

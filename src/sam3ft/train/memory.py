@@ -49,6 +49,8 @@ class Activations:
     """GB per image when trunk and text encoder are frozen."""
     constant_gb: float
     """GB independent of batch and parameters."""
+    trunk_kept_gb: float
+    """GB more per image when the backward runs through the ViT trunk with `act_ckpt_trunk: false`."""
     text_kept_gb: float
     """GB more per image when the text encoder trains with `act_ckpt_text: false`."""
     geometry_kept_gb: float
@@ -62,11 +64,13 @@ MEASURED = {
     # text_kept_gb: lean batch 9, 23.36 GB without the text encoder's checkpointing, 22.73 with it;
     # geometry_kept_gb: lean batch 9, 23.60 GB with the geometry encoder unchecked too,
     # (23.60 - 23.36) / 9; backward_end_gb: lean batch 1, 10.59 GB with an optimizer step that
-    # allocates nothing. Rows of bench/results/gpu_recipes.jsonl
+    # allocates nothing; trunk_kept_gb: lean batch 4, 41.99 GB with the ViT unchecked, 14.69 with it
+    # checked, (41.99 - 14.69) / 4 (one call). Rows of bench/results/gpu_recipes.jsonl
     "sam3": Activations(
         trunk_backward_gb=1.77,
         frozen_trunk_gb=0.90,
         constant_gb=0.15,
+        trunk_kept_gb=6.83,
         text_kept_gb=0.07,
         geometry_kept_gb=0.027,
         backward_end_gb=0.40,
@@ -113,6 +117,8 @@ def training_peak_gb(
         return static / GB, how + "; activations of this preset not measured (a lower bound)"
     through_trunk = "trunk" in trainer.trainable or trainer.lora_rank > 0
     per_image = act.trunk_backward_gb if through_trunk else act.frozen_trunk_gb
+    if through_trunk and getattr(trainer, "act_ckpt_trunk", True) is False:
+        per_image += act.trunk_kept_gb
     if "text" in trainer.trainable and getattr(trainer, "act_ckpt_text", True) is False:
         per_image += act.text_kept_gb
     through_geometry = through_trunk or bool({"neck", "geometry"} & set(trainer.trainable))

@@ -48,6 +48,7 @@ def build_trainable_model(
     compile_layers: bool = False,
     compile_model: bool = False,
     compile_mode: str = "reduce-overhead",
+    act_ckpt_trunk: bool = True,
     act_ckpt_text: bool = True,
     act_ckpt_geometry: bool = True,
     stacked_matching: bool = False,
@@ -81,6 +82,12 @@ def build_trainable_model(
         compile_training_forward(model, compile_mode)
     if stacked_matching or compile_model:
         replace_matching(model, stacked=stacked_matching, eager=compile_model)
+    if not act_ckpt_trunk:
+        # sam3's ViT wraps each block in torch.utils.checkpoint while training when this is set
+        # (sam3/model/vitdet.py); cleared, the blocks run plainly and autograd keeps their
+        # activations. Read at each forward; torch.compile traces lazily, at the first step.
+        vit: Any = model.get_submodule("backbone.vision_backbone.trunk")
+        vit.use_act_checkpoint = False
     if not act_ckpt_text:
         # upstream re-runs the text blocks in the backward pass, in Python: host time per step,
         # traded for keeping their activations (bench/LOG.md has the measured trade)
