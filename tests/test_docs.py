@@ -188,3 +188,29 @@ def test_the_recipe_tables_batches_are_the_memory_estimates(doc):
         expected = [sum(peak <= 0.93 * card for peak in peaks) for card in cards]  # peaks grow with batch
         shown = [0 if c.strip() == "—" else int(c) for c in cells.split("/")]
         assert shown == expected, f"{doc}, `{recipe}`: {shown} but the estimate gives {expected}"
+
+
+def test_the_unchecked_trunks_batches_are_the_memory_estimates():
+    """docs/training.md's batches for `lean` with `act_ckpt_trunk: false` (and checked) on 40 and 80
+    GB cards are what the estimate gives, by the recipe table's 93% rule."""
+    from sam3ft.model.spec import load_preset
+    from sam3ft.stages.fetch import bundled_vocab
+    from sam3ft.train.memory import param_sizes, training_peak_gb
+
+    found = re.search(
+        r"`lean` then fits batch (\d+) on a 40 GB card and\s+(\d+) on an 80 GB one"
+        r" \(checked: (\d+) and (\d+)\)",
+        text(REPO / "docs/training.md"),
+    )
+    assert found, "docs/training.md: the unchecked trunk's sentence moved"
+    spec = load_preset("sam3")
+    largest = []
+    for keep in (False, True):
+        trainer = recipe_trainer("lean", "sam3", act_ckpt_trunk=keep)
+        sizes = param_sizes(spec, bundled_vocab(), trainer.trainable, trainer.lora_rank)
+        peaks = [
+            training_peak_gb(spec, *sizes[:2], dataclasses.replace(trainer, batch_size=b), sizes[2])[0]
+            for b in range(1, 100)
+        ]
+        largest += [sum(peak <= 0.93 * card for peak in peaks) for card in (40, 80)]
+    assert [int(n) for n in found.groups()] == largest
