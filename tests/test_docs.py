@@ -160,15 +160,28 @@ def test_no_benchmark_bookkeeping_outside_bench():
             assert not SESSION.search(line), f"{where}: cites a work session; say it in bench/LOG.md instead"
 
 
+def largest_batches(trainer, cards: list[int]) -> list[int]:
+    """For each card (GB), the largest batch whose estimated peak (train/memory.py, the sam3 preset
+    on one GPU) stays within 93% of it; 0: not even batch 1."""
+    from sam3ft.model.spec import load_preset
+    from sam3ft.stages.fetch import bundled_vocab
+    from sam3ft.train.memory import param_sizes, training_peak_gb
+
+    spec = load_preset("sam3")
+    sizes = param_sizes(spec, bundled_vocab(), trainer.trainable, trainer.lora_rank)
+    peaks = [
+        training_peak_gb(spec, *sizes[:2], dataclasses.replace(trainer, batch_size=b), sizes[2])[0]
+        for b in range(1, 100)
+    ]
+    return [sum(peak <= 0.93 * card for peak in peaks) for card in cards]  # peaks grow with batch
+
+
 @pytest.mark.parametrize("doc", ["README.md", "docs/training.md"])
 def test_the_recipe_tables_batches_are_the_memory_estimates(doc):
     """The recipe tables' "largest batch by the estimate" columns (README: 12/16/24 GB, docs: more
     cards): for each recipe and card, the largest batch whose estimated peak (train/memory.py, the
     sam3 preset on one GPU) stays within 93% of the card ("—": not even batch 1)."""
     from sam3ft import params
-    from sam3ft.model.spec import load_preset
-    from sam3ft.stages.fetch import bundled_vocab
-    from sam3ft.train.memory import param_sizes, training_peak_gb
 
     body = text(REPO / doc)
     header = re.search(r"^\| recipe \|.*largest batch by the estimate: ([\d /]+) GB card \|$", body, re.M)
@@ -177,15 +190,8 @@ def test_the_recipe_tables_batches_are_the_memory_estimates(doc):
     table = body[header.end() :].split("\n\n", 1)[0]  # the table ends at the first blank line
     rows = dict(re.findall(r"^\| `([\w-]+)`[^|]*\|.*\| ([—\d /]+) \|$", table, re.M))
     assert set(rows) == set(params.recipes()), f"{doc}: every recipe has a row, and only recipes do"
-    spec = load_preset("sam3")
     for recipe, cells in rows.items():
-        trainer = recipe_trainer(recipe, "sam3")
-        sizes = param_sizes(spec, bundled_vocab(), trainer.trainable, trainer.lora_rank)
-        peaks = [
-            training_peak_gb(spec, *sizes[:2], dataclasses.replace(trainer, batch_size=b), sizes[2])[0]
-            for b in range(1, 100)
-        ]
-        expected = [sum(peak <= 0.93 * card for peak in peaks) for card in cards]  # peaks grow with batch
+        expected = largest_batches(recipe_trainer(recipe, "sam3"), cards)
         shown = [0 if c.strip() == "—" else int(c) for c in cells.split("/")]
         assert shown == expected, f"{doc}, `{recipe}`: {shown} but the estimate gives {expected}"
 
@@ -193,24 +199,12 @@ def test_the_recipe_tables_batches_are_the_memory_estimates(doc):
 def test_the_unchecked_trunks_batches_are_the_memory_estimates():
     """docs/training.md's batches for `lean` with `act_ckpt_trunk: false` (and checked) on 40 and 80
     GB cards are what the estimate gives, by the recipe table's 93% rule."""
-    from sam3ft.model.spec import load_preset
-    from sam3ft.stages.fetch import bundled_vocab
-    from sam3ft.train.memory import param_sizes, training_peak_gb
-
     found = re.search(
         r"`lean` then fits batch (\d+) on a 40 GB card and\s+(\d+) on an 80 GB one"
         r" \(checked: (\d+) and (\d+)\)",
         text(REPO / "docs/training.md"),
     )
     assert found, "docs/training.md: the unchecked trunk's sentence moved"
-    spec = load_preset("sam3")
-    largest = []
-    for keep in (False, True):
-        trainer = recipe_trainer("lean", "sam3", act_ckpt_trunk=keep)
-        sizes = param_sizes(spec, bundled_vocab(), trainer.trainable, trainer.lora_rank)
-        peaks = [
-            training_peak_gb(spec, *sizes[:2], dataclasses.replace(trainer, batch_size=b), sizes[2])[0]
-            for b in range(1, 100)
-        ]
-        largest += [sum(peak <= 0.93 * card for peak in peaks) for card in (40, 80)]
-    assert [int(n) for n in found.groups()] == largest
+    unchecked = largest_batches(recipe_trainer("lean", "sam3", act_ckpt_trunk=False), [40, 80])
+    checked = largest_batches(recipe_trainer("lean", "sam3"), [40, 80])
+    assert [int(n) for n in found.groups()] == unchecked + checked

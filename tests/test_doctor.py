@@ -326,6 +326,19 @@ def test_vram_estimate_terms():
     assert stock - memory.training_peak_gb(sam3, 10**9, 10**9, trainer)[0] == pytest.approx(2.0)
 
 
+def unchecked_cost(switch: str, trainable: list[str], lora_rank: int, batch: int) -> float:
+    """GB the estimate adds for the sam3 preset (lean's optimizer, one process) when activation
+    checkpointing `switch` goes from true to false."""
+    trainer = SimpleNamespace(amp=True, autocast_cache=False, optimizer="adamw_bf16", trainable=trainable)
+    trainer.lora_rank, trainer.batch_size, trainer.ddp_one_process = lora_rank, batch, True
+    trainer.num_gpus = trainer.num_nodes = 1
+    sam3 = load_preset("sam3")
+    checked, _ = memory.training_peak_gb(sam3, 10**9, 10**8, trainer)
+    setattr(trainer, switch, False)
+    unchecked, _ = memory.training_peak_gb(sam3, 10**9, 10**8, trainer)
+    return unchecked - checked
+
+
 @pytest.mark.parametrize(
     ("trainable", "lora_rank", "kept"),
     [(["heads"], 0, False), (["geometry", "heads"], 0, True), (["neck"], 0, True), (["heads"], 16, True)],
@@ -335,14 +348,8 @@ def test_unchecked_geometry_encoder_costs_memory_only_when_the_backward_runs_thr
 ):
     """`act_ckpt_geometry: false` keeps the encoder's activations, which exist only when a gradient
     flows through it: it trains, or something before it does (neck, trunk, LoRA on the trunk)."""
-    trainer = SimpleNamespace(amp=True, autocast_cache=False, optimizer="adamw_bf16", trainable=trainable)
-    trainer.lora_rank, trainer.batch_size, trainer.ddp_one_process = lora_rank, 8, True
-    trainer.num_gpus = trainer.num_nodes = 1
-    sam3 = load_preset("sam3")
-    checked, _ = memory.training_peak_gb(sam3, 10**9, 10**8, trainer)
-    trainer.act_ckpt_geometry = False
-    unchecked, _ = memory.training_peak_gb(sam3, 10**9, 10**8, trainer)
-    assert unchecked - checked == pytest.approx(8 * 0.027 if kept else 0.0)
+    cost = unchecked_cost("act_ckpt_geometry", trainable, lora_rank, batch=8)
+    assert cost == pytest.approx(8 * 0.027 if kept else 0.0)
 
 
 @pytest.mark.parametrize(
@@ -351,14 +358,8 @@ def test_unchecked_geometry_encoder_costs_memory_only_when_the_backward_runs_thr
 def test_unchecked_trunk_costs_memory_only_when_the_backward_runs_through_it(trainable, lora_rank, kept):
     """`act_ckpt_trunk: false` keeps the ViT blocks' activations for the backward: per image, when
     the trunk trains or carries LoRA; a frozen trunk keeps none either way."""
-    trainer = SimpleNamespace(amp=True, autocast_cache=False, optimizer="adamw_bf16", trainable=trainable)
-    trainer.lora_rank, trainer.batch_size, trainer.ddp_one_process = lora_rank, 4, True
-    trainer.num_gpus = trainer.num_nodes = 1
-    sam3 = load_preset("sam3")
-    checked, _ = memory.training_peak_gb(sam3, 10**9, 10**8, trainer)
-    trainer.act_ckpt_trunk = False
-    unchecked, _ = memory.training_peak_gb(sam3, 10**9, 10**8, trainer)
-    assert unchecked - checked == pytest.approx(4 * 6.83 if kept else 0.0)
+    cost = unchecked_cost("act_ckpt_trunk", trainable, lora_rank, batch=4)
+    assert cost == pytest.approx(4 * 6.83 if kept else 0.0)
 
 
 def test_train_preflight_refuses_with_the_recipe_estimate(tmp_path, monkeypatch):
