@@ -72,6 +72,8 @@ BENCH_KEYS = (
     "in_backward_clip",
     "grad_watch",
     "float8",
+    "rope",
+    "sdpa",
 )
 
 # nan_watch=true: what the watch saw (see watch_nonfinite), added to the run's figures
@@ -93,7 +95,9 @@ def bench_only(overrides: dict[str, str]) -> None:
     InBackward.clip (train/optim.py); grad_watch=true: see watch_grads;
     gc_freeze=false: no gc.freeze() after the first training step (with compile_model:
     the first compiled one), as before the eleventh session;
-    float8=tensorwise|rowwise|rowwise_with_gw_hp: see float8_trunk.
+    float8=tensorwise|rowwise|rowwise_with_gw_hp: see float8_trunk; rope=real: see real_rope;
+    sdpa=cudnn: every training step (its compile included) under sdpa_kernel with cuDNN's attention
+    first in torch's priority order, then flash, memory-efficient, math.
     (The whole forward compiled with CUDA graphs, the sixth and seventh sessions'
     `compile=model:cudagraphs=true:eager=geometry_encoder`, is the trainer param
     `compile_model=true` now.)"""
@@ -138,6 +142,10 @@ def bench_only(overrides: dict[str, str]) -> None:
         defer_in_backward()
     if "float8" in overrides:
         float8_trunk(overrides["float8"])
+    if overrides.get("sdpa") == "cudnn":
+        cudnn_attention_first()
+    if overrides.get("rope") == "real":
+        after_build(lambda model: WATCH.update(real_rope=real_rope(model)))
     if "adamw_seed" in overrides:
         init, seed = AdamWBf16.__init__, int(overrides["adamw_seed"])
         AdamWBf16.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "seed": seed})  # type: ignore[method-assign]
@@ -282,6 +290,57 @@ def float8_trunk(recipe: str) -> None:
         WATCH["float8_linears"] = sum(type(m).__name__ == "Float8Linear" for m in vit.modules())
 
     after_build(convert)
+
+
+def real_rope(model: Any) -> int:
+    """sam3's ViT RoPE (sam3/model/vitdet.py:68 `apply_rotary_enc`) multiplies q and k, as complex
+    numbers, by a complex table; inductor generates no code for complex operators, so in a compiled
+    graph those run as separate eager kernels on float32 copies. Here every RoPE attention of
+    `model` rotates with the table's real and imaginary parts instead, (a + ib)(c + id) =
+    (ac - bd) + i(ad + bc) in float32 as sam3 computes it: elementwise work inductor fuses. The
+    tables are buffers outside the state_dict. Returns how many attentions changed."""
+    import types
+
+    import torch
+    from sam3.model.vitdet import Attention
+
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        pairs = x.float().unflatten(-1, (-1, 2))  # (..., L, D/2, 2); cos, sin: (L, D/2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
+
+    def apply_rope(self: Any, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotate(q, self.rope_cos, self.rope_sin), rotate(k, self.rope_cos, self.rope_sin)
+
+    swapped = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and module.use_rope:
+            module.register_buffer("rope_cos", module.freqs_cis.real.contiguous(), persistent=False)
+            module.register_buffer("rope_sin", module.freqs_cis.imag.contiguous(), persistent=False)
+            module._apply_rope = types.MethodType(apply_rope, module)
+            swapped += 1
+    return swapped
+
+
+def cudnn_attention_first() -> None:
+    """Each training step under `sdpa_kernel(..., set_priority=True)` with cuDNN's attention
+    first: torch.compile picks the attention kernel when it traces, inside the step."""
+    import functools
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sam3ft.train.trainer import Trainer
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    order += [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    run_step = Trainer._run_step
+
+    @functools.wraps(run_step)
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with sdpa_kernel(order, set_priority=True):
+            return run_step(self, *args, **kwargs)
+
+    Trainer._run_step = step  # type: ignore[method-assign]
 
 
 def parts_with_cudagraphs() -> None:
@@ -478,11 +537,12 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         # inside an epoch: LEAD steps before the window and one after it, so the window holds
         # steady-state steps only (no loader hand-over, epoch start or end, final read)
         batches_in = more(LEAD + args.profile + 1)
-        figures["gpu_busy"], figures["gpu_ms_per_step"] = gpu_busy(trainer, batches_in, LEAD, args.profile)
+        busy, ms, top = gpu_busy(trainer, batches_in, LEAD, args.profile)
+        figures["gpu_busy"], figures["gpu_ms_per_step"], figures["kernel_top"] = busy, ms, top
     if args.profile_epoch:
         say(f"profile an epoch of {args.profile_epoch} steps")
         # the window before the eleventh session: an epoch of its own, start and end included
-        busy, ms = gpu_busy(trainer, more(args.profile_epoch), 0, args.profile_epoch)
+        busy, ms, _ = gpu_busy(trainer, more(args.profile_epoch), 0, args.profile_epoch)
         figures["gpu_busy_own_epoch"], figures["gpu_ms_per_step_own_epoch"] = busy, ms
     if args.hostprof:
         figures["host_top"] = host_profile(trainer, more(args.hostprof))
@@ -634,19 +694,24 @@ def run_window(trainer: Any, batches: Any, lead: int, n: int, begin: Any, end: A
     return marks[1] - marks[0]
 
 
-def gpu_busy(trainer: Any, batches: Any, lead: int, n: int) -> tuple[float, float]:
+def gpu_busy(trainer: Any, batches: Any, lead: int, n: int, top: int = 30) -> tuple[float, float, list[str]]:
     """Share of wall time the GPU spends in kernels over steps lead..lead+n-1 of an epoch on
-    `batches` (torch profiler, CUDA activity only), and the kernel milliseconds per step: against
-    the unprofiled step time (`s_per_step`) the latter gives the busy share without the profiler's
-    host overhead."""
+    `batches` (torch profiler, CUDA activity only), the kernel milliseconds per step (against the
+    unprofiled step time, `s_per_step`, the busy share without the profiler's host overhead), and
+    the `top` kernels by their own time as 'ms per step  launches per step  name'."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     # CPU: a dry run (no device time, so 0)
     prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
     wall = run_window(trainer, batches, lead, n, prof.start, prof.stop)
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
-    return round(kernel_us / 1e6 / wall, 3), round(kernel_us / 1e3 / n, 1)
+    timed = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernel_us = sum(e.self_device_time_total for e in timed)
+    timed.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    listed = [
+        f"{e.self_device_time_total / 1e3 / n:.2f}ms {e.count / n:g}x {e.key[:120]}" for e in timed[:top]
+    ]
+    return round(kernel_us / 1e6 / wall, 3), round(kernel_us / 1e3 / n, 1), listed
 
 
 def nvml_busy(trainer: Any, batches: Any, lead: int, n: int, period_ms: int = 50) -> dict[str, Any]:
