@@ -537,13 +537,15 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         # inside an epoch: LEAD steps before the window and one after it, so the window holds
         # steady-state steps only (no loader hand-over, epoch start or end, final read)
         batches_in = more(LEAD + args.profile + 1)
-        busy, ms, top = gpu_busy(trainer, batches_in, LEAD, args.profile)
-        figures["gpu_busy"], figures["gpu_ms_per_step"], figures["kernel_top"] = busy, ms, top
+        figures.update(gpu_busy(trainer, batches_in, LEAD, args.profile))
     if args.profile_epoch:
         say(f"profile an epoch of {args.profile_epoch} steps")
         # the window before the eleventh session: an epoch of its own, start and end included
-        busy, ms, _ = gpu_busy(trainer, more(args.profile_epoch), 0, args.profile_epoch)
-        figures["gpu_busy_own_epoch"], figures["gpu_ms_per_step_own_epoch"] = busy, ms
+        own = gpu_busy(trainer, more(args.profile_epoch), 0, args.profile_epoch)
+        figures["gpu_busy_own_epoch"], figures["gpu_ms_per_step_own_epoch"] = (
+            own["gpu_busy"],
+            own["gpu_ms_per_step"],
+        )
     if args.hostprof:
         figures["host_top"] = host_profile(trainer, more(args.hostprof))
     if args.syncs:
@@ -694,11 +696,26 @@ def run_window(trainer: Any, batches: Any, lead: int, n: int, begin: Any, end: A
     return marks[1] - marks[0]
 
 
-def gpu_busy(trainer: Any, batches: Any, lead: int, n: int, top: int = 30) -> tuple[float, float, list[str]]:
-    """Share of wall time the GPU spends in kernels over steps lead..lead+n-1 of an epoch on
-    `batches` (torch profiler, CUDA activity only), the kernel milliseconds per step (against the
-    unprofiled step time, `s_per_step`, the busy share without the profiler's host overhead), and
-    the `top` kernels by their own time as 'ms per step  launches per step  name'."""
+# kernel-name fragments of each group `gpu_busy` sums; a kernel goes to the first group it matches
+KERNEL_GROUPS = {
+    "attention": ("flash", "fmha", "sdpa", "dot_do_o", "convert_dq"),
+    "matmul": ("nvjet", "gemm", "xmma", "cutlass"),
+    "optimizer": ("adamw",),
+    "complex": ("complex",),
+    "inductor": ("triton_",),
+}
+
+
+def kernel_group(name: str) -> str:
+    return next((g for g, parts in KERNEL_GROUPS.items() if any(p in name for p in parts)), "other")
+
+
+def gpu_busy(trainer: Any, batches: Any, lead: int, n: int, top: int = 30) -> dict[str, Any]:
+    """Over steps lead..lead+n-1 of an epoch on `batches` (torch profiler, CUDA activity only):
+    the share of wall time the GPU spends in kernels (`gpu_busy`), the kernel milliseconds per step
+    (against the unprofiled step time, `s_per_step`, the busy share without the profiler's host
+    overhead), the `top` kernels by their own time as 'ms per step  launches per step  name', and
+    the milliseconds per step of each KERNEL_GROUPS group, over every kernel."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -708,10 +725,18 @@ def gpu_busy(trainer: Any, batches: Any, lead: int, n: int, top: int = 30) -> tu
     timed = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     kernel_us = sum(e.self_device_time_total for e in timed)
     timed.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    listed = [
-        f"{e.self_device_time_total / 1e3 / n:.2f}ms {e.count / n:g}x {e.key[:120]}" for e in timed[:top]
-    ]
-    return round(kernel_us / 1e6 / wall, 3), round(kernel_us / 1e3 / n, 1), listed
+    groups: dict[str, float] = {}
+    for e in timed:
+        group = kernel_group(e.key)
+        groups[group] = groups.get(group, 0.0) + e.self_device_time_total / 1e3 / n
+    return {
+        "gpu_busy": round(kernel_us / 1e6 / wall, 3),
+        "gpu_ms_per_step": round(kernel_us / 1e3 / n, 1),
+        "kernel_top": [
+            f"{e.self_device_time_total / 1e3 / n:.2f}ms {e.count / n:g}x {e.key[:120]}" for e in timed[:top]
+        ],
+        "kernel_groups": {g: round(ms, 1) for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])},
+    }
 
 
 def nvml_busy(trainer: Any, batches: Any, lead: int, n: int, period_ms: int = 50) -> dict[str, Any]:
