@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import LOCK_CPU, REPO, checkout_copy, cpu_type, run_ok
+from sam3ft.console import HARMLESS
 from sam3ft.metrics.operating import best_threshold
 from sam3ft.stages.evaluate import SWEEP
 from sam3ft.train.logging import val_metrics
@@ -273,5 +274,7 @@ def test_readme_commands_run_as_written(pipeline):
             ["bash", "-c", command], cwd=pipeline["repo"], env=pipeline["env"], capture_output=True, text=True
         )
         assert result.returncode == 0, f"README: `{command}` failed:\n{result.stdout}\n{result.stderr}"
+        for message, _ in HARMLESS:  # filtered by the command line as by the stages
+            assert not re.search(message, result.stderr), f"README: `{command}` printed:\n{result.stderr}"
     predicted = json.loads((pipeline["repo"] / "predictions/detections.json").read_text())
     assert len(predicted["images"]) == len(list((REPO / "data/find-fuse-neutrals-v5/test").glob("*.jpg")))

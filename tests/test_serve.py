@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from conftest import REPO, SAMPLE, write_tiny_export
+from sam3ft.console import HARMLESS
 from sam3ft.train.run import free_port
 from test_predict_inputs import RED, close, exif_jpeg, png_header
 
@@ -114,6 +116,16 @@ def test_predict_returns_boxes_masks_and_the_model_version(server):
         server, files={"image": ("a.jpg", photo_bytes())}, data={"prompt": "screw", "threshold": "0"}
     )
     assert {d["prompt"] for d in prompted.json()["detections"]} == {"screw"}
+
+
+def test_the_server_and_its_worker_print_no_known_harmless_warning(server):
+    """The model worker has imported torch and sam3 once /health answers; the server process and the
+    worker (a process of its own) filter what the stages filter."""
+    assert post(server, files={"image": ("a.jpg", photo_bytes(), "image/jpeg")}).status_code == 200
+    log = server["log"].read_text()
+    assert "Uvicorn running" in log
+    for message, _ in HARMLESS:
+        assert not re.search(message, log), log
 
 
 def test_exif_orientation_is_applied(server, tmp_path):

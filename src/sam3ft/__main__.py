@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sam3ft.console import quiet_known_warnings
 from sam3ft.errors import Sam3ftError
 from sam3ft.layout import (
     ANNOTATIONS_FILE,
@@ -469,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a `Sam3ftError` prints `error: ... fix: ...` and exits 2, as argparse does
     for a bad argument."""
+    quiet_known_warnings()  # before a command imports torch, sam3 or litserve
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
     try:

@@ -8,10 +8,13 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-# (message regex, category): raised at import by torch/sam3, none affects a result
+# (message regex, category): raised by torch/sam3 at import and by LitServe at start, none affects
+# a result
 HARMLESS = (
     (r"`torch\.jit\.script` is deprecated", FutureWarning),  # sam3 scripts some loss helpers
     (r"CUDA is not available or torch_xla is imported\. Disabling autocast", UserWarning),  # sam3 video
+    # serve.DetectAPI's batch/unbatch pass lists through; max_batch_size 1 (unbatched) is a choice
+    (r"The LitServer has both batch and unbatch methods implemented", UserWarning),
 )
 
 

@@ -77,6 +77,9 @@ class DetectAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         """Load the model in the worker process (imports torch and sam3 there, not in the server)."""
+        from sam3ft.console import quiet_known_warnings
+
+        quiet_known_warnings()  # a spawned worker starts with Python's default filters
         from sam3ft.model.export import load_export
         from sam3ft.model.predict import Predictor, resolve_device, resolve_dtype
         from sam3ft.stages import pin_threads
