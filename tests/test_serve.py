@@ -118,12 +118,19 @@ def test_predict_returns_boxes_masks_and_the_model_version(server):
     assert {d["prompt"] for d in prompted.json()["detections"]} == {"screw"}
 
 
-def test_the_server_and_its_worker_print_no_known_harmless_warning(server):
-    """The model worker has imported torch and sam3 once /health answers; the server process and the
-    worker (a process of its own) filter what the stages filter."""
+def test_the_server_says_what_it_serves_and_prints_no_known_harmless_warning(server):
+    """One line of ours names the model, its settings and the URL (never the key). The model worker
+    has imported torch and sam3 once /health answers; the server process and the worker (a process
+    of its own) filter what the stages filter."""
     assert post(server, files={"image": ("a.jpg", photo_bytes(), "image/jpeg")}).status_code == 200
     log = server["log"].read_text()
     assert "Uvicorn running" in log
+    url = server["url"]
+    model = server["model"]
+    named = f"({model['spec']['name']}, weights {model['weights_sha256'][:12]}), boxes and masks"
+    assert f"serve: {server['model_dir']} {named}, threshold 0.25, device cpu, batch up to 1" in log, log
+    assert f"-> POST {url}/predict, page {url}/; SAM3FT_API_KEY set: requests need X-API-Key" in log, log
+    assert KEY not in log
     for message, _ in HARMLESS:
         assert not re.search(message, log), log
 

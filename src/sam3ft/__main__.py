@@ -224,7 +224,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size or default_batch_size(args.device),
         batch_timeout=args.batch_timeout,
     )
-    server = build_server(config, model_version(info))
+    version = model_version(info)
+    server = build_server(config, version)
+    print(serving_line(config, version, args.host, args.port), file=sys.stderr, flush=True)
     # LitServe shuts its API and model-worker processes down on KeyboardInterrupt only; SIGTERM
     # (kill, docker stop, systemd, a test's terminate()) must do the same, or they outlive the server
     signal.signal(signal.SIGTERM, _interrupt)
@@ -238,6 +240,21 @@ def _serve(args: argparse.Namespace) -> int:
             fix=f"try it alone: sam3ft predict IMAGE --model {model_dir} --device {args.device}",
         ) from exc
     return 0
+
+
+def serving_line(config: Any, version: dict[str, Any], host: str, port: int) -> str:
+    """What `serve` serves and where, one line before LitServe's own (config: serve.ServeConfig)."""
+    from sam3ft.serve import API_KEY_ENV
+
+    url = f"http://{'[::1]' if host == '::' else host}:{port}"
+    weights = (version.get("weights_sha256") or "?")[:12]
+    heads = "boxes and masks" if config.masks else "boxes"
+    key = f"; {API_KEY_ENV} set: requests need X-API-Key" if os.environ.get(API_KEY_ENV) else ""
+    return (
+        f"serve: {config.model_dir} ({version.get('preset')}, weights {weights}), {heads}, threshold "
+        f"{config.threshold:g}, device {config.device}, batch up to {config.max_batch_size} -> POST "
+        f"{url}/predict, page {url}/{key}"
+    )
 
 
 def default_batch_size(device: str) -> int:
