@@ -83,6 +83,13 @@ def recipe_trainer(recipe: str, preset: str, **changes: Any) -> Any:
     return params.section_from_dict(params.Trainer, {**data, **changes}, "trainer", preset)
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on, for a connection that must be refused."""
+    from sam3ft.train.run import free_port
+
+    return free_port()
+
+
 def run_ok(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
     """`cmd` in `cwd`; fails the test with the command and the tails of its output unless it exits 0."""
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE, write_params
+from conftest import REPO, SAMPLE, closed_port, write_params
 from sam3ft import doctor, params, preflight
 from sam3ft.__main__ import main as cli
 from sam3ft.data.doctor import dataset_checks
@@ -20,7 +20,6 @@ from sam3ft.model.spec import load_preset
 from sam3ft.preflight import Check
 from sam3ft.train import memory
 from sam3ft.train.model import trained_groups
-from sam3ft.train.run import free_port
 
 FAKE_SECRETS = {  # planted values that must never reach doctor's output
     "AWS_ACCESS_KEY_ID": "AKIAFAKEENVKEYID0001",
@@ -47,11 +46,6 @@ def repo(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # same answers on a GPU machine
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (free_port: bound by nobody now)."""
-    return free_port()
 
 
 def s3_remote(repo: Path, endpoint: str, local_extra: str = "") -> None:

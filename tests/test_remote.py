@@ -25,9 +25,8 @@ import pytest
 from dvc.repo import Repo
 from moto.server import ThreadedMotoServer
 
-from conftest import copy_worktree, run_ok
+from conftest import closed_port, copy_worktree, run_ok
 from sam3ft.io import sha256_file
-from sam3ft.train.run import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +54,6 @@ def moto_api(endpoint: str, action: str, body: bytes) -> None:
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (free_port: bound by nobody now)."""
-    return free_port()
 
 
 def dvc(repo: Path, env: dict[str, str], *args: str) -> str:
