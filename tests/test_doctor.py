@@ -296,6 +296,7 @@ def test_vram_estimate_within_15_percent_of_every_measured_peak():
         trainer.act_ckpt_trunk = row.get("act_ckpt_trunk", True)
         trainer.act_ckpt_text = row.get("act_ckpt_text", True)
         trainer.act_ckpt_geometry = row.get("act_ckpt_geometry", True)
+        trainer.act_ckpt_detr = row.get("act_ckpt_detr", True)
         largest = None  # only an in-backward optimizer's estimate reads it (a model build on meta)
         if row["optimizer"].endswith("_in_backward"):
             largest = memory.param_sizes(spec, bundled_vocab(), trainer.trainable, row["lora_rank"])[2]
@@ -354,6 +355,19 @@ def test_unchecked_trunk_costs_memory_only_when_the_backward_runs_through_it(tra
     the trunk trains or carries LoRA; a frozen trunk keeps none either way."""
     cost = unchecked_cost("act_ckpt_trunk", trainable, lora_rank, batch=4)
     assert cost == pytest.approx(4 * 6.83 if kept else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("trainable", "lora_rank", "kept"),
+    [(["heads"], 0, False), (["decoder", "heads"], 0, True), (["text"], 0, True), (["heads"], 16, True)],
+)
+def test_unchecked_detr_layers_cost_memory_only_when_the_backward_runs_through_them(
+    trainable, lora_rank, kept
+):
+    """`act_ckpt_detr: false` keeps the DETR encoder's and decoder's activations: per image, when
+    anything but the scoring heads trains (all of it feeds them); heads alone keep none."""
+    cost = unchecked_cost("act_ckpt_detr", trainable, lora_rank, batch=4)
+    assert cost == pytest.approx(4 * 0.63 if kept else 0.0)
 
 
 def test_train_preflight_refuses_with_the_recipe_estimate(tmp_path, monkeypatch):

@@ -211,6 +211,55 @@ def test_act_ckpt_switches_reach_the_modules_sam3_reads_them_from(keep):
     assert model.get_submodule("geometry_encoder").use_act_ckpt is keep
 
 
+def test_unchecked_detr_layers_skip_the_recompute_and_keep_the_gradients(monkeypatch):
+    """`act_ckpt_detr: false`: every DETR encoder and decoder layer and the decoder's box-bias MLPs
+    are marked, and sam3's activation_ckpt_wrapper, looked up where the encoder and decoder call it,
+    runs a marked module without torch.utils.checkpoint while an unmarked one (another model in the
+    process) is still checkpointed; output and gradients are those of the checkpointed module."""
+    import sam3.model.decoder as decoder_code
+    import sam3.model.encoder as encoder_code
+    from sam3.model import act_ckpt_utils
+
+    from sam3ft.model.spec import presets_dir
+    from sam3ft.train.model import KEEP_ACTIVATIONS, build_trainable_model
+
+    monkeypatch.setattr(encoder_code, "activation_ckpt_wrapper", encoder_code.activation_ckpt_wrapper)
+    monkeypatch.setattr(decoder_code, "activation_ckpt_wrapper", decoder_code.activation_ckpt_wrapper)
+    checkpoint_calls = []
+    real = act_ckpt_utils.checkpoint.checkpoint
+
+    def counted(*args, **kwargs):
+        checkpoint_calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(act_ckpt_utils.checkpoint, "checkpoint", counted)
+    models = {}
+    for keep in (True, False):
+        models[keep] = build_trainable_model(
+            str(presets_dir() / "tiny.yaml"), str(bundled_vocab()), trainable=["decoder"], act_ckpt_detr=keep
+        )
+    unchecked = models[False]
+    encoder, decoder = unchecked.transformer.encoder, unchecked.transformer.decoder
+    marked = [*encoder.layers, *decoder.layers, decoder.boxRPB_embed_x, decoder.boxRPB_embed_y]
+    assert all(getattr(m, KEEP_ACTIVATIONS, False) for m in marked) and len(marked) > 2
+    assert not any(hasattr(m, KEEP_ACTIVATIONS) for m in models[True].modules())
+    for code in (encoder_code, decoder_code):
+        assert getattr(code.activation_ckpt_wrapper, KEEP_ACTIVATIONS)
+
+    x = torch.rand(2, 5, 2, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for keep, model in models.items():
+        mlp = model.transformer.decoder.boxRPB_embed_x
+        checkpoint_calls.clear()
+        out = decoder_code.activation_ckpt_wrapper(mlp)(x=x, act_ckpt_enable=True)  # as sam3 calls it
+        out.square().sum().backward()
+        results[keep] = (len(checkpoint_calls), out.detach(), [p.grad.clone() for p in mlp.parameters()])
+    assert (results[True][0], results[False][0]) == (1, 0)
+    assert torch.equal(results[True][1], results[False][1])
+    for checked, kept in zip(results[True][2], results[False][2], strict=True):
+        assert torch.equal(checked, kept)
+
+
 def test_unchecked_trunk_skips_the_recompute_and_keeps_the_gradients(monkeypatch):
     """`act_ckpt_trunk: false`: sam3's ViT runs its blocks without torch.utils.checkpoint while
     training (no block's forward re-runs in the backward), and the trunk's output and gradients are

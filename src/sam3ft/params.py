@@ -41,6 +41,7 @@ CHOSEN_RECIPE_KEYS = (
     "compile_model",
     "weight_dtype",
     "act_ckpt_trunk",
+    "act_ckpt_detr",
 )
 # Recipe-only: switches that keep the numbers (memory, host waits; docs/training.md), set by the
 # recipes, absent from params.yaml; a params file may still set one for an A/B run (tests, bench/).
@@ -292,6 +293,12 @@ class Trainer:
     kept and the backward pass skips re-running its layers in Python. Same numbers; a little more
     memory per image (train/memory.py models it), and the step's host time drops by the recompute,
     which matters most with compile_model, where the host sets the step time."""
+    act_ckpt_detr: bool = True
+    """Activation checkpointing in the DETR encoder's and decoder's layers (as upstream); false:
+    they keep their activations (train/model.keep_detr_activations) and the backward pass stops
+    re-running their forwards, the six encoder layers' attention over every image token among them.
+    Same numbers; under a GB more per image at the sam3 preset's 1008 px (train/memory.py models
+    it), so for cards with room to spare, like act_ckpt_trunk."""
     batched_loss: bool = False
     """Compute sam3's box and classification loss terms for all decoder layers at once
     (train/loss.py) instead of once per layer and query set (upstream: 12 passes for SAM3), and

@@ -11,7 +11,8 @@ peak = weights (4 B x all params; 2 B with trainer.weight_dtype bfloat16)
        adamw_bf16's Triton kernel, which allocates nothing, updates fp32 weights only)
      + activations: a measured GB per image at the preset's resolution, one figure when the backward
        pass runs through the ViT trunk (trunk trains, or LoRA adapts it), one when it stops above it;
-       a little more per image when the text encoder trains without activation checkpointing
+       a little more per image when the text encoder, the geometry encoder or the DETR layers train
+       without activation checkpointing
      + a small measured constant (CUDA workspaces, loss and matcher buffers).
 Without the DDP wrapper (one process, trainer.ddp_one_process: false) gradients exist only from the
 backward pass on, so the peak is the larger of: the above less the gradients (the forward pass's
@@ -56,6 +57,9 @@ class Activations:
     geometry_kept_gb: float
     """GB more per image when the backward runs through the geometry encoder with
     `act_ckpt_geometry: false`."""
+    detr_kept_gb: float
+    """GB more per image when the backward runs through the DETR encoder and decoder with
+    `act_ckpt_detr: false`."""
     backward_end_gb: float
     """GB in use besides weights, gradients and moments when the backward pass ends (no DDP)."""
 
@@ -65,7 +69,9 @@ MEASURED = {
     # geometry_kept_gb: lean batch 9, 23.60 GB with the geometry encoder unchecked too,
     # (23.60 - 23.36) / 9; backward_end_gb: lean batch 1, 10.59 GB with an optimizer step that
     # allocates nothing; trunk_kept_gb: lean batch 4, 41.99 GB with the ViT unchecked, 14.69 with it
-    # checked, (41.99 - 14.69) / 4 (one call). Rows of bench/results/gpu_recipes.jsonl
+    # checked, (41.99 - 14.69) / 4 (one call); detr_kept_gb: lean batch 4 with the trunk unchecked,
+    # 45.06 GB with the DETR layers unchecked too, 42.53 without, (45.06 - 42.53) / 4 (one call).
+    # Rows of bench/results/gpu_recipes.jsonl
     "sam3": Activations(
         trunk_backward_gb=1.77,
         frozen_trunk_gb=0.90,
@@ -73,6 +79,7 @@ MEASURED = {
         trunk_kept_gb=6.83,
         text_kept_gb=0.07,
         geometry_kept_gb=0.027,
+        detr_kept_gb=0.63,
         backward_end_gb=0.40,
     ),
 }
@@ -124,6 +131,10 @@ def training_peak_gb(
     through_geometry = through_trunk or bool({"neck", "geometry"} & set(trainer.trainable))
     if through_geometry and getattr(trainer, "act_ckpt_geometry", True) is False:
         per_image += act.geometry_kept_gb
+    # a gradient reaches the DETR layers unless only the scoring heads train
+    through_detr = through_trunk or bool(set(trainer.trainable) - {"heads"})
+    if through_detr and getattr(trainer, "act_ckpt_detr", True) is False:
+        per_image += act.detr_kept_gb
     how += f", {per_image:.2f} GB activations per image (measured)"
     if not trainer.amp:
         per_image, how = 2 * per_image, how + " x 2 for fp32 (amp off; assumed, not measured)"

@@ -51,6 +51,7 @@ def build_trainable_model(
     act_ckpt_trunk: bool = True,
     act_ckpt_text: bool = True,
     act_ckpt_geometry: bool = True,
+    act_ckpt_detr: bool = True,
     stacked_matching: bool = False,
     init_seed: int | None = None,
 ) -> torch.nn.Module:
@@ -98,7 +99,56 @@ def build_trainable_model(
         # every step, which sets the step time of a compiled run at batch 1
         geometry: Any = model.get_submodule("geometry_encoder")
         geometry.use_act_ckpt = False
+    if not act_ckpt_detr:
+        keep_detr_activations(model)
     return model
+
+
+# set on a module: sam3's activation_ckpt_wrapper, as keep_detr_activations installs it, runs the
+# module plainly; set on that installed wrapper: it is installed
+KEEP_ACTIVATIONS = "_sam3ft_keep_activations"
+
+
+def keep_detr_activations(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The DETR encoder's and decoder's layers and the decoder's box-bias MLPs run without
+    activation checkpointing while training: autograd keeps their activations and the backward pass
+    does not re-run their forwards. Returns the modules so marked.
+
+    sam3's encoder and decoder assert their `use_act_checkpoint` whenever they train and pass that
+    same flag to `activation_ckpt_wrapper` (sam3/model/act_ckpt_utils.py) as `act_ckpt_enable`, so
+    the flag itself cannot be cleared. Instead the modules are marked, and the name
+    `activation_ckpt_wrapper` in sam3.model.encoder and sam3.model.decoder, looked up at each call,
+    is bound to a wrapper that turns checkpointing off for marked modules only: other models in the
+    process are checkpointed as before. Non-reentrant checkpointing restores the RNG state for its
+    recompute, so dropout draws the same masks either way."""
+    import sam3.model.decoder as decoder_code
+    import sam3.model.encoder as encoder_code
+
+    for code in (encoder_code, decoder_code):
+        if not getattr(code.activation_ckpt_wrapper, KEEP_ACTIVATIONS, False):
+            code.activation_ckpt_wrapper = _sparing_marked(code.activation_ckpt_wrapper)  # type: ignore[attr-defined]
+    encoder: Any = model.get_submodule("transformer.encoder")
+    decoder: Any = model.get_submodule("transformer.decoder")
+    marked = [*encoder.layers, *decoder.layers]
+    box_bias = (getattr(decoder, "boxRPB_embed_x", None), getattr(decoder, "boxRPB_embed_y", None))
+    marked += [m for m in box_bias if m is not None]
+    for module in marked:
+        setattr(module, KEEP_ACTIVATIONS, True)
+    return marked
+
+
+def _sparing_marked(wrapper: Any) -> Any:
+    """`wrapper` (sam3's activation_ckpt_wrapper) with act_ckpt_enable forced off for modules that
+    carry KEEP_ACTIVATIONS."""
+
+    def wrap(module: Any) -> Any:
+        wrapped = wrapper(module)
+        if not getattr(module, KEEP_ACTIVATIONS, False):
+            return wrapped
+        return lambda *args, act_ckpt_enable=True, **kwargs: wrapped(*args, act_ckpt_enable=False, **kwargs)
+
+    setattr(wrap, KEEP_ACTIVATIONS, True)
+    return wrap
 
 
 def compile_parts(model: torch.nn.Module, trunk: bool, layers: bool) -> None:
