@@ -6,6 +6,9 @@ OUT=${OUT:-/tmp/gpu-out}
 SITE=/tmp/site
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WHL:-.whl}"/*.whl
+# boto3 without botocore (left out of .whl/ to fit a call's carry limit) breaks the import chain
+# sam3's loss -> torchmetrics -> the image's transformers -> accelerate -> boto3: drop it then
+[ -d "$SITE/botocore" ] || rm -rf "$SITE"/boto3 "$SITE"/boto3-* "$SITE"/s3transfer "$SITE"/s3transfer-*
 export OUT SITE PYTHONPATH="$PWD/src:$SITE" PYTHONUNBUFFERED=1
 # Python's bytecode cache goes to a writable folder: the lent image kept no .pyc for its torch or
 # the wheels installed above, so every process compiled ~1900 source files again (6 s of each

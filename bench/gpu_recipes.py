@@ -579,6 +579,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         "act_ckpt_trunk": p.trainer.act_ckpt_trunk,
         "act_ckpt_text": p.trainer.act_ckpt_text,
         "act_ckpt_geometry": p.trainer.act_ckpt_geometry,
+        "act_ckpt_detr": p.trainer.act_ckpt_detr,
         "batched_loss": p.trainer.batched_loss,
         "overrides": overrides,
         "ddp": type(trainer.model).__name__ == "DistributedDataParallel",
@@ -703,6 +704,12 @@ KERNEL_GROUPS = {
     "optimizer": ("adamw",),
     "complex": ("complex",),
     "inductor": ("triton_",),
+    "norm": ("Moments", "layer_norm", "LayerNorm", "batch_norm"),
+    "reduce": ("reduce_kernel", "Reduce", "reduce"),
+    "copy": ("copy", "Memcpy", "Memset", "CatArray", "cat_"),
+    "index": ("index", "gather", "scatter", "Index", "nonzero", "masked"),
+    "sort": ("sort", "Sort", "radix", "cub::", "topk"),
+    "elementwise": ("elementwise_kernel", "vectorized", "unrolled"),
 }
 
 
@@ -715,7 +722,8 @@ def gpu_busy(trainer: Any, batches: Any, lead: int, n: int, top: int = 30) -> di
     the share of wall time the GPU spends in kernels (`gpu_busy`), the kernel milliseconds per step
     (against the unprofiled step time, `s_per_step`, the busy share without the profiler's host
     overhead), the `top` kernels by their own time as 'ms per step  launches per step  name', and
-    the milliseconds per step of each KERNEL_GROUPS group, over every kernel."""
+    the milliseconds per step of each KERNEL_GROUPS group, over every kernel, and the kernel launches
+    per step, all of them and those under 10 us each (`kernel_tiny_*`, launch-bound work)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -725,6 +733,7 @@ def gpu_busy(trainer: Any, batches: Any, lead: int, n: int, top: int = 30) -> di
     timed = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     kernel_us = sum(e.self_device_time_total for e in timed)
     timed.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    tiny = [e for e in timed if e.self_device_time_total < 10 * e.count]  # under 10 us per launch
     groups: dict[str, float] = {}
     for e in timed:
         group = kernel_group(e.key)
@@ -736,6 +745,9 @@ def gpu_busy(trainer: Any, batches: Any, lead: int, n: int, top: int = 30) -> di
             f"{e.self_device_time_total / 1e3 / n:.2f}ms {e.count / n:g}x {e.key[:120]}" for e in timed[:top]
         ],
         "kernel_groups": {g: round(ms, 1) for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "kernel_launches": round(sum(e.count for e in timed) / n),
+        "kernel_tiny_ms": round(sum(e.self_device_time_total for e in tiny) / 1e3 / n, 1),
+        "kernel_tiny_launches": round(sum(e.count for e in tiny) / n),
     }
 
 
