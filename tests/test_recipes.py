@@ -27,8 +27,9 @@ def _losses(run: Path) -> list[float]:
 def runs(tmp_path_factory, request) -> dict[str, Path]:
     """One epoch of the bundled sample per recipe (6 steps of 4 images), same seed for all; plus stock
     with one device read per step and lean with upstream's activation checkpointing of the text and
-    geometry encoders but none in the DETR layers (each must train and log exactly as its recipe), lean with upstream's
-    per-layer loss, and lean with the ViT trunk compiled (inductor on the CPU: about a minute more)."""
+    geometry encoders but none in the DETR layers (each must train and log exactly as its recipe),
+    lean with upstream's per-layer loss, and lean with the ViT trunk compiled (inductor on the CPU:
+    about a minute more)."""
     shipped = params.read_params(Path(request.config.rootpath) / "params.yaml")
     # bf16 weights need CUDA's autocast: tests/test_bf16_weights.py covers that recipe's parts on the CPU
     on_cpu = [name for name in params.recipes() if params.load_recipe(name).get("weight_dtype") != "bfloat16"]

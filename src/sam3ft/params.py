@@ -297,7 +297,7 @@ class Trainer:
     """Activation checkpointing in the DETR encoder's and decoder's layers (as upstream); false:
     they keep their activations (train/model.keep_detr_activations) and the backward pass stops
     re-running their forwards, the six encoder layers' attention over every image token among them.
-    Same numbers; under a GB more per image at the sam3 preset's 1008 px (train/memory.py models
+    Same numbers; about a GB more per image at the sam3 preset's 1008 px (train/memory.py models
     it), so for cards with room to spare, like act_ckpt_trunk."""
     batched_loss: bool = False
     """Compute sam3's box and classification loss terms for all decoder layers at once

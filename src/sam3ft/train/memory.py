@@ -70,7 +70,8 @@ MEASURED = {
     # (23.60 - 23.36) / 9; backward_end_gb: lean batch 1, 10.59 GB with an optimizer step that
     # allocates nothing; trunk_kept_gb: lean batch 4, 41.99 GB with the ViT unchecked, 14.69 with it
     # checked, (41.99 - 14.69) / 4 (one call); detr_kept_gb: lean batch 4 with the trunk unchecked,
-    # 45.06 GB with the DETR layers unchecked too, 42.53 without, (45.06 - 42.53) / 4 (one call).
+    # eager, 45.84 GB with the DETR layers unchecked too, 41.99 without, (45.84 - 41.99) / 4 (one
+    # call; compiled keeps less: 0.63 per image, so the estimate errs high there).
     # Rows of bench/results/gpu_recipes.jsonl
     "sam3": Activations(
         trunk_backward_gb=1.77,
@@ -79,7 +80,7 @@ MEASURED = {
         trunk_kept_gb=6.83,
         text_kept_gb=0.07,
         geometry_kept_gb=0.027,
-        detr_kept_gb=0.63,
+        detr_kept_gb=0.96,
         backward_end_gb=0.40,
     ),
 }
