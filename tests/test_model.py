@@ -211,28 +211,37 @@ def test_act_ckpt_switches_reach_the_modules_sam3_reads_them_from(keep):
     assert model.get_submodule("geometry_encoder").use_act_ckpt is keep
 
 
-def test_unchecked_detr_layers_skip_the_recompute_and_keep_the_gradients(monkeypatch):
+@pytest.fixture
+def checkpoint_calls(monkeypatch) -> list[int]:
+    """One entry per torch.utils.checkpoint.checkpoint call from here on: sam3's ViT
+    (sam3/model/vitdet.py) and its activation_ckpt_wrapper (act_ckpt_utils.py) both call it through
+    that module."""
+    import torch.utils.checkpoint
+
+    calls: list[int] = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    return calls
+
+
+def test_unchecked_detr_layers_skip_the_recompute_and_keep_the_gradients(monkeypatch, checkpoint_calls):
     """`act_ckpt_detr: false`: every DETR encoder and decoder layer and the decoder's box-bias MLPs
     are marked, and sam3's activation_ckpt_wrapper, looked up where the encoder and decoder call it,
     runs a marked module without torch.utils.checkpoint while an unmarked one (another model in the
     process) is still checkpointed; output and gradients are those of the checkpointed module."""
     import sam3.model.decoder as decoder_code
     import sam3.model.encoder as encoder_code
-    from sam3.model import act_ckpt_utils
 
     from sam3ft.model.spec import presets_dir
     from sam3ft.train.model import KEEP_ACTIVATIONS, build_trainable_model
 
     monkeypatch.setattr(encoder_code, "activation_ckpt_wrapper", encoder_code.activation_ckpt_wrapper)
     monkeypatch.setattr(decoder_code, "activation_ckpt_wrapper", decoder_code.activation_ckpt_wrapper)
-    checkpoint_calls = []
-    real = act_ckpt_utils.checkpoint.checkpoint
-
-    def counted(*args, **kwargs):
-        checkpoint_calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(act_ckpt_utils.checkpoint, "checkpoint", counted)
     models = {}
     for keep in (True, False):
         models[keep] = build_trainable_model(
@@ -260,24 +269,14 @@ def test_unchecked_detr_layers_skip_the_recompute_and_keep_the_gradients(monkeyp
         assert torch.equal(checked, kept)
 
 
-def test_unchecked_trunk_skips_the_recompute_and_keeps_the_gradients(monkeypatch):
+def test_unchecked_trunk_skips_the_recompute_and_keeps_the_gradients(checkpoint_calls):
     """`act_ckpt_trunk: false`: sam3's ViT runs its blocks without torch.utils.checkpoint while
     training (no block's forward re-runs in the backward), and the trunk's output and gradients are
     those of the checkpointed trunk, bit for bit (checkpoint replays the same operations and restores
     the RNG for drop-path)."""
-    from sam3.model import vitdet
-
     from sam3ft.model.spec import presets_dir
     from sam3ft.train.model import build_trainable_model
 
-    checkpoint_calls = []
-    real = vitdet.checkpoint.checkpoint
-
-    def counted(*args, **kwargs):
-        checkpoint_calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(vitdet.checkpoint, "checkpoint", counted)
     image = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     results = {}
     for keep in (True, False):
