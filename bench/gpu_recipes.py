@@ -124,16 +124,8 @@ def bench_only(overrides: dict[str, str]) -> None:
         AdamWBf16._use_kernel = lambda self, group: False  # type: ignore[method-assign]
     if overrides.get("nan_watch") == "true":
         watch_nonfinite()
-    if overrides.get("decoder_ckpt") == "false":  # sam3's decoder asserts its checkpointing is on
-        import sam3.model.decoder as decoder
-
-        wrapper = decoder.activation_ckpt_wrapper
-
-        def no_checkpoint(module: Any) -> Any:
-            wrapped = wrapper(module)
-            return lambda *a, act_ckpt_enable=False, **k: wrapped(*a, act_ckpt_enable=False, **k)
-
-        decoder.activation_ckpt_wrapper = no_checkpoint
+    if overrides.get("decoder_ckpt") == "false":
+        after_build(decoder_unchecked)
     if "in_backward_clip" in overrides:
         from sam3ft.train.optim import InBackward
 
@@ -149,6 +141,15 @@ def bench_only(overrides: dict[str, str]) -> None:
     if "adamw_seed" in overrides:
         init, seed = AdamWBf16.__init__, int(overrides["adamw_seed"])
         AdamWBf16.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "seed": seed})  # type: ignore[method-assign]
+
+
+def decoder_unchecked(model: Any) -> None:
+    """The decoder's half of the trainer param act_ckpt_detr: false (train/model.keep_activations):
+    its layers and box-bias MLPs run without activation checkpointing, the encoder's stay checked."""
+    from sam3ft.train.model import keep_activations
+
+    decoder = model.get_submodule("transformer.decoder")
+    keep_activations([*decoder.layers, decoder.boxRPB_embed_x, decoder.boxRPB_embed_y])
 
 
 def watched_figures() -> dict[str, Any]:

@@ -104,15 +104,27 @@ def build_trainable_model(
     return model
 
 
-# set on a module: sam3's activation_ckpt_wrapper, as keep_detr_activations installs it, runs the
+# set on a module: sam3's activation_ckpt_wrapper, as keep_activations installs it, runs the
 # module plainly; set on that installed wrapper: it is installed
 KEEP_ACTIVATIONS = "_sam3ft_keep_activations"
 
 
 def keep_detr_activations(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The DETR encoder's and decoder's layers and the decoder's box-bias MLPs run without
-    activation checkpointing while training: autograd keeps their activations and the backward pass
-    does not re-run their forwards. Returns the modules so marked.
+    activation checkpointing while training (keep_activations). Returns the modules so marked."""
+    encoder: Any = model.get_submodule("transformer.encoder")
+    decoder: Any = model.get_submodule("transformer.decoder")
+    marked = [*encoder.layers, *decoder.layers]
+    box_bias = (getattr(decoder, "boxRPB_embed_x", None), getattr(decoder, "boxRPB_embed_y", None))
+    marked += [m for m in box_bias if m is not None]
+    keep_activations(marked)
+    return marked
+
+
+def keep_activations(modules: list[torch.nn.Module]) -> None:
+    """`modules`, each one sam3's DETR encoder or decoder passes to `activation_ckpt_wrapper`, run
+    without activation checkpointing while training: autograd keeps their activations and the
+    backward pass does not re-run their forwards.
 
     sam3's encoder and decoder assert their `use_act_checkpoint` whenever they train and pass that
     same flag to `activation_ckpt_wrapper` (sam3/model/act_ckpt_utils.py) as `act_ckpt_enable`, so
@@ -127,14 +139,8 @@ def keep_detr_activations(model: torch.nn.Module) -> list[torch.nn.Module]:
     for code in (encoder_code, decoder_code):
         if not getattr(code.activation_ckpt_wrapper, KEEP_ACTIVATIONS, False):
             code.activation_ckpt_wrapper = _sparing_marked(code.activation_ckpt_wrapper)  # type: ignore[attr-defined]
-    encoder: Any = model.get_submodule("transformer.encoder")
-    decoder: Any = model.get_submodule("transformer.decoder")
-    marked = [*encoder.layers, *decoder.layers]
-    box_bias = (getattr(decoder, "boxRPB_embed_x", None), getattr(decoder, "boxRPB_embed_y", None))
-    marked += [m for m in box_bias if m is not None]
-    for module in marked:
+    for module in modules:
         setattr(module, KEEP_ACTIVATIONS, True)
-    return marked
 
 
 def _sparing_marked(wrapper: Any) -> Any:
