@@ -74,6 +74,8 @@ BENCH_KEYS = (
     "float8",
     "rope",
     "sdpa",
+    "masked_attention",
+    "compile_mode",
 )
 
 # nan_watch=true: what the watch saw (see watch_nonfinite), added to the run's figures
@@ -95,9 +97,12 @@ def bench_only(overrides: dict[str, str]) -> None:
     InBackward.clip (train/optim.py); grad_watch=true: see watch_grads;
     gc_freeze=false: no gc.freeze() after the first training step (with compile_model:
     the first compiled one), as before the eleventh session;
-    float8=tensorwise|rowwise|rowwise_with_gw_hp: see float8_trunk; rope=real: see real_rope;
+    float8=tensorwise|rowwise|rowwise_with_gw_hp: see float8_trunk; rope=real|fused: see real_rope;
     sdpa=cudnn: every training step (its compile included) under sdpa_kernel with cuDNN's attention
     first in torch's priority order, then flash, memory-efficient, math.
+    masked_attention=math: see masked_attention_math; compile_mode=MODE: torch.compile's mode for
+    compile_model instead of "reduce-overhead" (e.g. max-autotune: the same CUDA graphs, and
+    inductor benchmarks Triton matmul templates against cuBLAS, fusing what follows a template).
     (The whole forward compiled with CUDA graphs, the sixth and seventh sessions'
     `compile=model:cudagraphs=true:eager=geometry_encoder`, is the trainer param
     `compile_model=true` now.)"""
@@ -136,8 +141,16 @@ def bench_only(overrides: dict[str, str]) -> None:
         float8_trunk(overrides["float8"])
     if overrides.get("sdpa") == "cudnn":
         cudnn_attention_first()
-    if overrides.get("rope") == "real":
-        after_build(lambda model: WATCH.update(real_rope=real_rope(model)))
+    if overrides.get("masked_attention") == "math":
+        masked_attention_math()
+    if "compile_mode" in overrides:
+        from sam3ft.train import model as train_model
+
+        forward, mode = train_model.compile_training_forward, overrides["compile_mode"]
+        train_model.compile_training_forward = lambda model, _mode="": forward(model, mode)  # type: ignore[misc]
+    if overrides.get("rope") in ("real", "fused"):
+        fused = overrides["rope"] == "fused"
+        after_build(lambda model: WATCH.update(real_rope=real_rope(model, fused)))
     if "adamw_seed" in overrides:
         init, seed = AdamWBf16.__init__, int(overrides["adamw_seed"])
         AdamWBf16.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "seed": seed})  # type: ignore[method-assign]
@@ -293,12 +306,15 @@ def float8_trunk(recipe: str) -> None:
     after_build(convert)
 
 
-def real_rope(model: Any) -> int:
+def real_rope(model: Any, fused: bool = False) -> int:
     """sam3's ViT RoPE (sam3/model/vitdet.py:68 `apply_rotary_enc`) multiplies q and k, as complex
     numbers, by a complex table; inductor generates no code for complex operators, so in a compiled
     graph those run as separate eager kernels on float32 copies. Here every RoPE attention of
     `model` rotates with the table's real and imaginary parts instead, (a + ib)(c + id) =
-    (ac - bd) + i(ad + bc) in float32 as sam3 computes it: elementwise work inductor fuses. The
+    (ac - bd) + i(ad + bc) in float32 as sam3 computes it: elementwise work inductor fuses. With
+    `fused` the rotation is an autograd.Function whose backward is the inverse rotation, the same
+    expression with -d, so the backward is one elementwise expression of the incoming gradient
+    (autograd's own backward of the plain form scatters each half into zeros and adds them). The
     tables are buffers outside the state_dict. Returns how many attentions changed."""
     import types
 
@@ -310,8 +326,21 @@ def real_rope(model: Any) -> int:
         a, b = pairs[..., 0], pairs[..., 1]
         return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
 
+    class Rotation(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(cos, sin)
+            return rotate(x, cos, sin)
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+            cos, sin = ctx.saved_tensors
+            return rotate(grad, cos, -sin), None, None
+
+    turn = Rotation.apply if fused else rotate
+
     def apply_rope(self: Any, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotate(q, self.rope_cos, self.rope_sin), rotate(k, self.rope_cos, self.rope_sin)
+        return turn(q, self.rope_cos, self.rope_sin), turn(k, self.rope_cos, self.rope_sin)
 
     swapped = 0
     for module in model.modules():
@@ -342,6 +371,42 @@ def cudnn_attention_first() -> None:
             return run_step(self, *args, **kwargs)
 
     Trainer._run_step = step  # type: ignore[method-assign]
+
+
+def masked_attention_math() -> None:
+    """Attention calls with both a mask and dropout, in sam3 those of the DETR encoder's and decoder's
+    nn.MultiheadAttention layers that take a mask (the encoder's and decoder's cross-attention to the
+    prompt with its padding, the decoder's cross-attention to the image with its box bias), computed
+    as explicit matmuls, softmax and dropout: torch's SDPA sends them to its memory-efficient kernel
+    (flash and cuDNN take no such mask with dropout), whose backward with a bias gradient is slow;
+    under compile_model inductor fuses the bias add, softmax, dropout and cast between two matmuls.
+    Softmax in float32; the probabilities cast to the values' dtype after dropout. Every other call
+    (the ViT's, the text encoder's causal one without dropout, validation's) goes to SDPA as before."""
+    import torch
+    import torch.nn.functional as F
+
+    sdpa = F.scaled_dot_product_attention
+
+    def attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if attn_mask is None or dropout_p == 0.0 or is_causal or kwargs:
+            return sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        scores = (q @ k.transpose(-2, -1)).float() * (q.size(-1) ** -0.5 if scale is None else scale)
+        if attn_mask.dtype == torch.bool:  # SDPA's bool mask: True takes part
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+        return F.dropout(scores.softmax(-1), dropout_p).to(v.dtype) @ v
+
+    F.scaled_dot_product_attention = attention  # type: ignore[assignment]
 
 
 def parts_with_cudagraphs() -> None:
