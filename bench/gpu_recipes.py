@@ -378,8 +378,9 @@ def masked_attention_math() -> None:
     nn.MultiheadAttention layers that take a mask (the encoder's and decoder's cross-attention to the
     prompt with its padding, the decoder's cross-attention to the image with its box bias), computed
     as explicit matmuls, softmax and dropout: torch's SDPA sends them to its memory-efficient kernel
-    (flash and cuDNN take no such mask with dropout), whose backward with a bias gradient is slow;
-    under compile_model inductor fuses the bias add, softmax, dropout and cast between two matmuls.
+    even with cuDNN's first in its priority (flash takes no mask), and that kernel's backward with
+    a bias gradient is slow; under compile_model inductor fuses the bias add, softmax, dropout and
+    cast between two matmuls.
     Softmax in float32; the probabilities cast to the values' dtype after dropout. Every other call
     (the ViT's, the text encoder's causal one without dropout, validation's) goes to SDPA as before."""
     import torch
