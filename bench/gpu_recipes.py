@@ -380,9 +380,9 @@ def masked_attention_math() -> None:
     as explicit matmuls, softmax and dropout: torch's SDPA sends them to its memory-efficient kernel
     even with cuDNN's first in its priority (flash takes no mask), and that kernel's backward with
     a bias gradient is slow; under compile_model inductor fuses the bias add, softmax, dropout and
-    cast between two matmuls.
-    Softmax in float32; the probabilities cast to the values' dtype after dropout. Every other call
-    (the ViT's, the text encoder's causal one without dropout, validation's) goes to SDPA as before."""
+    cast between two matmuls. Softmax in float32; the probabilities cast to the values' dtype after
+    dropout. Every other call (the ViT's, the text encoder's causal one without dropout,
+    validation's) goes to SDPA as before."""
     import torch
     import torch.nn.functional as F
 

@@ -240,6 +240,7 @@ def test_unchecked_detr_layers_skip_the_recompute_and_keep_the_gradients(monkeyp
     from sam3ft.model.spec import presets_dir
     from sam3ft.train.model import KEEP_ACTIVATIONS, build_trainable_model
 
+    # the build rebinds both names (keep_activations); set through monkeypatch, sam3's own come back
     monkeypatch.setattr(encoder_code, "activation_ckpt_wrapper", encoder_code.activation_ckpt_wrapper)
     monkeypatch.setattr(decoder_code, "activation_ckpt_wrapper", decoder_code.activation_ckpt_wrapper)
     models = {}
